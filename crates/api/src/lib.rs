@@ -1,0 +1,472 @@
+//! Types of the clusterctl control API.
+//!
+//! The agent serves these as JSON on its control address (loopback by default); the CLI's
+//! `--json` output prints the very same values. Field names are part of the public contract and
+//! are documented in `docs/api.md`; add fields, never rename them.
+//!
+//! Timestamps are RFC 3339 strings in UTC with millisecond precision.
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this API. Bumped only on incompatible changes.
+pub const API_VERSION: u32 = 1;
+
+/// The role a node plays in its site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Links only inside its own site.
+    Member,
+    /// Also links to the gateways of contract-allowed sites.
+    Gateway,
+}
+
+impl Role {
+    /// The lower-case name used in configs, certificates and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Gateway => "gateway",
+        }
+    }
+
+    /// Parses `member` or `gateway`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "member" => Some(Role::Member),
+            "gateway" => Some(Role::Gateway),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's status as seen by one observer. Never collapsed: `dead` is confirmed by the node's own
+/// site, `unreachable` means only that this observer has no path to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeStatus {
+    /// Answering failure-detector probes.
+    Alive,
+    /// Missed probes; its site is waiting for it to refute the suspicion.
+    Suspect,
+    /// Confirmed dead by the failure detector of its own site.
+    Dead,
+    /// Left the cluster gracefully.
+    Left,
+    /// This observer has no live path to the node (for example its site is behind a cut WAN
+    /// link); the node's own site may still see it alive.
+    Unreachable,
+    /// Removed by an operator (`clusterctl forget`): a tombstone keeps it out.
+    Forgotten,
+    /// Known from the node table but never yet seen by the failure detector.
+    Unknown,
+}
+
+impl NodeStatus {
+    /// The lower-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Alive => "alive",
+            NodeStatus::Suspect => "suspect",
+            NodeStatus::Dead => "dead",
+            NodeStatus::Left => "left",
+            NodeStatus::Unreachable => "unreachable",
+            NodeStatus::Forgotten => "forgotten",
+            NodeStatus::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a link stays inside a site or joins two sites' gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkKind {
+    /// Between two nodes of the same site.
+    Site,
+    /// Between gateways of two contract-linked sites.
+    Wan,
+}
+
+impl LinkKind {
+    /// The lower-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Site => "site",
+            LinkKind::Wan => "wan",
+        }
+    }
+}
+
+/// The state of one expected (or observed) link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// Both ends report an authenticated connection that completed the hello/ack.
+    Up,
+    /// No connection (an end is dead, unreachable or still dialing).
+    Down,
+    /// Only one end reports the link up.
+    OneWay,
+    /// A handshake was refused; `reason` says why.
+    Refused,
+    /// Expected by the contract but neither end has reported on it.
+    Missing,
+    /// Up, but the two ends hold different topology contracts.
+    Drift,
+}
+
+impl LinkState {
+    /// The lower-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+            LinkState::OneWay => "one-way",
+            LinkState::Refused => "refused",
+            LinkState::Missing => "missing",
+            LinkState::Drift => "drift",
+        }
+    }
+}
+
+/// `GET /v1/status`: who answers on this control address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub api_version: u32,
+    pub cluster: String,
+    pub name: String,
+    pub site: String,
+    pub role: Role,
+    /// Cluster address (QUIC, UDP) this node advertises.
+    pub addr: String,
+    /// Software version of the agent.
+    pub version: String,
+    /// False only when the operator wrote `insecure = true`.
+    pub secure: bool,
+    /// The clock of this node's own record in the node table.
+    pub clock: u64,
+    pub contract_hash: String,
+    pub started_at: String,
+}
+
+/// `GET /v1/topology`: sites, nodes and every expected link, as seen from `observer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    pub cluster: String,
+    /// The node that produced this report.
+    pub observer: String,
+    /// Hash of the observer's topology contract (hex, 16 chars).
+    pub contract_hash: String,
+    /// True only when every link is mutually authenticated and encrypted.
+    pub secure: bool,
+    /// Why `secure` is false, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_reason: Option<String>,
+    /// True when every expected link is `up`.
+    pub healthy: bool,
+    pub sites: Vec<SiteView>,
+    pub links: Vec<LinkView>,
+    /// Present when the report was made with `--probe`: one result per expected link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<Vec<ProbeResult>>,
+    pub generated_at: String,
+}
+
+impl Topology {
+    /// Number of links that are expected by the contract and not `up`.
+    pub fn unhealthy_links(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| l.expected && l.state != LinkState::Up)
+            .count()
+    }
+}
+
+/// One site of the topology.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteView {
+    pub name: String,
+    /// Every known node of the site, gateways included.
+    pub nodes: Vec<NodeView>,
+    /// Gateways the contract lists for this site.
+    pub gateways: Vec<String>,
+}
+
+/// One node as seen by the observer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub site: String,
+    pub role: Role,
+    pub status: NodeStatus,
+    /// Clock of the node's record (only ever rises).
+    pub clock: u64,
+    pub addr: String,
+    /// Hash of the contract this node runs with.
+    pub contract_hash: String,
+    /// True when `contract_hash` differs from the observer's.
+    pub drift: bool,
+}
+
+/// One link. `from` < `to` by name, so each pair appears once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkView {
+    pub from: String,
+    pub to: String,
+    pub kind: LinkKind,
+    pub state: LinkState,
+    /// Mutually authenticated and encrypted (TLS 1.3 with client certificates).
+    pub secure: bool,
+    /// Latest smoothed round-trip time measured by the transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// When the link entered its current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Protocol of the link, for example `tls1.3`, or `plaintext` when insecure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Why the link is not up (refusal reason, drift, which end reports what).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the contract expects this link. Unexpected links are listed only when refused.
+    pub expected: bool,
+}
+
+/// `GET /v1/members`: every node in the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Members {
+    pub cluster: String,
+    pub observer: String,
+    pub members: Vec<MemberView>,
+}
+
+/// One row of `members`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub name: String,
+    pub site: String,
+    pub role: Role,
+    pub status: NodeStatus,
+    pub clock: u64,
+    pub addr: String,
+    pub contract_hash: String,
+    pub version: String,
+    /// Number of links this node reports up.
+    pub links_up: u32,
+}
+
+/// The kind of an [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A node became alive (joined, or recovered from suspicion).
+    NodeUp,
+    /// A node is suspected by its site's failure detector.
+    NodeSuspect,
+    /// A node was confirmed dead by its own site.
+    NodeDead,
+    /// A node left gracefully.
+    NodeLeft,
+    /// A node (or a whole site) became unreachable from this observer.
+    NodeUnreachable,
+    /// An operator removed a node (tombstone).
+    NodeForgotten,
+    /// A link completed its hello/ack.
+    LinkUp,
+    /// A link closed.
+    LinkDown,
+    /// A handshake was refused (by this node or by the peer).
+    LinkRefused,
+    /// A peer runs with a different topology contract.
+    Drift,
+    /// This node raised its own clock (restart, re-deploy, change).
+    ClockRaised,
+    /// Anything else worth an operator's eye (bad frames, caps hit).
+    Warning,
+}
+
+impl EventKind {
+    /// The kebab-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::NodeUp => "node-up",
+            EventKind::NodeSuspect => "node-suspect",
+            EventKind::NodeDead => "node-dead",
+            EventKind::NodeLeft => "node-left",
+            EventKind::NodeUnreachable => "node-unreachable",
+            EventKind::NodeForgotten => "node-forgotten",
+            EventKind::LinkUp => "link-up",
+            EventKind::LinkDown => "link-down",
+            EventKind::LinkRefused => "link-refused",
+            EventKind::Drift => "drift",
+            EventKind::ClockRaised => "clock-raised",
+            EventKind::Warning => "warning",
+        }
+    }
+}
+
+/// One entry of `GET /v1/events` (newline-delimited JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number on the observer, rising by one per event.
+    pub seq: u64,
+    pub at: String,
+    /// The node that recorded the event.
+    pub observer: String,
+    pub kind: EventKind,
+    /// The node the event is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The other end, for link events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub reason: String,
+}
+
+/// `POST /v1/ping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingRequest {
+    pub target: String,
+    /// Node that sends the probes; the answering agent when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub count: u32,
+    /// Time to wait for each answer.
+    pub timeout_ms: u64,
+}
+
+/// Why a probe failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PingFailure {
+    /// A hop had no live next hop toward the target.
+    NoRoute,
+    /// The contract forbids the path.
+    Refused,
+    /// No answer in time.
+    Timeout,
+    /// The hop limit ran out.
+    HopLimit,
+    /// The target (or `from`) is not in the node table.
+    UnknownNode,
+}
+
+/// One probe of a ping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingAttempt {
+    pub seq: u32,
+    pub ok: bool,
+    /// Nodes the probe went through, origin first, target last (when it arrived).
+    pub path: Vec<String>,
+    /// Transport RTT of each link of `path`, in order.
+    pub hops_ms: Vec<f64>,
+    /// Measured round trip, origin to target and back.
+    pub total_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<PingFailure>,
+    /// Node where the path broke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broke_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/ping` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingReport {
+    pub from: String,
+    pub target: String,
+    pub ok: bool,
+    pub sent: u32,
+    pub received: u32,
+    pub attempts: Vec<PingAttempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<f64>,
+}
+
+/// The result of probing one expected link (`topology --probe`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub from: String,
+    pub to: String,
+    pub kind: LinkKind,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `POST /v1/forget`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetRequest {
+    pub name: String,
+}
+
+/// `POST /v1/forget` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetReport {
+    pub name: String,
+    /// Clock of the tombstone that now stands for the node.
+    pub clock: u64,
+}
+
+/// Body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_serialize_in_kebab_case() {
+        assert_eq!(
+            serde_json::to_string(&LinkState::OneWay).unwrap(),
+            "\"one-way\""
+        );
+        assert_eq!(
+            serde_json::to_string(&EventKind::LinkRefused).unwrap(),
+            "\"link-refused\""
+        );
+        assert_eq!(serde_json::to_string(&Role::Gateway).unwrap(), "\"gateway\"");
+    }
+
+    #[test]
+    fn as_str_matches_serde_names() {
+        for s in [
+            LinkState::Up,
+            LinkState::Down,
+            LinkState::OneWay,
+            LinkState::Refused,
+            LinkState::Missing,
+            LinkState::Drift,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+    }
+}

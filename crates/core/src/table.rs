@@ -1,0 +1,487 @@
+//! The node table: one record per node, last-writer-wins by a clock that only rises.
+//!
+//! The design follows the erlang-questions thread the project grew from:
+//! - every record carries a `clock`; a record replaces another only if its clock is higher;
+//! - the owner bumps its clock on every change and on every restart (the table is persisted);
+//! - removal writes a tombstone (`Forgotten`) with a higher clock, so the node is not gossiped
+//!   back into existence;
+//! - a re-deployed node with an empty disk learns the last clock its peers saw for its name and
+//!   comes back above it.
+//!
+//! Ties (equal clocks, different content) are broken deterministically so every node converges
+//! on the same record: tombstone beats left beats alive, then the larger encoding wins.
+//!
+//! Everything here is bounded: see the `MAX_*` constants and [`NodeRecord::validate`].
+
+use crate::name::{Ident, NodeName, SiteName};
+use clusterctl_api::{LinkState, Role};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Most records a table holds (tombstones included).
+pub const MAX_RECORDS: usize = 16_384;
+/// Longest address string.
+pub const MAX_ADDR_LEN: usize = 128;
+/// Longest free-text field (reasons, versions, hashes).
+pub const MAX_TEXT_LEN: usize = 256;
+/// Most link reports in one record.
+pub const MAX_LINKS: usize = 1_024;
+/// Most entries in a gateway's `reach` or `view`.
+pub const MAX_VIEW: usize = 4_096;
+
+/// What the owner (or an operator, for tombstones) says about a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RecordState {
+    /// Running (as far as its owner last said).
+    Alive,
+    /// Left gracefully.
+    Left,
+    /// Removed by an operator: a tombstone.
+    Forgotten,
+}
+
+/// The liveness of a node as its own site's failure detector sees it; gateways publish this for
+/// their site so that other sites learn who is dead without crossing the WAN with probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Liveness {
+    Alive,
+    Suspect,
+    Dead,
+}
+
+/// One link as its reporting end sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkReport {
+    pub peer: NodeName,
+    /// `Up`, `Down`, `Refused` or `Drift` (the other states are derived when reports are combined).
+    pub state: LinkState,
+    /// Smoothed transport RTT in microseconds when the report was written.
+    pub rtt_us: u32,
+    /// Wall-clock milliseconds since the Unix epoch when the link entered `state`.
+    pub since_ms: u64,
+    /// Mutually authenticated TLS (false for `insecure` links).
+    pub secure: bool,
+    /// Refusal or drift reason.
+    pub reason: Option<String>,
+}
+
+/// One node's entry in the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: NodeName,
+    pub site: SiteName,
+    pub role: Role,
+    /// Only rises. Higher wins.
+    pub clock: u64,
+    pub state: RecordState,
+    /// Cluster (QUIC) address the node advertises.
+    pub addr: String,
+    pub contract_hash: String,
+    pub version: String,
+    /// False when the node runs with `insecure = true`.
+    pub secure: bool,
+    /// The node's own links.
+    pub links: Vec<LinkReport>,
+    /// Gateways only: remote sites this gateway currently reaches over the WAN.
+    pub reach: Vec<SiteName>,
+    /// Gateways only: liveness of the nodes of its own site, from the site's failure detector.
+    pub view: Vec<(NodeName, Liveness)>,
+}
+
+/// A record that breaks a bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("{field} is {len} long; the limit is {max}")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+fn cap(field: &'static str, len: usize, max: usize) -> Result<(), RecordError> {
+    if len > max {
+        Err(RecordError::TooLong { field, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+impl NodeRecord {
+    /// A fresh alive record for `ident`.
+    pub fn new(ident: &Ident, clock: u64, addr: String, contract_hash: String, version: String, secure: bool) -> Self {
+        NodeRecord {
+            name: ident.name.clone(),
+            site: ident.site.clone(),
+            role: ident.role,
+            clock,
+            state: RecordState::Alive,
+            addr,
+            contract_hash,
+            version,
+            secure,
+            links: Vec::new(),
+            reach: Vec::new(),
+            view: Vec::new(),
+        }
+    }
+
+    /// Who the record is about.
+    pub fn ident(&self) -> Ident {
+        Ident {
+            name: self.name.clone(),
+            site: self.site.clone(),
+            role: self.role,
+        }
+    }
+
+    /// A tombstone for `name` (operator `forget`).
+    pub fn tombstone(prev: &NodeRecord, clock: u64) -> Self {
+        NodeRecord {
+            clock,
+            state: RecordState::Forgotten,
+            links: Vec::new(),
+            reach: Vec::new(),
+            view: Vec::new(),
+            ..prev.clone()
+        }
+    }
+
+    /// Checks every bound; names were already validated while decoding.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        cap("addr", self.addr.len(), MAX_ADDR_LEN)?;
+        cap("contract_hash", self.contract_hash.len(), MAX_TEXT_LEN)?;
+        cap("version", self.version.len(), MAX_TEXT_LEN)?;
+        cap("links", self.links.len(), MAX_LINKS)?;
+        cap("reach", self.reach.len(), MAX_VIEW)?;
+        cap("view", self.view.len(), MAX_VIEW)?;
+        for l in &self.links {
+            if let Some(r) = &l.reason {
+                cap("links[].reason", r.len(), MAX_TEXT_LEN)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this record is a tombstone.
+    pub fn is_tombstone(&self) -> bool {
+        self.state == RecordState::Forgotten
+    }
+
+    /// Total order used to break clock ties: the greater record wins.
+    fn tie_key(&self) -> (RecordState, Vec<u8>) {
+        (self.state, postcard::to_allocvec(self).unwrap_or_default())
+    }
+
+    /// Whether `self` should replace `other` (same name).
+    pub fn supersedes(&self, other: &NodeRecord) -> bool {
+        match self.clock.cmp(&other.clock) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => self != other && self.tie_key() > other.tie_key(),
+        }
+    }
+}
+
+/// What [`NodeTable::merge`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// New name: inserted.
+    Inserted,
+    /// Replaced an older record.
+    Replaced,
+    /// Not newer than what the table holds: ignored.
+    Stale,
+    /// Refused: the table is full (counted; nothing changed).
+    Full,
+    /// Refused: the record breaks a bound (counted; nothing changed).
+    Invalid,
+}
+
+impl Merge {
+    /// Whether the table changed.
+    pub fn changed(self) -> bool {
+        matches!(self, Merge::Inserted | Merge::Replaced)
+    }
+}
+
+/// The table itself: bounded, ordered by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeTable {
+    records: BTreeMap<NodeName, NodeRecord>,
+    /// Records refused because they broke a bound or the table was full.
+    pub refused: u64,
+}
+
+impl NodeTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a table from restored records (invalid ones are dropped and counted).
+    pub fn from_records(records: impl IntoIterator<Item = NodeRecord>) -> Self {
+        let mut t = NodeTable::new();
+        for r in records {
+            t.merge(r);
+        }
+        t
+    }
+
+    /// Merges one record by the clock rule.
+    pub fn merge(&mut self, rec: NodeRecord) -> Merge {
+        if rec.validate().is_err() {
+            self.refused += 1;
+            return Merge::Invalid;
+        }
+        match self.records.get_mut(&rec.name) {
+            Some(cur) => {
+                if rec.supersedes(cur) {
+                    *cur = rec;
+                    Merge::Replaced
+                } else {
+                    Merge::Stale
+                }
+            }
+            None => {
+                if self.records.len() >= MAX_RECORDS {
+                    self.refused += 1;
+                    return Merge::Full;
+                }
+                self.records.insert(rec.name.clone(), rec);
+                Merge::Inserted
+            }
+        }
+    }
+
+    /// Sets a record unconditionally (the owner writing its own record, which it has already
+    /// made newer). Returns false when the table is full.
+    pub fn put_own(&mut self, rec: NodeRecord) -> bool {
+        debug_assert!(self
+            .records
+            .get(&rec.name)
+            .is_none_or(|cur| rec.clock >= cur.clock));
+        if !self.records.contains_key(&rec.name) && self.records.len() >= MAX_RECORDS {
+            return false;
+        }
+        self.records.insert(rec.name.clone(), rec);
+        true
+    }
+
+    /// One record.
+    pub fn get(&self, name: &str) -> Option<&NodeRecord> {
+        self.records.get(name)
+    }
+
+    /// Every record in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.records.values()
+    }
+
+    /// Live records (not tombstones) in name order.
+    pub fn live(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.records.values().filter(|r| !r.is_tombstone())
+    }
+
+    /// Number of records, tombstones included.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// `(name, clock)` of every record: what anti-entropy compares.
+    pub fn digest(&self) -> Vec<(NodeName, u64)> {
+        self.records
+            .values()
+            .map(|r| (r.name.clone(), r.clock))
+            .collect()
+    }
+
+    /// Records that are newer here than in `digest`, or absent from it.
+    pub fn newer_than(&self, digest: &[(NodeName, u64)]) -> Vec<NodeRecord> {
+        let theirs: BTreeMap<&NodeName, u64> = digest.iter().map(|(n, c)| (n, *c)).collect();
+        self.records
+            .values()
+            .filter(|r| theirs.get(&r.name).is_none_or(|c| r.clock > *c))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `digest` names a record newer than ours (or one we lack).
+    pub fn behind(&self, digest: &[(NodeName, u64)]) -> bool {
+        digest
+            .iter()
+            .any(|(n, c)| self.records.get(n).is_none_or(|r| *c > r.clock))
+    }
+
+    /// Highest clock in the table (used to place tombstones above everything seen).
+    pub fn max_clock(&self) -> u64 {
+        self.records.values().map(|r| r.clock).max().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub fn rec(name: &str, site: &str, clock: u64) -> NodeRecord {
+        NodeRecord::new(
+            &Ident {
+                name: NodeName::new(name).unwrap(),
+                site: SiteName::new(site).unwrap(),
+                role: Role::Member,
+            },
+            clock,
+            "127.0.0.1:7400".into(),
+            "h".into(),
+            "0.1.0".into(),
+            true,
+        )
+    }
+
+    #[test]
+    fn higher_clock_wins() {
+        let mut t = NodeTable::new();
+        assert_eq!(t.merge(rec("a", "s", 1)), Merge::Inserted);
+        let mut newer = rec("a", "s", 2);
+        newer.addr = "127.0.0.2:7400".into();
+        assert_eq!(t.merge(newer.clone()), Merge::Replaced);
+        assert_eq!(t.merge(rec("a", "s", 1)), Merge::Stale);
+        assert_eq!(t.get("a").unwrap(), &newer);
+    }
+
+    #[test]
+    fn ties_break_the_same_way_everywhere() {
+        let a = rec("a", "s", 5);
+        let mut b = rec("a", "s", 5);
+        b.addr = "127.0.0.9:1".into();
+        let mut t1 = NodeTable::new();
+        t1.merge(a.clone());
+        t1.merge(b.clone());
+        let mut t2 = NodeTable::new();
+        t2.merge(b);
+        t2.merge(a);
+        assert_eq!(t1.get("a"), t2.get("a"));
+    }
+
+    #[test]
+    fn tombstone_beats_alive_at_equal_clock_and_keeps_node_out() {
+        let alive = rec("a", "s", 7);
+        let stone = NodeRecord::tombstone(&alive, 7);
+        let mut t = NodeTable::new();
+        t.merge(stone.clone());
+        assert_eq!(t.merge(alive.clone()), Merge::Stale);
+        // gossip of any older record cannot bring it back
+        assert_eq!(t.merge(rec("a", "s", 3)), Merge::Stale);
+        assert!(t.get("a").unwrap().is_tombstone());
+        assert_eq!(t.live().count(), 0);
+        // only a higher clock (an explicit rejoin) replaces it
+        assert_eq!(t.merge(rec("a", "s", 8)), Merge::Replaced);
+    }
+
+    #[test]
+    fn restart_comes_back_higher_and_redeploy_learns_clock() {
+        // node persisted clock 4, restarts -> 5, which replaces 4 everywhere
+        let mut peer = NodeTable::new();
+        peer.merge(rec("a", "s", 4));
+        assert_eq!(peer.merge(rec("a", "s", 5)), Merge::Replaced);
+        // re-deployed with empty disk: clock 0 is stale, the digest tells it what to beat
+        assert_eq!(peer.merge(rec("a", "s", 0)), Merge::Stale);
+        let seen = peer
+            .digest()
+            .into_iter()
+            .find(|(n, _)| n.as_str() == "a")
+            .unwrap()
+            .1;
+        assert_eq!(peer.merge(rec("a", "s", seen + 1)), Merge::Replaced);
+    }
+
+    #[test]
+    fn caps_are_enforced() {
+        let mut t = NodeTable::new();
+        let mut big = rec("a", "s", 1);
+        big.addr = "x".repeat(MAX_ADDR_LEN + 1);
+        assert_eq!(t.merge(big), Merge::Invalid);
+        assert_eq!(t.refused, 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut t = NodeTable::new();
+        for i in 0..MAX_RECORDS {
+            assert_eq!(t.merge(rec(&format!("n{i}"), "s", 1)), Merge::Inserted);
+        }
+        assert_eq!(t.merge(rec("one-too-many", "s", 1)), Merge::Full);
+        assert_eq!(t.len(), MAX_RECORDS);
+    }
+
+    #[test]
+    fn digest_exchange_finds_differences() {
+        let mut a = NodeTable::new();
+        let mut b = NodeTable::new();
+        a.merge(rec("x", "s", 3));
+        b.merge(rec("x", "s", 1));
+        b.merge(rec("y", "s", 1));
+        assert!(b.behind(&a.digest()));
+        let send = a.newer_than(&b.digest());
+        assert_eq!(send.len(), 1);
+        for r in send {
+            b.merge(r);
+        }
+        for r in b.newer_than(&a.digest()) {
+            a.merge(r);
+        }
+        assert_eq!(a.digest(), b.digest());
+    }
+
+    fn arb_record() -> impl Strategy<Value = NodeRecord> {
+        (0u8..6, 0u64..6, 0u8..3, 0u8..4).prop_map(|(n, clock, st, addr)| {
+            let mut r = rec(&format!("n{n}"), "s", clock);
+            r.state = match st {
+                0 => RecordState::Alive,
+                1 => RecordState::Left,
+                _ => RecordState::Forgotten,
+            };
+            r.addr = format!("127.0.0.{addr}:7400");
+            r
+        })
+    }
+
+    proptest! {
+        /// Merge is commutative and idempotent: any delivery order converges on one table.
+        #[test]
+        fn merge_converges_in_any_order(mut recs in prop::collection::vec(arb_record(), 0..40), seed in any::<u64>()) {
+            let mut a = NodeTable::new();
+            for r in &recs { a.merge(r.clone()); }
+            // a deterministic shuffle from the seed, plus duplicates
+            let mut s = seed;
+            for i in (1..recs.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                recs.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let mut b = NodeTable::new();
+            for r in recs.iter().chain(recs.iter()) { b.merge(r.clone()); }
+            prop_assert_eq!(a.records, b.records);
+        }
+
+        /// A clock never goes down for any name.
+        #[test]
+        fn clocks_never_fall(recs in prop::collection::vec(arb_record(), 0..40)) {
+            let mut t = NodeTable::new();
+            let mut seen: BTreeMap<NodeName, u64> = BTreeMap::new();
+            for r in recs {
+                t.merge(r);
+                for cur in t.iter() {
+                    let prev = seen.insert(cur.name.clone(), cur.clock).unwrap_or(0);
+                    prop_assert!(cur.clock >= prev);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Wire messages. Every frame and datagram starts with [`PROTOCOL_VERSION`]; the rest is postcard.
+//!
+//! Transport mapping (see docs/PROTOCOL.md):
+//! - the dialer opens one bidirectional stream and sends a [`Handshake::Hello`]; the acceptor
+//!   answers [`Handshake::Ack`] or [`Handshake::Refuse`]. Only after the ack is the link `up`;
+//! - every later [`Frame`] travels on its own unidirectional stream (one frame per stream);
+//! - failure-detector packets travel as QUIC datagrams: `[version][ring][foca packet]`.
+//!
+//! Decoding is bounded: frames over [`MAX_FRAME`] are refused before they are read, names are
+//! validated while decoding and every record is checked against the table's caps.
+
+use crate::name::{ClusterName, Ident, NodeName};
+use crate::table::{NodeRecord, RecordError};
+use clusterctl_api::{PingFailure, PingReport, ProbeResult};
+use serde::{Deserialize, Serialize};
+
+/// Version byte in front of every frame and datagram.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest frame accepted on a stream.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Largest handshake message accepted.
+pub const MAX_HANDSHAKE: usize = 16 * 1024;
+/// Largest failure-detector packet: fits a QUIC datagram at the minimum MTU.
+pub const MAX_SWIM_PACKET: usize = 1100;
+/// Most hops a routed message may take.
+pub const HOP_LIMIT: u8 = 8;
+/// Most records in one `Records` frame (a full table is sent in chunks).
+pub const MAX_RECORDS_PER_FRAME: usize = 2048;
+
+/// What the dialer says first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub cluster: ClusterName,
+    pub ident: Ident,
+    pub contract_hash: String,
+    /// The dialer's own record clock (0 for a node with an empty data directory).
+    pub clock: u64,
+    pub addr: String,
+    /// Set by `agent --rejoin`: come back even over a tombstone.
+    pub rejoin: bool,
+    pub version: String,
+}
+
+/// The acceptor's answer when it takes the link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub ident: Ident,
+    pub contract_hash: String,
+    pub clock: u64,
+    /// The highest clock the acceptor has seen for the dialer's name (0 if none): a re-deployed
+    /// node with an empty disk comes back above it.
+    pub last_clock_for_you: u64,
+}
+
+/// Why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RefusalCode {
+    /// The topology contract does not allow this link.
+    Contract,
+    /// The claimed identity does not match the certificate.
+    Identity,
+    /// Another cluster.
+    Cluster,
+    /// The node was forgotten by an operator.
+    Forgotten,
+    /// Incompatible protocol version.
+    Version,
+    /// One side is `insecure` and the other is not.
+    SecurityMode,
+    /// The acceptor is at its connection limit.
+    Overloaded,
+}
+
+impl RefusalCode {
+    /// Short name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::Contract => "contract",
+            RefusalCode::Identity => "identity",
+            RefusalCode::Cluster => "cluster",
+            RefusalCode::Forgotten => "forgotten",
+            RefusalCode::Version => "version",
+            RefusalCode::SecurityMode => "security-mode",
+            RefusalCode::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// A refusal with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused ({}): {}", self.code.as_str(), self.reason)
+    }
+}
+
+/// Messages of the handshake stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Handshake {
+    Hello(Hello),
+    Ack(HelloAck),
+    Refuse(Refusal),
+}
+
+/// One hop of a routed message: the node and the transport RTT of the link it forwarded on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hop {
+    pub node: NodeName,
+    pub rtt_us: u32,
+}
+
+/// A request one node asks another to carry out and answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Call {
+    /// Probe the direct link to `peer` with one echo.
+    ProbeLink { peer: NodeName, timeout_ms: u64 },
+    /// Ping `target` from the called node.
+    Ping {
+        target: NodeName,
+        count: u32,
+        timeout_ms: u64,
+    },
+}
+
+/// The answer to a [`Call`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CallReply {
+    Probe(ProbeResult),
+    Ping(PingReport),
+}
+
+/// What a routed message carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Body {
+    /// To the target's `echo` process.
+    EchoRequest { seq: u32 },
+    /// From the target's `echo` process; `forward` is the path the request took.
+    EchoReply { seq: u32, forward: Vec<Hop> },
+    /// A hop could not forward message `id`.
+    Undeliverable {
+        id: u64,
+        at: NodeName,
+        failure: PingFailure,
+        reason: String,
+        trace: Vec<Hop>,
+    },
+    Call { call: Call },
+    CallReply { reply: CallReply },
+}
+
+/// A message routed hop by hop: member -> gateway -> gateway -> member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Chosen by `src`; replies carry it back.
+    pub id: u64,
+    pub src: NodeName,
+    pub dst: NodeName,
+    /// Hops left.
+    pub ttl: u8,
+    /// Nodes passed so far, `src` first.
+    pub trace: Vec<Hop>,
+    pub body: Body,
+}
+
+/// Frames on unidirectional streams, after the handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    /// Node-table records (pushes and answers to digests).
+    Records(Vec<NodeRecord>),
+    /// `(name, clock)` of every record the sender holds: anti-entropy.
+    Digest(Vec<(NodeName, u64)>),
+    /// A routed message.
+    Routed(Envelope),
+    /// The sender is leaving the cluster gracefully.
+    Leaving,
+}
+
+/// Failure-detector rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Ring {
+    /// Every node of one site.
+    Site = 0,
+    /// The gateways of all sites.
+    Wan = 1,
+}
+
+/// Bytes from a peer that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("empty message")]
+    Empty,
+    #[error("protocol version {0} is not supported (this build speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    #[error("message of {0} bytes is over the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("message does not decode: {0}")]
+    Decode(String),
+    #[error("record breaks a bound: {0}")]
+    Record(#[from] RecordError),
+    #[error("{0} has {1} entries, over the limit of {2}")]
+    TooMany(&'static str, usize, usize),
+    #[error("unknown ring {0}")]
+    Ring(u8),
+}
+
+fn encode_versioned<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![PROTOCOL_VERSION];
+    // Serializing our own in-memory values into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(value).unwrap_or_default());
+    out
+}
+
+fn decode_versioned<'a, T: Deserialize<'a>>(bytes: &'a [u8], max: usize) -> Result<T, WireError> {
+    if bytes.len() > max {
+        return Err(WireError::TooLarge(bytes.len(), max));
+    }
+    let (&v, rest) = bytes.split_first().ok_or(WireError::Empty)?;
+    if v != PROTOCOL_VERSION {
+        return Err(WireError::Version(v));
+    }
+    postcard::from_bytes(rest).map_err(|e| WireError::Decode(e.to_string()))
+}
+
+impl Handshake {
+    /// Encodes with the version byte.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+
+    /// Decodes a handshake message (at most [`MAX_HANDSHAKE`] bytes).
+    pub fn decode(bytes: &[u8]) -> Result<Handshake, WireError> {
+        decode_versioned(bytes, MAX_HANDSHAKE)
+    }
+}
+
+impl Frame {
+    /// Encodes with the version byte.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+
+    /// Decodes and validates a frame (at most [`MAX_FRAME`] bytes).
+    pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
+        let f: Frame = decode_versioned(bytes, MAX_FRAME)?;
+        match &f {
+            Frame::Records(rs) => {
+                if rs.len() > MAX_RECORDS_PER_FRAME {
+                    return Err(WireError::TooMany("records", rs.len(), MAX_RECORDS_PER_FRAME));
+                }
+                for r in rs {
+                    r.validate()?;
+                }
+            }
+            Frame::Digest(d) => {
+                if d.len() > crate::table::MAX_RECORDS {
+                    return Err(WireError::TooMany("digest", d.len(), crate::table::MAX_RECORDS));
+                }
+            }
+            Frame::Routed(e) => {
+                if e.trace.len() > HOP_LIMIT as usize + 1 {
+                    return Err(WireError::TooMany("trace", e.trace.len(), HOP_LIMIT as usize + 1));
+                }
+            }
+            Frame::Leaving => {}
+        }
+        Ok(f)
+    }
+}
+
+/// Encodes a failure-detector packet for a datagram.
+pub fn encode_swim(ring: Ring, packet: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(packet.len() + 2);
+    out.push(PROTOCOL_VERSION);
+    out.push(ring as u8);
+    out.extend_from_slice(packet);
+    out
+}
+
+/// Splits a datagram into its ring and failure-detector packet.
+pub fn decode_swim(bytes: &[u8]) -> Result<(Ring, &[u8]), WireError> {
+    if bytes.len() > MAX_SWIM_PACKET + 2 {
+        return Err(WireError::TooLarge(bytes.len(), MAX_SWIM_PACKET + 2));
+    }
+    match bytes {
+        [] | [_] => Err(WireError::Empty),
+        [v, ..] if *v != PROTOCOL_VERSION => Err(WireError::Version(*v)),
+        [_, 0, rest @ ..] => Ok((Ring::Site, rest)),
+        [_, 1, rest @ ..] => Ok((Ring::Wan, rest)),
+        [_, r, ..] => Err(WireError::Ring(*r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::tests::rec;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = Frame::Records(vec![rec("a", "s", 1)]);
+        assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        let e = Frame::Routed(Envelope {
+            id: 7,
+            src: NodeName::new("a").unwrap(),
+            dst: NodeName::new("b").unwrap(),
+            ttl: HOP_LIMIT,
+            trace: vec![],
+            body: Body::EchoRequest { seq: 1 },
+        });
+        assert_eq!(Frame::decode(&e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn wrong_version_and_oversize_are_refused() {
+        let mut b = Frame::Leaving.encode();
+        b[0] = 99;
+        assert_eq!(Frame::decode(&b), Err(WireError::Version(99)));
+        let big = vec![PROTOCOL_VERSION; MAX_FRAME + 1];
+        assert!(matches!(Frame::decode(&big), Err(WireError::TooLarge(..))));
+        assert_eq!(Frame::decode(&[]), Err(WireError::Empty));
+    }
+
+    #[test]
+    fn invalid_names_inside_frames_are_refused() {
+        let mut r = rec("a", "s", 1);
+        r.addr = "x".repeat(crate::table::MAX_ADDR_LEN + 1);
+        let bytes = Frame::Records(vec![r]).encode();
+        assert!(matches!(Frame::decode(&bytes), Err(WireError::Record(_))));
+    }
+
+    #[test]
+    fn swim_datagrams() {
+        let d = encode_swim(Ring::Wan, b"xyz");
+        assert_eq!(decode_swim(&d).unwrap(), (Ring::Wan, &b"xyz"[..]));
+        assert_eq!(decode_swim(&[PROTOCOL_VERSION, 7, 0]), Err(WireError::Ring(7)));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = Frame::decode(&bytes);
+            let _ = Handshake::decode(&bytes);
+            let _ = decode_swim(&bytes);
+            let mut v = vec![PROTOCOL_VERSION];
+            v.extend_from_slice(&bytes);
+            let _ = Frame::decode(&v);
+            let _ = Handshake::decode(&v);
+        }
+
+        #[test]
+        fn truncated_frames_never_panic(cut in 0usize..200) {
+            let f = Frame::Records(vec![rec("node-a", "site-a", 42), rec("node-b", "site-a", 43)]);
+            let b = f.encode();
+            let _ = Frame::decode(&b[..cut.min(b.len())]);
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! The clusterctl agent runtime.
+#![forbid(unsafe_code)]
