@@ -1,1 +1,76 @@
-fn main() {}
+//! `clusterctl`: the agent and the operator's CLI.
+//!
+//! One file per subcommand. Exit codes (documented in docs/cli.md):
+//! - 0: success (for `topology`: every expected link is up);
+//! - 1: the check ran and failed (a link is not up, a ping got no answer, a lab agent is down);
+//! - 2: usage, configuration or connection error.
+
+#![forbid(unsafe_code)]
+
+mod agent;
+mod client;
+mod events;
+mod forget;
+mod lab;
+mod members;
+mod ping;
+mod topology;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// One logical cluster across isolated networks.
+#[derive(Debug, Parser)]
+#[command(name = "clusterctl", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Which agent a read command talks to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Control address (HOST:PORT) or lab node name of the agent to ask.
+    /// Default: $CLUSTERCTL_AGENT, else the first running node of the lab.
+    #[arg(long, global = true, env = "CLUSTERCTL_AGENT")]
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run one node of the cluster.
+    Agent(agent::Args),
+    /// Show sites, nodes and every expected link (exit 1 if any expected link is not up).
+    Topology(topology::Args),
+    /// Send probes to a node's `echo` process along the real route.
+    Ping(ping::Args),
+    /// List every node of the table with its status as seen by the agent.
+    Members(members::Args),
+    /// Follow node and link events.
+    Events(events::Args),
+    /// Remove a node that is gone for good (writes a tombstone).
+    Forget(forget::Args),
+    /// Build and run a cluster on this machine.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Agent(a) => agent::run(a),
+        Cmd::Topology(a) => topology::run(a),
+        Cmd::Ping(a) => ping::run(a),
+        Cmd::Members(a) => members::run(a),
+        Cmd::Events(a) => events::run(a),
+        Cmd::Forget(a) => forget::run(a),
+        Cmd::Lab(c) => lab::run(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("clusterctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

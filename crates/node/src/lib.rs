@@ -1,2 +1,6 @@
 //! The clusterctl agent runtime.
 #![forbid(unsafe_code)]
+
+pub mod pki;
+pub mod config;
+pub mod tls;
