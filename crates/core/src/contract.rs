@@ -99,7 +99,9 @@ pub enum ContractRefusal {
     NotListed { node: NodeName, site: SiteName },
     #[error("node {node} claims the gateway role but is not a contract gateway of site {site}")]
     NotAGateway { node: NodeName, site: SiteName },
-    #[error("member {node} of site {site} may not link outside its site (only gateways cross sites)")]
+    #[error(
+        "member {node} of site {site} may not link outside its site (only gateways cross sites)"
+    )]
     MemberCrossSite { node: NodeName, site: SiteName },
     #[error("the contract has no link between sites {0} and {1}")]
     SitesNotLinked(SiteName, SiteName),
@@ -115,7 +117,10 @@ impl Contract {
         let cluster = ClusterName::new(raw.cluster.clone())
             .map_err(|e| invalid("cluster", format!("{:?} {e}", raw.cluster)))?;
         if raw.site.is_empty() {
-            return Err(invalid("site", "no [[site]] tables: list at least one site"));
+            return Err(invalid(
+                "site",
+                "no [[site]] tables: list at least one site",
+            ));
         }
         if raw.site.len() > MAX_SITES {
             return Err(invalid("site", format!("more than {MAX_SITES} sites")));
@@ -124,8 +129,8 @@ impl Contract {
         let mut all_gateways: BTreeMap<NodeName, SiteName> = BTreeMap::new();
         for (i, s) in raw.site.iter().enumerate() {
             let key = format!("site[{i}].name");
-            let name =
-                SiteName::new(s.name.clone()).map_err(|e| invalid(&key, format!("{:?} {e}", s.name)))?;
+            let name = SiteName::new(s.name.clone())
+                .map_err(|e| invalid(&key, format!("{:?} {e}", s.name)))?;
             if sites.contains_key(&name) {
                 return Err(invalid(key, format!("site {name} is listed twice")));
             }
@@ -164,19 +169,27 @@ impl Contract {
         for (i, l) in raw.link.iter().enumerate() {
             let key = format!("link[{i}].between");
             if l.between.len() != 2 {
-                return Err(invalid(key, "must name exactly two sites, e.g. [\"us-east\", \"eu-west\"]"));
+                return Err(invalid(
+                    key,
+                    "must name exactly two sites, e.g. [\"us-east\", \"eu-west\"]",
+                ));
             }
             let mut pair = Vec::with_capacity(2);
             for s in &l.between {
                 let site =
                     SiteName::new(s.clone()).map_err(|e| invalid(&key, format!("{s:?} {e}")))?;
-                let spec = sites
-                    .get(&site)
-                    .ok_or_else(|| invalid(&key, format!("site {site} is not defined by a [[site]] table")))?;
+                let spec = sites.get(&site).ok_or_else(|| {
+                    invalid(
+                        &key,
+                        format!("site {site} is not defined by a [[site]] table"),
+                    )
+                })?;
                 if spec.gateways.is_empty() {
                     return Err(invalid(
                         &key,
-                        format!("site {site} has no gateways, so it cannot be linked to another site"),
+                        format!(
+                            "site {site} has no gateways, so it cannot be linked to another site"
+                        ),
                     ));
                 }
                 pair.push(site);
@@ -312,7 +325,10 @@ impl Contract {
             }
         }
         if !self.sites_linked(&a.site, &b.site) {
-            return Err(ContractRefusal::SitesNotLinked(a.site.clone(), b.site.clone()));
+            return Err(ContractRefusal::SitesNotLinked(
+                a.site.clone(),
+                b.site.clone(),
+            ));
         }
         Ok(LinkKind::Wan)
     }
@@ -448,8 +464,10 @@ gateways = ["gw-us-2", "gw-us-1"]
     fn errors_name_the_key() {
         let e = Contract::parse("cluster = \"c\"\n[[site]]\nname = \"Bad\"\n").unwrap_err();
         assert!(e.to_string().contains("site[0].name"), "{e}");
-        let e = Contract::parse("cluster = \"c\"\n[[site]]\nname = \"a\"\n[[link]]\nbetween = [\"a\", \"b\"]\n")
-            .unwrap_err();
+        let e = Contract::parse(
+            "cluster = \"c\"\n[[site]]\nname = \"a\"\n[[link]]\nbetween = [\"a\", \"b\"]\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("link[0].between"), "{e}");
         let e = Contract::parse("cluster = \"c\"\nsites = 1\n").unwrap_err();
         assert!(e.to_string().contains("sites"), "{e}");

@@ -1,0 +1,2738 @@
+//! One node of the cluster, as a state machine.
+//!
+//! The engine decides everything that is protocol: which links a node wants, whether a
+//! handshake is accepted, how the node table is synchronised, how a message is routed, what the
+//! failure detectors conclude and how the topology is reported. It never performs I/O:
+//!
+//! - inputs: `handle_*` methods, each taking `now` ([`Time`]);
+//! - outputs: [`Engine::poll_output`] until it returns `None`, then sleep until
+//!   [`Engine::poll_timeout`] (or the next input) and call [`Engine::handle_timeout`].
+//!
+//! The runtime (`clusterctl-node`) maps outputs to QUIC connections, streams and datagrams; the
+//! simulator (`clusterctl-sim`) maps them to a seeded virtual network. Both run this same code.
+//!
+//! ## Invariants
+//! - a member never asks to dial a node of another site; a gateway dials other sites' gateways
+//!   only along contract links;
+//! - our own record's clock only rises, and is persisted before anything is sent (the runtime
+//!   writes the snapshot on [`Output::Persist`] before it handles the next input);
+//! - every map a peer can grow is bounded (`MAX_*` constants).
+
+use crate::contract::Contract;
+use crate::health::{LocalHealth, DEFAULT_MAX_SCORE};
+use crate::name::{ClusterName, Ident, NodeName, SiteName};
+use crate::swim::{RingTiming, Swim, SwimId};
+use crate::table::{LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
+use crate::wire::{
+    decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
+    Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
+};
+use crate::Time;
+use clusterctl_api::{
+    EventKind, LinkKind, LinkState, LinkView, MemberView, Members, NodeStatus, NodeView,
+    PingAttempt, PingFailure, PingReport, ProbeResult, Role, SiteView, Topology,
+};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// Most outstanding echo probes.
+pub const MAX_PENDING_ECHOES: usize = 4096;
+/// Most outstanding calls (remote pings and link probes).
+pub const MAX_PENDING_CALLS: usize = 1024;
+/// Most ping sessions run at once.
+pub const MAX_PING_SESSIONS: usize = 256;
+/// Most pings one request may ask for.
+pub const MAX_PING_COUNT: u32 = 1000;
+/// Most remembered refusals.
+pub const MAX_REFUSALS: usize = 1024;
+/// Most queued outputs before new sends are dropped (counted).
+pub const MAX_OUTBOX: usize = 1 << 20;
+
+/// Timing of an engine. Presets: [`Timing::lan`].
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Housekeeping period: dials, status diffs, record refresh.
+    pub tick: Duration,
+    /// Anti-entropy: one digest exchange with a random peer this often.
+    pub sync_every: Duration,
+    /// First redial delay; doubles up to `dial_backoff_max`.
+    pub dial_backoff_min: Duration,
+    pub dial_backoff_max: Duration,
+    /// Our own record is rewritten at most this often just to refresh RTTs.
+    pub rtt_refresh: Duration,
+    pub site_ring: RingTiming,
+    pub wan_ring: RingTiming,
+    /// A failure-detector timer this late counts against local health.
+    pub late_timer: Duration,
+}
+
+impl Timing {
+    /// Defaults for sites on a LAN and a WAN between them.
+    pub fn lan() -> Self {
+        Timing {
+            tick: Duration::from_millis(250),
+            sync_every: Duration::from_secs(2),
+            dial_backoff_min: Duration::from_millis(250),
+            dial_backoff_max: Duration::from_secs(5),
+            rtt_refresh: Duration::from_secs(30),
+            site_ring: RingTiming::lan(),
+            wan_ring: RingTiming::wan(),
+            late_timer: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Everything an engine is built from.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub cluster: ClusterName,
+    pub me: Ident,
+    /// Our advertised cluster address.
+    pub addr: String,
+    pub contract: Contract,
+    /// False when running `insecure`.
+    pub secure: bool,
+    pub version: String,
+    /// Nodes to introduce ourselves to: `(name, addr)`.
+    pub seeds: Vec<(NodeName, String)>,
+    /// Come back even over a tombstone (`agent --rejoin`).
+    pub rejoin: bool,
+    pub timing: Timing,
+    /// Wall-clock milliseconds since the Unix epoch at `now == 0` (for reports only).
+    pub wall_base_ms: u64,
+    /// Seed of the engine's random choices.
+    pub seed: u64,
+}
+
+/// Why an engine cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("this node was forgotten by an operator (tombstone at clock {0}); start it with `--rejoin` to bring it back")]
+    Forgotten(u64),
+    #[error("the contract does not allow this node: {0}")]
+    Contract(String),
+}
+
+/// An event for the operator's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventOut {
+    pub kind: EventKind,
+    pub node: Option<NodeName>,
+    pub peer: Option<NodeName>,
+    pub reason: String,
+    /// Wall-clock milliseconds.
+    pub at_ms: u64,
+}
+
+/// The answer to a local request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Ping(PingReport),
+    Probes(Vec<ProbeResult>),
+}
+
+/// What the engine asks its driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Open a link to `peer` at `addr` (the TLS layer checks the certificate names `peer`).
+    Dial {
+        peer: NodeName,
+        addr: String,
+    },
+    /// Send a frame on the link to `to` (reliable).
+    Send {
+        to: NodeName,
+        frame: Frame,
+    },
+    /// Send a datagram on the link to `to` (unreliable).
+    Datagram {
+        to: NodeName,
+        bytes: Vec<u8>,
+    },
+    /// Close the link to `peer`.
+    Close {
+        peer: NodeName,
+        reason: String,
+    },
+    /// The table changed: write the snapshot ([`Engine::records`]).
+    Persist,
+    Event(EventOut),
+    /// A local request finished.
+    Reply {
+        token: u64,
+        reply: Reply,
+    },
+    /// This node must stop (it was forgotten by an operator).
+    Fatal(String),
+}
+
+/// What the transport reports about an established link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkInfo {
+    pub peer: Ident,
+    pub contract_hash: String,
+    pub secure: bool,
+    /// For example `tls1.3` or `insecure`.
+    pub protocol: String,
+    pub rtt_us: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    ident: Ident,
+    kind: LinkKind,
+    up: bool,
+    since: Time,
+    rtt_us: u32,
+    secure: bool,
+    protocol: String,
+    contract_hash: String,
+    reason: Option<String>,
+    /// RTT written into our record the last time it was refreshed.
+    reported_rtt_us: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Refused {
+    reason: String,
+    since: Time,
+}
+
+#[derive(Debug, Clone)]
+struct Dialing {
+    next: Time,
+    backoff: Duration,
+    in_flight: bool,
+}
+
+/// Where an echo answer goes.
+#[derive(Debug, Clone)]
+enum EchoOwner {
+    Ping { session: u64 },
+    Probe { call: CallFrom, peer: NodeName },
+}
+
+#[derive(Debug, Clone)]
+struct PendingEcho {
+    seq: u32,
+    target: NodeName,
+    sent: Time,
+    deadline: Time,
+    owner: EchoOwner,
+}
+
+/// Who asked for a piece of work: a local request (token) or a remote node (call id).
+#[derive(Debug, Clone, PartialEq)]
+enum CallFrom {
+    Local {
+        token: u64,
+    },
+    Remote {
+        node: NodeName,
+        id: u64,
+    },
+    /// Part of a local `probe_links` request.
+    ProbeSet {
+        set: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct PingSession {
+    from: CallFrom,
+    target: NodeName,
+    count: u32,
+    timeout: Duration,
+    attempts: Vec<PingAttempt>,
+    next_seq: u32,
+}
+
+#[derive(Debug, Clone)]
+struct PendingCall {
+    from: CallFrom,
+    deadline: Time,
+    /// For timeouts: what to report.
+    what: PendingWhat,
+}
+
+#[derive(Debug, Clone)]
+enum PendingWhat {
+    Ping {
+        from: NodeName,
+        target: NodeName,
+    },
+    Probe {
+        from: NodeName,
+        to: NodeName,
+        kind: LinkKind,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct ProbeSet {
+    token: u64,
+    expected: usize,
+    results: Vec<ProbeResult>,
+}
+
+/// Counters an operator may want (exported as metrics by the runtime).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub refused_in: u64,
+    pub refused_out: u64,
+    pub frames_in: u64,
+    pub bad_frames: u64,
+    pub records_merged: u64,
+    pub records_refused: u64,
+    pub routed_forwarded: u64,
+    pub routed_undeliverable: u64,
+    pub datagrams_dropped: u64,
+    pub outbox_dropped: u64,
+}
+
+/// One node.
+pub struct Engine {
+    cfg: EngineConfig,
+    table: NodeTable,
+    links: BTreeMap<NodeName, Link>,
+    refused: BTreeMap<NodeName, Refused>,
+    dialing: BTreeMap<NodeName, Dialing>,
+    announced: BTreeMap<NodeName, Time>,
+    site_ring: Swim,
+    wan_ring: Option<Swim>,
+    rng: StdRng,
+    outbox: VecDeque<Output>,
+    next_tick: Time,
+    next_sync: Time,
+    last_rtt_refresh: Time,
+    statuses: BTreeMap<NodeName, NodeStatus>,
+    echoes: BTreeMap<u64, PendingEcho>,
+    calls: BTreeMap<u64, PendingCall>,
+    sessions: BTreeMap<u64, PingSession>,
+    probe_sets: BTreeMap<u64, ProbeSet>,
+    next_id: u64,
+    leaving: bool,
+    forgotten: bool,
+    /// Counters for metrics.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("me", &self.cfg.me)
+            .field("clock", &self.clock())
+            .field("links", &self.links.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn short(s: &str) -> String {
+    let mut s = s.to_string();
+    if s.len() > crate::table::MAX_TEXT_LEN {
+        let mut cut = crate::table::MAX_TEXT_LEN;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Rendezvous hashing: a deterministic, spread-out choice among candidates that fails over
+/// without reshuffling the others.
+fn rendezvous<'a>(key: &str, candidates: impl Iterator<Item = &'a NodeName>) -> Option<NodeName> {
+    fn h(a: &str, b: &str) -> u64 {
+        // FNV-1a over "a|b": stable across builds and platforms.
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in a.bytes().chain(std::iter::once(b'|')).chain(b.bytes()) {
+            x ^= u64::from(byte);
+            x = x.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        x
+    }
+    candidates
+        .max_by_key(|c| (h(key, c.as_str()), (*c).clone()))
+        .cloned()
+}
+
+impl Engine {
+    /// Builds an engine from its config and the records restored from disk (empty for a new
+    /// node). A restarted node comes back with its clock raised by one.
+    pub fn new(
+        cfg: EngineConfig,
+        restored: Vec<NodeRecord>,
+        now: Time,
+    ) -> Result<Engine, EngineError> {
+        cfg.contract
+            .check_node(&cfg.me)
+            .map_err(|e| EngineError::Contract(e.to_string()))?;
+        let mut table = NodeTable::from_records(restored);
+        let prev = table.get(cfg.me.name.as_str()).cloned();
+        let mut events = Vec::new();
+        let clock = match &prev {
+            Some(p) if p.is_tombstone() && !cfg.rejoin => {
+                return Err(EngineError::Forgotten(p.clock))
+            }
+            Some(p) => {
+                events.push(format!("restarted: clock {} -> {}", p.clock, p.clock + 1));
+                p.clock + 1
+            }
+            None => 1,
+        };
+        let own = NodeRecord::new(
+            &cfg.me,
+            clock,
+            cfg.addr.clone(),
+            cfg.contract.hash().to_string(),
+            cfg.version.clone(),
+            cfg.secure,
+        );
+        table.put_own(own);
+        let health = LocalHealth::new(DEFAULT_MAX_SCORE, cfg.timing.late_timer);
+        let site_size = table
+            .live()
+            .filter(|r| r.site == cfg.me.site)
+            .count()
+            .max(2);
+        let swim_id = SwimId {
+            name: cfg.me.name.clone(),
+            gen: clock,
+        };
+        let site_ring = Swim::new(
+            Ring::Site,
+            swim_id.clone(),
+            &cfg.timing.site_ring,
+            site_size,
+            cfg.seed ^ 0x5173,
+            health.clone(),
+        );
+        let wan_ring = (cfg.me.role == Role::Gateway).then(|| {
+            let n: usize = cfg.contract.sites().map(|s| s.gateways.len()).sum();
+            Swim::new(
+                Ring::Wan,
+                swim_id,
+                &cfg.timing.wan_ring,
+                n.max(2),
+                cfg.seed ^ 0x3a4e,
+                health,
+            )
+        });
+        let mut e = Engine {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            table,
+            links: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            dialing: BTreeMap::new(),
+            announced: BTreeMap::new(),
+            site_ring,
+            wan_ring,
+            outbox: VecDeque::new(),
+            next_tick: now,
+            next_sync: now,
+            last_rtt_refresh: now,
+            statuses: BTreeMap::new(),
+            echoes: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            probe_sets: BTreeMap::new(),
+            next_id: 1,
+            leaving: false,
+            forgotten: false,
+            counters: Counters::default(),
+        };
+        e.outbox.push_back(Output::Persist);
+        for reason in events {
+            e.event(
+                now,
+                EventKind::ClockRaised,
+                Some(e.cfg.me.name.clone()),
+                None,
+                reason,
+            );
+        }
+        Ok(e)
+    }
+
+    // ----- accessors -------------------------------------------------------------------------
+
+    /// Who this node is.
+    pub fn me(&self) -> &Ident {
+        &self.cfg.me
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Our own record's clock.
+    pub fn clock(&self) -> u64 {
+        self.table
+            .get(self.cfg.me.name.as_str())
+            .map_or(0, |r| r.clock)
+    }
+
+    /// The node table.
+    pub fn table(&self) -> &NodeTable {
+        &self.table
+    }
+
+    /// Every record, for the snapshot.
+    pub fn records(&self) -> Vec<NodeRecord> {
+        self.table.iter().cloned().collect()
+    }
+
+    /// Names of peers with a link up.
+    pub fn linked_peers(&self) -> Vec<NodeName> {
+        self.links
+            .iter()
+            .filter(|(_, l)| l.up)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Local-health score of the site ring (0 = healthy).
+    pub fn health_score(&self) -> u32 {
+        self.site_ring.health_score()
+    }
+
+    /// What one failure-detection ring currently says about its members.
+    pub fn ring_view(&self, ring: Ring) -> Vec<(NodeName, Liveness)> {
+        let r = match ring {
+            Ring::Site => Some(&self.site_ring),
+            Ring::Wan => self.wan_ring.as_ref(),
+        };
+        r.map(|r| r.members().map(|(n, l)| (n.clone(), l)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether the node is leaving.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
+    fn wall_ms(&self, now: Time) -> u64 {
+        self.cfg.wall_base_ms + now.as_millis() as u64
+    }
+
+    fn push(&mut self, o: Output) {
+        if self.outbox.len() >= MAX_OUTBOX {
+            self.counters.outbox_dropped += 1;
+            return;
+        }
+        self.outbox.push_back(o);
+    }
+
+    fn event(
+        &mut self,
+        now: Time,
+        kind: EventKind,
+        node: Option<NodeName>,
+        peer: Option<NodeName>,
+        reason: String,
+    ) {
+        let at_ms = self.wall_ms(now);
+        self.push(Output::Event(EventOut {
+            kind,
+            node,
+            peer,
+            reason: short(&reason),
+            at_ms,
+        }));
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    // ----- driver interface -------------------------------------------------------------------
+
+    /// Next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outbox.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Time {
+        let mut t = self.next_tick;
+        if let Some(d) = self.site_ring.next_deadline() {
+            t = t.min(d);
+        }
+        if let Some(d) = self.wan_ring.as_ref().and_then(Swim::next_deadline) {
+            t = t.min(d);
+        }
+        t
+    }
+
+    /// Runs timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.site_ring.handle_timeout(now);
+        if let Some(w) = self.wan_ring.as_mut() {
+            w.handle_timeout(now);
+        }
+        self.drain_rings(now);
+        if now >= self.next_tick {
+            self.next_tick = now + self.cfg.timing.tick;
+            self.tick(now);
+        }
+    }
+
+    fn tick(&mut self, now: Time) {
+        if self.forgotten {
+            return;
+        }
+        self.expire_requests(now);
+        self.refresh_own(now, false);
+        self.diff_statuses(now);
+        if self.leaving {
+            return;
+        }
+        self.dial_wanted(now);
+        self.reannounce(now);
+        if now >= self.next_sync {
+            self.next_sync = now + self.cfg.timing.sync_every;
+            let up: Vec<NodeName> = self.linked_peers();
+            if !up.is_empty() {
+                let i = self.rng.random_range(0..up.len());
+                let digest = self.table.digest();
+                self.push(Output::Send {
+                    to: up[i].clone(),
+                    frame: Frame::Digest(digest, true),
+                });
+            }
+        }
+    }
+
+    /// A peer we have a live link to but that a ring still holds dead (for example after a healed
+    /// partition, when both sides declared each other down): announce again, once per probe
+    /// period. The peer answers either by taking us in or by telling us we are down, upon which
+    /// foca renews our identity and the next announce gets us in.
+    fn reannounce(&mut self, now: Time) {
+        let every = self.cfg.timing.site_ring.probe_period;
+        let stale: Vec<(NodeName, LinkKind)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.up)
+            .filter(|(n, l)| {
+                let ring = match l.kind {
+                    LinkKind::Site => Some(&self.site_ring),
+                    LinkKind::Wan => self.wan_ring.as_ref(),
+                };
+                ring.is_some_and(|r| r.liveness(n) == Some(Liveness::Dead))
+            })
+            .filter(|(n, _)| {
+                self.announced
+                    .get(*n)
+                    .is_none_or(|t| now.saturating_sub(*t) >= every)
+            })
+            .map(|(n, l)| (n.clone(), l.kind))
+            .collect();
+        for (peer, kind) in stale {
+            self.announced.insert(peer.clone(), now);
+            match kind {
+                LinkKind::Site => self.site_ring.announce(now, &peer),
+                LinkKind::Wan => {
+                    if let Some(w) = self.wan_ring.as_mut() {
+                        w.announce(now, &peer);
+                    }
+                }
+            }
+        }
+        self.drain_rings(now);
+    }
+
+    // ----- links ------------------------------------------------------------------------------
+
+    /// Peers this node wants links to, with their addresses.
+    pub fn wanted_links(&self) -> Vec<(NodeName, String)> {
+        let me = &self.cfg.me;
+        let mut out: BTreeMap<NodeName, String> = BTreeMap::new();
+        for r in self.table.live() {
+            if r.name == me.name || r.state != RecordState::Alive || r.addr.is_empty() {
+                continue;
+            }
+            if self.cfg.contract.check_link(me, &r.ident()).is_ok() {
+                out.insert(r.name.clone(), r.addr.clone());
+            }
+        }
+        // Seeds we have not learned a record for yet (their site is unknown until they answer).
+        for (name, addr) in &self.cfg.seeds {
+            if *name != me.name
+                && self.table.get(name.as_str()).is_none()
+                && !self.refused.contains_key(name)
+            {
+                out.entry(name.clone()).or_insert_with(|| addr.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn dial_wanted(&mut self, now: Time) {
+        let min = self.cfg.timing.dial_backoff_min;
+        for (peer, addr) in self.wanted_links() {
+            if self.links.get(&peer).is_some_and(|l| l.up) {
+                continue;
+            }
+            let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
+                next: now,
+                backoff: min,
+                in_flight: false,
+            });
+            if d.in_flight || now < d.next {
+                continue;
+            }
+            d.in_flight = true;
+            self.push(Output::Dial { peer, addr });
+        }
+    }
+
+    fn backoff(&mut self, now: Time, peer: &NodeName, long: bool) {
+        let max = self.cfg.timing.dial_backoff_max;
+        let min = self.cfg.timing.dial_backoff_min;
+        let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
+            next: now,
+            backoff: min,
+            in_flight: false,
+        });
+        d.in_flight = false;
+        d.backoff = if long { max } else { (d.backoff * 2).min(max) };
+        d.next = now + d.backoff;
+    }
+
+    /// A dial of ours failed before any handshake (unreachable, TLS refused, timeout).
+    pub fn handle_dial_failed(&mut self, now: Time, peer: &NodeName, reason: &str, refused: bool) {
+        self.backoff(now, peer, refused);
+        if refused {
+            self.counters.refused_out += 1;
+            self.note_refusal(now, peer.clone(), reason.to_string(), false);
+        } else if let Some(l) = self.links.get_mut(peer) {
+            l.reason = Some(short(reason));
+        }
+    }
+
+    /// Checks a dialer's hello on the accepting side. `cert` is the identity and cluster proven
+    /// by the peer's certificate (None when running insecure).
+    pub fn check_hello(
+        &self,
+        hello: &Hello,
+        cert: Option<(&ClusterName, &Ident)>,
+    ) -> Result<HelloAck, Refusal> {
+        let refuse = |code, reason: String| Refusal { code, reason };
+        if hello.cluster != self.cfg.cluster {
+            return Err(refuse(
+                RefusalCode::Cluster,
+                format!(
+                    "peer belongs to cluster {}, this is cluster {}",
+                    hello.cluster, self.cfg.cluster
+                ),
+            ));
+        }
+        match cert {
+            Some((cluster, ident)) if cluster != &hello.cluster || ident != &hello.ident => {
+                return Err(refuse(
+                    RefusalCode::Identity,
+                    format!(
+                        "certificate names {} of site {} ({}) in cluster {}, but the peer claims {} of site {} ({})",
+                        ident.name, ident.site, ident.role, cluster, hello.ident.name, hello.ident.site, hello.ident.role
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None if self.cfg.secure => {
+                return Err(refuse(
+                    RefusalCode::SecurityMode,
+                    "peer presented no certificate; this node requires mutual TLS".into(),
+                ))
+            }
+            None => {}
+        }
+        if let Err(e) = self.cfg.contract.check_link(&self.cfg.me, &hello.ident) {
+            return Err(refuse(RefusalCode::Contract, e.to_string()));
+        }
+        let last = self.table.get(hello.ident.name.as_str());
+        if let Some(r) = last {
+            if r.is_tombstone() && !hello.rejoin {
+                return Err(refuse(
+                    RefusalCode::Forgotten,
+                    format!(
+                        "{} was forgotten by an operator (tombstone at clock {}); restart it with --rejoin to bring it back",
+                        hello.ident.name, r.clock
+                    ),
+                ));
+            }
+        }
+        Ok(HelloAck {
+            ident: self.cfg.me.clone(),
+            contract_hash: self.cfg.contract.hash().to_string(),
+            clock: self.clock(),
+            last_clock_for_you: last.map_or(0, |r| r.clock),
+        })
+    }
+
+    /// The hello this node sends when it dials.
+    pub fn hello(&self) -> Hello {
+        Hello {
+            cluster: self.cfg.cluster.clone(),
+            ident: self.cfg.me.clone(),
+            contract_hash: self.cfg.contract.hash().to_string(),
+            clock: self.clock(),
+            addr: self.cfg.addr.clone(),
+            rejoin: self.cfg.rejoin,
+            version: self.cfg.version.clone(),
+        }
+    }
+
+    /// Checks the acceptor's ack on the dialing side (after the TLS layer verified that the
+    /// certificate names the node we dialed). Raises our clock when the acceptor remembers us
+    /// with a higher one (a re-deployed node with an empty data directory).
+    pub fn check_ack(
+        &mut self,
+        now: Time,
+        expected: &NodeName,
+        ack: &HelloAck,
+        cert: Option<(&ClusterName, &Ident)>,
+    ) -> Result<(), Refusal> {
+        if let Some((cluster, ident)) = cert {
+            if cluster != &self.cfg.cluster || ident != &ack.ident {
+                return Err(Refusal {
+                    code: RefusalCode::Identity,
+                    reason: format!(
+                        "certificate names {} of site {} ({}), but the peer claims {} of site {} ({})",
+                        ident.name, ident.site, ident.role, ack.ident.name, ack.ident.site, ack.ident.role
+                    ),
+                });
+            }
+        }
+        if &ack.ident.name != expected {
+            return Err(Refusal {
+                code: RefusalCode::Identity,
+                reason: format!("dialed {expected} but {} answered", ack.ident.name),
+            });
+        }
+        if let Err(e) = self.cfg.contract.check_link(&self.cfg.me, &ack.ident) {
+            return Err(Refusal {
+                code: RefusalCode::Contract,
+                reason: e.to_string(),
+            });
+        }
+        if ack.last_clock_for_you >= self.clock() {
+            let from = self.clock();
+            self.raise_clock(now, ack.last_clock_for_you + 1);
+            self.event(
+                now,
+                EventKind::ClockRaised,
+                Some(self.cfg.me.name.clone()),
+                Some(ack.ident.name.clone()),
+                format!(
+                    "{} remembered this node at clock {}: clock {} -> {}",
+                    ack.ident.name,
+                    ack.last_clock_for_you,
+                    from,
+                    self.clock()
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// A handshake was refused: by us (`by_us`) or by the peer. `peer` is the claimed name;
+    /// `code` is known when the refusal came from the application handshake (not from TLS).
+    pub fn handle_refused(
+        &mut self,
+        now: Time,
+        peer: Option<NodeName>,
+        code: Option<RefusalCode>,
+        reason: &str,
+        by_us: bool,
+    ) {
+        if by_us {
+            self.counters.refused_in += 1;
+        } else {
+            self.counters.refused_out += 1;
+        }
+        if !by_us && code == Some(RefusalCode::Forgotten) && !self.cfg.rejoin && !self.forgotten {
+            self.forgotten = true;
+            let reason = format!(
+                "{reason} (told by {})",
+                peer.as_ref().map_or("a peer", |p| p.as_str())
+            );
+            self.event(
+                now,
+                EventKind::NodeForgotten,
+                Some(self.cfg.me.name.clone()),
+                None,
+                reason.clone(),
+            );
+            self.push(Output::Fatal(reason));
+            return;
+        }
+        match peer {
+            Some(p) => {
+                if !by_us {
+                    self.backoff(now, &p, true);
+                }
+                self.note_refusal(now, p, reason.to_string(), by_us);
+            }
+            None => {
+                let who = if by_us {
+                    "refused a peer"
+                } else {
+                    "refused by a peer"
+                };
+                self.event(
+                    now,
+                    EventKind::LinkRefused,
+                    Some(self.cfg.me.name.clone()),
+                    None,
+                    format!("{who}: {reason}"),
+                );
+            }
+        }
+    }
+
+    fn note_refusal(&mut self, now: Time, peer: NodeName, reason: String, by_us: bool) {
+        let text = if by_us {
+            format!("refused by {}: {reason}", self.cfg.me.name)
+        } else {
+            format!("refused by {peer}: {reason}")
+        };
+        let changed = self.refused.get(&peer).is_none_or(|r| r.reason != text);
+        if self.refused.len() >= MAX_REFUSALS && !self.refused.contains_key(&peer) {
+            // Forget the oldest refusal to make room.
+            if let Some(oldest) = self
+                .refused
+                .iter()
+                .min_by_key(|(_, r)| r.since)
+                .map(|(n, _)| n.clone())
+            {
+                self.refused.remove(&oldest);
+            }
+        }
+        if changed {
+            self.refused.insert(
+                peer.clone(),
+                Refused {
+                    reason: short(&text),
+                    since: now,
+                },
+            );
+            self.event(
+                now,
+                EventKind::LinkRefused,
+                Some(self.cfg.me.name.clone()),
+                Some(peer),
+                text,
+            );
+            self.refresh_own(now, false);
+        }
+    }
+
+    /// A link completed its hello/ack.
+    pub fn handle_link_up(&mut self, now: Time, info: LinkInfo) {
+        let peer = info.peer.name.clone();
+        let Ok(kind) = self.cfg.contract.check_link(&self.cfg.me, &info.peer) else {
+            // The driver only reports links that passed check_hello/check_ack.
+            debug_assert!(false, "link up that the contract does not allow");
+            return;
+        };
+        self.dialing.remove(&peer);
+        self.refused.remove(&peer);
+        let drift = info.contract_hash != self.cfg.contract.hash();
+        let reason = drift.then(|| {
+            format!(
+                "contract drift: {} runs contract {}, this node runs {}",
+                peer,
+                info.contract_hash,
+                self.cfg.contract.hash()
+            )
+        });
+        self.links.insert(
+            peer.clone(),
+            Link {
+                ident: info.peer.clone(),
+                kind,
+                up: true,
+                since: now,
+                rtt_us: info.rtt_us,
+                secure: info.secure,
+                protocol: info.protocol.clone(),
+                contract_hash: info.contract_hash,
+                reason: reason.clone(),
+                reported_rtt_us: info.rtt_us,
+            },
+        );
+        self.event(
+            now,
+            EventKind::LinkUp,
+            Some(self.cfg.me.name.clone()),
+            Some(peer.clone()),
+            format!("{} link up ({})", kind.as_str(), info.protocol),
+        );
+        if let Some(r) = reason {
+            self.event(now, EventKind::Drift, Some(peer.clone()), None, r);
+        }
+        // Make sure we have a record for the peer before the table sync lands.
+        if self.table.get(peer.as_str()).is_none() {
+            let mut rec = NodeRecord::new(
+                &info.peer,
+                0,
+                String::new(),
+                String::new(),
+                String::new(),
+                info.secure,
+            );
+            rec.clock = 0;
+            self.table.merge(rec);
+        }
+        self.refresh_own(now, false);
+        let digest = self.table.digest();
+        self.push(Output::Send {
+            to: peer.clone(),
+            frame: Frame::Digest(digest, true),
+        });
+        match kind {
+            LinkKind::Site => self.site_ring.announce(now, &peer),
+            LinkKind::Wan => {
+                if let Some(w) = self.wan_ring.as_mut() {
+                    w.announce(now, &peer);
+                }
+            }
+        }
+        self.drain_rings(now);
+    }
+
+    /// A link closed.
+    pub fn handle_link_down(&mut self, now: Time, peer: &NodeName, reason: &str) {
+        let Some(l) = self.links.get_mut(peer) else {
+            return;
+        };
+        if !l.up {
+            return;
+        }
+        l.up = false;
+        l.since = now;
+        l.reason = Some(short(reason));
+        let kind = l.kind;
+        self.backoff(now, peer, false);
+        self.event(
+            now,
+            EventKind::LinkDown,
+            Some(self.cfg.me.name.clone()),
+            Some(peer.clone()),
+            format!("{} link down: {reason}", kind.as_str()),
+        );
+        self.refresh_own(now, false);
+    }
+
+    /// The transport's latest RTT estimate for a link.
+    pub fn handle_rtt(&mut self, peer: &NodeName, rtt_us: u32) {
+        if let Some(l) = self.links.get_mut(peer) {
+            l.rtt_us = rtt_us;
+        }
+    }
+
+    // ----- frames -----------------------------------------------------------------------------
+
+    /// Bytes of a frame arrived on the link to `from`.
+    pub fn handle_frame_bytes(&mut self, now: Time, from: &NodeName, bytes: &[u8]) {
+        match Frame::decode(bytes) {
+            Ok(f) => self.handle_frame(now, from, f),
+            Err(e) => {
+                self.counters.bad_frames += 1;
+                self.event(
+                    now,
+                    EventKind::Warning,
+                    Some(from.clone()),
+                    None,
+                    format!("dropped a bad frame from {from}: {e}"),
+                );
+            }
+        }
+    }
+
+    /// A decoded frame arrived on the link to `from`.
+    pub fn handle_frame(&mut self, now: Time, from: &NodeName, frame: Frame) {
+        let Some(kind) = self.links.get(from).filter(|l| l.up).map(|l| l.kind) else {
+            return;
+        };
+        self.counters.frames_in += 1;
+        match frame {
+            Frame::Records(rs) => self.merge_records(now, from, kind, rs),
+            Frame::Digest(d, want_reply) => {
+                let newer = self.table.newer_than(&d);
+                for chunk in newer.chunks(MAX_RECORDS_PER_FRAME) {
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::Records(chunk.to_vec()),
+                    });
+                }
+                if want_reply && self.table.behind(&d) {
+                    let mine = self.table.digest();
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::Digest(mine, false),
+                    });
+                }
+            }
+            Frame::Routed(env) => self.handle_routed(now, from, env),
+            Frame::Leaving => {
+                self.event(
+                    now,
+                    EventKind::NodeLeft,
+                    Some(from.clone()),
+                    None,
+                    format!("{from} is leaving"),
+                );
+            }
+        }
+        self.drain_rings(now);
+    }
+
+    /// A datagram arrived on the link to `from`.
+    pub fn handle_datagram(&mut self, now: Time, from: &NodeName, bytes: &[u8]) {
+        let Some(kind) = self.links.get(from).filter(|l| l.up).map(|l| l.kind) else {
+            self.counters.datagrams_dropped += 1;
+            return;
+        };
+        match decode_swim(bytes) {
+            Ok((Ring::Site, data)) if kind == LinkKind::Site => {
+                self.site_ring.handle_data(now, data)
+            }
+            Ok((Ring::Wan, data)) if kind == LinkKind::Wan => {
+                if let Some(w) = self.wan_ring.as_mut() {
+                    w.handle_data(now, data);
+                }
+            }
+            _ => self.counters.datagrams_dropped += 1,
+        }
+        self.drain_rings(now);
+    }
+
+    fn merge_records(&mut self, now: Time, from: &NodeName, kind: LinkKind, rs: Vec<NodeRecord>) {
+        let mut changed = Vec::new();
+        for r in rs {
+            if r.name == self.cfg.me.name {
+                self.handle_own_record(now, r);
+                continue;
+            }
+            let was_tomb = self
+                .table
+                .get(r.name.as_str())
+                .is_some_and(NodeRecord::is_tombstone);
+            match self.table.merge(r.clone()) {
+                m if m.changed() => {
+                    self.counters.records_merged += 1;
+                    if r.is_tombstone() && !was_tomb {
+                        self.on_forgotten(now, &r.name);
+                    }
+                    changed.push(r);
+                }
+                Merge::Full | Merge::Invalid => self.counters.records_refused += 1,
+                _ => {}
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        self.push(Output::Persist);
+        // Forward: the origin pushed to all of its links; a node passes updates on only across
+        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links).
+        let targets: Vec<NodeName> = self
+            .links
+            .iter()
+            .filter(|(n, l)| {
+                l.up && *n != from && !(kind == LinkKind::Site && l.kind == LinkKind::Site)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for t in targets {
+            self.push(Output::Send {
+                to: t,
+                frame: Frame::Records(changed.clone()),
+            });
+        }
+    }
+
+    fn handle_own_record(&mut self, now: Time, r: NodeRecord) {
+        let mine = self.clock();
+        if r.clock < mine {
+            return;
+        }
+        if r.is_tombstone() && !self.cfg.rejoin {
+            if self.forgotten {
+                return;
+            }
+            self.forgotten = true;
+            self.table.merge(r.clone());
+            self.push(Output::Persist);
+            let reason = format!(
+                "this node was forgotten by an operator (tombstone at clock {}); restart it with --rejoin to bring it back",
+                r.clock
+            );
+            self.event(
+                now,
+                EventKind::NodeForgotten,
+                Some(self.cfg.me.name.clone()),
+                None,
+                reason.clone(),
+            );
+            let peers: Vec<NodeName> = self.links.keys().cloned().collect();
+            for p in peers {
+                self.push(Output::Close {
+                    peer: p,
+                    reason: "forgotten".into(),
+                });
+            }
+            self.push(Output::Fatal(reason));
+            return;
+        }
+        // A record of ours from an earlier life is at or above our clock: come back above it.
+        let from = mine;
+        self.raise_clock(now, r.clock + 1);
+        self.event(
+            now,
+            EventKind::ClockRaised,
+            Some(self.cfg.me.name.clone()),
+            None,
+            format!(
+                "peers knew this node at clock {}: clock {} -> {}",
+                r.clock,
+                from,
+                self.clock()
+            ),
+        );
+    }
+
+    fn on_forgotten(&mut self, now: Time, name: &NodeName) {
+        self.event(
+            now,
+            EventKind::NodeForgotten,
+            Some(name.clone()),
+            None,
+            format!("{name} was forgotten by an operator"),
+        );
+        self.dialing.remove(name);
+        if self.links.get(name).is_some_and(|l| l.up) {
+            self.push(Output::Close {
+                peer: name.clone(),
+                reason: "forgotten".into(),
+            });
+        }
+        self.links.remove(name);
+        self.announced.remove(name);
+    }
+
+    // ----- our own record ---------------------------------------------------------------------
+
+    fn own(&self) -> NodeRecord {
+        self.table
+            .get(self.cfg.me.name.as_str())
+            .cloned()
+            .unwrap_or_else(|| {
+                NodeRecord::new(
+                    &self.cfg.me,
+                    1,
+                    self.cfg.addr.clone(),
+                    self.cfg.contract.hash().to_string(),
+                    self.cfg.version.clone(),
+                    self.cfg.secure,
+                )
+            })
+    }
+
+    fn raise_clock(&mut self, now: Time, to: u64) {
+        let mut own = self.own();
+        if to <= own.clock {
+            return;
+        }
+        own.clock = to;
+        self.write_own(now, own);
+    }
+
+    fn write_own(&mut self, now: Time, own: NodeRecord) {
+        self.table.put_own(own.clone());
+        self.push(Output::Persist);
+        self.last_rtt_refresh = now;
+        for (name, l) in self.links.iter_mut() {
+            let _ = name;
+            l.reported_rtt_us = l.rtt_us;
+        }
+        let targets: Vec<NodeName> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.up)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for t in targets {
+            self.push(Output::Send {
+                to: t,
+                frame: Frame::Records(vec![own.clone()]),
+            });
+        }
+    }
+
+    /// Recomputes the dynamic parts of our record (links, reach, view) and publishes it with a
+    /// higher clock if anything changed.
+    fn refresh_own(&mut self, now: Time, force: bool) {
+        if self.forgotten {
+            return;
+        }
+        let mut own = self.own();
+        let wall = |t: Time| self.cfg.wall_base_ms + t.as_millis() as u64;
+        let mut links: Vec<LinkReport> = Vec::new();
+        for (name, l) in &self.links {
+            links.push(LinkReport {
+                peer: name.clone(),
+                state: if !l.up {
+                    LinkState::Down
+                } else if l.contract_hash != self.cfg.contract.hash() {
+                    LinkState::Drift
+                } else {
+                    LinkState::Up
+                },
+                rtt_us: l.rtt_us,
+                since_ms: wall(l.since),
+                secure: l.secure,
+                reason: l.reason.clone(),
+            });
+        }
+        for (name, r) in &self.refused {
+            if self.links.get(name).is_some_and(|l| l.up) {
+                continue;
+            }
+            links.retain(|x| &x.peer != name);
+            links.push(LinkReport {
+                peer: name.clone(),
+                state: LinkState::Refused,
+                rtt_us: 0,
+                since_ms: wall(r.since),
+                secure: self.cfg.secure,
+                reason: Some(r.reason.clone()),
+            });
+        }
+        links.sort_by(|a, b| a.peer.cmp(&b.peer));
+        links.truncate(crate::table::MAX_LINKS);
+        let (reach, view) = if self.cfg.me.role == Role::Gateway {
+            let reach: BTreeSet<SiteName> = self
+                .links
+                .values()
+                .filter(|l| l.up && l.kind == LinkKind::Wan)
+                .filter(|l| {
+                    self.wan_ring
+                        .as_ref()
+                        .and_then(|w| w.liveness(&l.ident.name))
+                        .is_none_or(|lv| lv != Liveness::Dead)
+                })
+                .map(|l| l.ident.site.clone())
+                .collect();
+            let mut view: Vec<(NodeName, Liveness)> = self
+                .site_ring
+                .members()
+                .filter(|(n, _)| {
+                    self.table
+                        .get(n.as_str())
+                        .is_some_and(|r| r.site == self.cfg.me.site)
+                })
+                .map(|(n, l)| (n.clone(), l))
+                .collect();
+            view.push((self.cfg.me.name.clone(), Liveness::Alive));
+            view.sort();
+            view.truncate(crate::table::MAX_VIEW);
+            (reach.into_iter().collect::<Vec<_>>(), view)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let state = if self.leaving {
+            RecordState::Left
+        } else {
+            RecordState::Alive
+        };
+        // RTTs alone do not justify a new clock, unless they moved a lot and a while has passed.
+        let strip = |v: &[LinkReport]| -> Vec<LinkReport> {
+            v.iter()
+                .map(|l| LinkReport {
+                    rtt_us: 0,
+                    ..l.clone()
+                })
+                .collect()
+        };
+        let structural = strip(&own.links) != strip(&links)
+            || own.reach != reach
+            || own.view != view
+            || own.state != state;
+        let rtt_moved = now.saturating_sub(self.last_rtt_refresh) >= self.cfg.timing.rtt_refresh
+            && self.links.values().any(|l| {
+                let a = f64::from(l.rtt_us.max(1));
+                let b = f64::from(l.reported_rtt_us.max(1));
+                l.up && (a / b > 1.5 || b / a > 1.5) && l.rtt_us.abs_diff(l.reported_rtt_us) > 100
+            });
+        if !(structural || rtt_moved || force) {
+            return;
+        }
+        own.links = links;
+        own.reach = reach;
+        own.view = view;
+        own.state = state;
+        own.clock += 1;
+        self.write_own(now, own);
+    }
+
+    // ----- failure detection ------------------------------------------------------------------
+
+    fn drain_rings(&mut self, now: Time) {
+        let mut changed = false;
+        for ring in [Ring::Site, Ring::Wan] {
+            let (sends, changes) = match ring {
+                Ring::Site => (self.site_ring.take_sends(), self.site_ring.take_changes()),
+                Ring::Wan => match self.wan_ring.as_mut() {
+                    Some(w) => (w.take_sends(), w.take_changes()),
+                    None => continue,
+                },
+            };
+            for (to, data) in sends {
+                let ok_kind = match ring {
+                    Ring::Site => LinkKind::Site,
+                    Ring::Wan => LinkKind::Wan,
+                };
+                if self
+                    .links
+                    .get(&to)
+                    .is_some_and(|l| l.up && l.kind == ok_kind)
+                {
+                    self.push(Output::Datagram {
+                        to,
+                        bytes: encode_swim(ring, &data),
+                    });
+                } else {
+                    self.counters.datagrams_dropped += 1;
+                }
+            }
+            changed |= !changes.is_empty();
+        }
+        if changed {
+            self.refresh_own(now, false);
+            self.diff_statuses(now);
+        }
+    }
+
+    /// Whether this node currently has a path to site `site`.
+    pub fn site_reachable(&self, site: &SiteName) -> bool {
+        if *site == self.cfg.me.site {
+            return true;
+        }
+        if self.cfg.me.role == Role::Gateway
+            && self
+                .links
+                .values()
+                .any(|l| l.up && l.kind == LinkKind::Wan && l.ident.site == *site)
+        {
+            return true;
+        }
+        self.local_gateways_reaching(site).next().is_some()
+    }
+
+    /// Live gateways of our own site (other than us) that report reaching `site`.
+    fn local_gateways_reaching<'a>(
+        &'a self,
+        site: &'a SiteName,
+    ) -> impl Iterator<Item = &'a NodeName> + 'a {
+        self.links
+            .iter()
+            .filter(move |(n, l)| {
+                l.up && l.kind == LinkKind::Site
+                    && l.ident.role == Role::Gateway
+                    && self.site_ring.liveness(n) != Some(Liveness::Dead)
+                    && self
+                        .table
+                        .get(n.as_str())
+                        .is_some_and(|r| r.reach.contains(site))
+            })
+            .map(|(n, _)| n)
+    }
+
+    /// The status of `name` as this node sees it.
+    pub fn status_of(&self, name: &NodeName) -> NodeStatus {
+        if *name == self.cfg.me.name {
+            return if self.leaving {
+                NodeStatus::Left
+            } else {
+                NodeStatus::Alive
+            };
+        }
+        let Some(r) = self.table.get(name.as_str()) else {
+            return NodeStatus::Unknown;
+        };
+        match r.state {
+            RecordState::Forgotten => return NodeStatus::Forgotten,
+            RecordState::Left => return NodeStatus::Left,
+            RecordState::Alive => {}
+        }
+        if r.site == self.cfg.me.site {
+            return match self.site_ring.liveness(name) {
+                Some(Liveness::Alive) => NodeStatus::Alive,
+                Some(Liveness::Suspect) => NodeStatus::Suspect,
+                Some(Liveness::Dead) => NodeStatus::Dead,
+                None => NodeStatus::Unknown,
+            };
+        }
+        if !self.site_reachable(&r.site) {
+            return NodeStatus::Unreachable;
+        }
+        match self.remote_view(&r.site, name) {
+            Some(Liveness::Alive) => NodeStatus::Alive,
+            Some(Liveness::Suspect) => NodeStatus::Suspect,
+            Some(Liveness::Dead) => NodeStatus::Dead,
+            None => NodeStatus::Unknown,
+        }
+    }
+
+    /// What the gateways of `site` report about `name`. Views of gateways that another gateway
+    /// of the site reports dead are ignored (they are stale), unless that leaves none.
+    fn remote_view(&self, site: &SiteName, name: &NodeName) -> Option<Liveness> {
+        let gws: Vec<&NodeRecord> = self
+            .table
+            .live()
+            .filter(|g| g.site == *site && g.role == Role::Gateway && g.state == RecordState::Alive)
+            .collect();
+        let dead_by_peer = |g: &NodeRecord| {
+            gws.iter().any(|o| {
+                o.name != g.name
+                    && o.view
+                        .iter()
+                        .any(|(n, l)| *n == g.name && *l == Liveness::Dead)
+            })
+        };
+        let trusted: Vec<&&NodeRecord> = gws.iter().filter(|g| !dead_by_peer(g)).collect();
+        let pool: Vec<&&NodeRecord> = if trusted.is_empty() {
+            gws.iter().collect()
+        } else {
+            trusted
+        };
+        pool.iter()
+            .filter_map(|g| g.view.iter().find(|(n, _)| n == name).map(|(_, l)| *l))
+            .min()
+    }
+
+    fn diff_statuses(&mut self, now: Time) {
+        let names: Vec<NodeName> = self.table.iter().map(|r| r.name.clone()).collect();
+        for name in names {
+            if name == self.cfg.me.name {
+                continue;
+            }
+            let s = self.status_of(&name);
+            let prev = self.statuses.insert(name.clone(), s);
+            if prev == Some(s) || (prev.is_none() && s == NodeStatus::Unknown) {
+                continue;
+            }
+            let kind = match s {
+                NodeStatus::Alive => EventKind::NodeUp,
+                NodeStatus::Suspect => EventKind::NodeSuspect,
+                NodeStatus::Dead => EventKind::NodeDead,
+                NodeStatus::Left => EventKind::NodeLeft,
+                NodeStatus::Unreachable => EventKind::NodeUnreachable,
+                NodeStatus::Forgotten => EventKind::NodeForgotten,
+                NodeStatus::Unknown => continue,
+            };
+            let site = self.table.get(name.as_str()).map(|r| r.site.clone());
+            let why = match (s, &site) {
+                (NodeStatus::Unreachable, Some(site)) => {
+                    format!("no live path from {} to site {site}", self.cfg.me.name)
+                }
+                (NodeStatus::Dead, Some(site)) if *site == self.cfg.me.site => {
+                    "failure detector of its site confirmed it dead".to_string()
+                }
+                (NodeStatus::Dead, Some(site)) => format!("gateways of site {site} report it dead"),
+                (NodeStatus::Suspect, _) => "missed failure-detector probes".to_string(),
+                _ => String::new(),
+            };
+            let reason = match prev {
+                Some(p) => format!(
+                    "{} -> {}{}{}",
+                    p.as_str(),
+                    s.as_str(),
+                    if why.is_empty() { "" } else { ": " },
+                    why
+                ),
+                None => format!(
+                    "{}{}{}",
+                    s.as_str(),
+                    if why.is_empty() { "" } else { ": " },
+                    why
+                ),
+            };
+            self.event(now, kind, Some(name), None, reason);
+        }
+    }
+
+    // ----- routing ----------------------------------------------------------------------------
+
+    /// The next hop toward `dst`, or why there is none.
+    pub fn next_hop(&self, dst: &NodeName) -> Result<NodeName, (PingFailure, String)> {
+        if self.links.get(dst).is_some_and(|l| l.up) {
+            return Ok(dst.clone());
+        }
+        let Some(r) = self.table.get(dst.as_str()).filter(|r| !r.is_tombstone()) else {
+            return Err((
+                PingFailure::UnknownNode,
+                format!("{dst} is not in the node table"),
+            ));
+        };
+        let me = &self.cfg.me;
+        if r.site == me.site {
+            let why = match self.links.get(dst) {
+                Some(l) => l.reason.clone().unwrap_or_else(|| "link is down".into()),
+                None => match self.refused.get(dst) {
+                    Some(f) => f.reason.clone(),
+                    None => "no link yet".into(),
+                },
+            };
+            return Err((
+                PingFailure::NoRoute,
+                format!("no link from {} to {dst}: {why}", me.name),
+            ));
+        }
+        if !self.contract_path_exists(&me.site, &r.site) {
+            return Err((
+                PingFailure::Refused,
+                format!(
+                    "the contract has no path from site {} to site {}",
+                    me.site, r.site
+                ),
+            ));
+        }
+        if me.role == Role::Gateway {
+            let wan_alive = |n: &NodeName| {
+                self.wan_ring
+                    .as_ref()
+                    .and_then(|w| w.liveness(n))
+                    .is_none_or(|l| l != Liveness::Dead)
+            };
+            // A gateway of the target site we are linked to.
+            let direct: Vec<&NodeName> = self
+                .links
+                .iter()
+                .filter(|(n, l)| {
+                    l.up && l.kind == LinkKind::Wan && l.ident.site == r.site && wan_alive(n)
+                })
+                .map(|(n, _)| n)
+                .collect();
+            if let Some(g) = rendezvous(dst.as_str(), direct.into_iter()) {
+                return Ok(g);
+            }
+            // Another WAN gateway that reaches the target site.
+            let via: Vec<&NodeName> = self
+                .links
+                .iter()
+                .filter(|(n, l)| {
+                    l.up && l.kind == LinkKind::Wan
+                        && wan_alive(n)
+                        && self
+                            .table
+                            .get(n.as_str())
+                            .is_some_and(|g| g.reach.contains(&r.site))
+                })
+                .map(|(n, _)| n)
+                .collect();
+            if let Some(g) = rendezvous(dst.as_str(), via.into_iter()) {
+                return Ok(g);
+            }
+        }
+        if let Some(g) = rendezvous(dst.as_str(), self.local_gateways_reaching(&r.site)) {
+            return Ok(g);
+        }
+        Err((
+            PingFailure::NoRoute,
+            format!(
+                "no live gateway of site {} reaches site {}",
+                me.site, r.site
+            ),
+        ))
+    }
+
+    fn contract_path_exists(&self, from: &SiteName, to: &SiteName) -> bool {
+        let mut seen = BTreeSet::new();
+        let mut queue = VecDeque::from([from.clone()]);
+        while let Some(s) = queue.pop_front() {
+            if s == *to {
+                return true;
+            }
+            if !seen.insert(s.clone()) {
+                continue;
+            }
+            for n in self.cfg.contract.neighbours(&s) {
+                if !seen.contains(n) {
+                    queue.push_back(n.clone());
+                }
+            }
+        }
+        false
+    }
+
+    fn link_rtt(&self, peer: &NodeName) -> u32 {
+        self.links.get(peer).map_or(0, |l| l.rtt_us)
+    }
+
+    /// Sends a message we originate. Failures to route are answered locally.
+    fn originate(&mut self, now: Time, dst: NodeName, id: u64, body: Body, direct_only: bool) {
+        let env = Envelope {
+            id,
+            src: self.cfg.me.name.clone(),
+            dst: dst.clone(),
+            ttl: HOP_LIMIT,
+            trace: Vec::new(),
+            body,
+        };
+        if dst == self.cfg.me.name {
+            self.deliver(now, env);
+            return;
+        }
+        let hop = if direct_only {
+            if self.links.get(&dst).is_some_and(|l| l.up) {
+                Ok(dst.clone())
+            } else {
+                let why = self
+                    .links
+                    .get(&dst)
+                    .and_then(|l| l.reason.clone())
+                    .or_else(|| self.refused.get(&dst).map(|r| r.reason.clone()))
+                    .unwrap_or_else(|| "no link".into());
+                Err((
+                    PingFailure::NoRoute,
+                    format!("link {} -> {dst} is not up: {why}", self.cfg.me.name),
+                ))
+            }
+        } else {
+            self.next_hop(&dst)
+        };
+        self.forward_or_bounce(now, env, hop);
+    }
+
+    fn forward_or_bounce(
+        &mut self,
+        now: Time,
+        mut env: Envelope,
+        hop: Result<NodeName, (PingFailure, String)>,
+    ) {
+        match hop {
+            Ok(next) => {
+                let rtt = self.link_rtt(&next);
+                env.trace.push(Hop {
+                    node: self.cfg.me.name.clone(),
+                    rtt_us: rtt,
+                });
+                self.counters.routed_forwarded += 1;
+                self.push(Output::Send {
+                    to: next,
+                    frame: Frame::Routed(env),
+                });
+            }
+            Err((failure, reason)) => {
+                self.counters.routed_undeliverable += 1;
+                if matches!(env.body, Body::Undeliverable { .. }) {
+                    return; // never bounce a bounce
+                }
+                let mut trace = env.trace.clone();
+                trace.push(Hop {
+                    node: self.cfg.me.name.clone(),
+                    rtt_us: 0,
+                });
+                let bounce = Body::Undeliverable {
+                    id: env.id,
+                    at: self.cfg.me.name.clone(),
+                    failure,
+                    reason,
+                    trace,
+                };
+                if env.src == self.cfg.me.name {
+                    let b = Envelope {
+                        id: env.id,
+                        src: self.cfg.me.name.clone(),
+                        dst: env.src.clone(),
+                        ttl: 0,
+                        trace: Vec::new(),
+                        body: bounce,
+                    };
+                    self.deliver(now, b);
+                } else {
+                    let id = env.id;
+                    self.originate(now, env.src, id, bounce, false);
+                }
+            }
+        }
+    }
+
+    fn handle_routed(&mut self, now: Time, _from: &NodeName, mut env: Envelope) {
+        if env.dst == self.cfg.me.name {
+            self.deliver(now, env);
+            return;
+        }
+        if env.ttl == 0 {
+            let n = env.trace.len();
+            self.forward_or_bounce(
+                now,
+                env,
+                Err((
+                    PingFailure::HopLimit,
+                    format!("hop limit reached after {n} hops"),
+                )),
+            );
+            return;
+        }
+        env.ttl -= 1;
+        let hop = self.next_hop(&env.dst);
+        self.forward_or_bounce(now, env, hop);
+    }
+
+    fn deliver(&mut self, now: Time, mut env: Envelope) {
+        env.trace.push(Hop {
+            node: self.cfg.me.name.clone(),
+            rtt_us: 0,
+        });
+        match env.body {
+            Body::EchoRequest { seq } => {
+                // The built-in `echo` process.
+                let id = env.id;
+                self.originate(
+                    now,
+                    env.src.clone(),
+                    id,
+                    Body::EchoReply {
+                        seq,
+                        forward: env.trace,
+                    },
+                    false,
+                );
+            }
+            Body::EchoReply { seq, forward } => self.echo_answered(now, env.id, seq, Ok(forward)),
+            Body::Undeliverable {
+                id,
+                at,
+                failure,
+                reason,
+                trace,
+            } => {
+                if self.echoes.contains_key(&id) {
+                    let seq = self.echoes.get(&id).map_or(0, |e| e.seq);
+                    self.echo_answered(now, id, seq, Err((failure, at, reason, trace)));
+                } else if self.calls.contains_key(&id) {
+                    self.call_failed(now, id, failure, at.to_string(), reason);
+                }
+            }
+            Body::Call { call } => self.handle_call(now, env.src, env.id, call),
+            Body::CallReply { reply } => self.call_answered(now, env.id, reply),
+        }
+    }
+
+    // ----- ping and probes --------------------------------------------------------------------
+
+    /// Starts a ping from this node (`from` None or us) or from another node, answered with
+    /// [`Output::Reply`] carrying `token`.
+    pub fn start_ping(
+        &mut self,
+        now: Time,
+        token: u64,
+        from: Option<NodeName>,
+        target: NodeName,
+        count: u32,
+        timeout: Duration,
+    ) {
+        let count = count.clamp(1, MAX_PING_COUNT);
+        match from {
+            Some(f) if f != self.cfg.me.name => {
+                let id = self.fresh_id();
+                let deadline = now + timeout * (count + 1) + Duration::from_secs(1);
+                self.calls.insert(
+                    id,
+                    PendingCall {
+                        from: CallFrom::Local { token },
+                        deadline,
+                        what: PendingWhat::Ping {
+                            from: f.clone(),
+                            target: target.clone(),
+                        },
+                    },
+                );
+                let timeout_ms = timeout.as_millis() as u64;
+                self.originate(
+                    now,
+                    f,
+                    id,
+                    Body::Call {
+                        call: Call::Ping {
+                            target,
+                            count,
+                            timeout_ms,
+                        },
+                    },
+                    false,
+                );
+            }
+            _ => self.start_session(now, CallFrom::Local { token }, target, count, timeout),
+        }
+    }
+
+    fn start_session(
+        &mut self,
+        now: Time,
+        from: CallFrom,
+        target: NodeName,
+        count: u32,
+        timeout: Duration,
+    ) {
+        if self.sessions.len() >= MAX_PING_SESSIONS {
+            let report = PingReport {
+                from: self.cfg.me.name.to_string(),
+                target: target.to_string(),
+                ok: false,
+                sent: 0,
+                received: 0,
+                attempts: vec![PingAttempt {
+                    seq: 0,
+                    ok: false,
+                    path: vec![self.cfg.me.name.to_string()],
+                    hops_ms: vec![],
+                    total_ms: 0.0,
+                    failure: Some(PingFailure::NoRoute),
+                    broke_at: Some(self.cfg.me.name.to_string()),
+                    reason: Some("too many pings in progress on this node".into()),
+                }],
+                min_ms: None,
+                p50_ms: None,
+                max_ms: None,
+            };
+            self.finish(now, from, CallReply::Ping(report));
+            return;
+        }
+        let id = self.fresh_id();
+        self.sessions.insert(
+            id,
+            PingSession {
+                from,
+                target,
+                count,
+                timeout,
+                attempts: Vec::new(),
+                next_seq: 0,
+            },
+        );
+        self.session_next(now, id);
+    }
+
+    fn session_next(&mut self, now: Time, session: u64) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.next_seq >= s.count {
+            let s = self.sessions.remove(&session).expect("present");
+            let report = self.ping_report(&s);
+            self.finish(now, s.from, CallReply::Ping(report));
+            return;
+        }
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let target = s.target.clone();
+        let timeout = s.timeout;
+        self.send_echo(
+            now,
+            target,
+            seq,
+            timeout,
+            EchoOwner::Ping { session },
+            false,
+        );
+    }
+
+    fn send_echo(
+        &mut self,
+        now: Time,
+        target: NodeName,
+        seq: u32,
+        timeout: Duration,
+        owner: EchoOwner,
+        direct: bool,
+    ) {
+        if self.echoes.len() >= MAX_PENDING_ECHOES {
+            // Oldest first out: it will be reported as a timeout.
+            if let Some((&oldest, _)) = self.echoes.iter().next() {
+                self.expire_echo(now, oldest);
+            }
+        }
+        let id = self.fresh_id();
+        self.echoes.insert(
+            id,
+            PendingEcho {
+                seq,
+                target: target.clone(),
+                sent: now,
+                deadline: now + timeout,
+                owner,
+            },
+        );
+        self.originate(now, target, id, Body::EchoRequest { seq }, direct);
+    }
+
+    fn echo_answered(
+        &mut self,
+        now: Time,
+        id: u64,
+        seq: u32,
+        result: Result<Vec<Hop>, (PingFailure, NodeName, String, Vec<Hop>)>,
+    ) {
+        let Some(p) = self.echoes.remove(&id) else {
+            return;
+        };
+        let total_ms = now.saturating_sub(p.sent).as_secs_f64() * 1000.0;
+        let attempt = match result {
+            Ok(forward) => {
+                let path: Vec<String> = forward.iter().map(|h| h.node.to_string()).collect();
+                let hops_ms = forward[..forward.len().saturating_sub(1)]
+                    .iter()
+                    .map(|h| f64::from(h.rtt_us) / 1000.0)
+                    .collect();
+                PingAttempt {
+                    seq,
+                    ok: true,
+                    path,
+                    hops_ms,
+                    total_ms,
+                    failure: None,
+                    broke_at: None,
+                    reason: None,
+                }
+            }
+            Err((failure, at, reason, trace)) => PingAttempt {
+                seq,
+                ok: false,
+                path: trace.iter().map(|h| h.node.to_string()).collect(),
+                hops_ms: trace[..trace.len().saturating_sub(1)]
+                    .iter()
+                    .map(|h| f64::from(h.rtt_us) / 1000.0)
+                    .collect(),
+                total_ms,
+                failure: Some(failure),
+                broke_at: Some(at.to_string()),
+                reason: Some(reason),
+            },
+        };
+        self.echo_done(now, p, attempt);
+    }
+
+    fn echo_done(&mut self, now: Time, p: PendingEcho, attempt: PingAttempt) {
+        match p.owner {
+            EchoOwner::Ping { session } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.attempts.push(attempt);
+                }
+                self.session_next(now, session);
+            }
+            EchoOwner::Probe { call, peer } => {
+                let kind = self.link_kind_to(&peer);
+                let result = ProbeResult {
+                    from: self.cfg.me.name.to_string(),
+                    to: peer.to_string(),
+                    kind,
+                    ok: attempt.ok,
+                    rtt_ms: attempt.ok.then_some(attempt.total_ms),
+                    error: attempt.reason,
+                };
+                self.finish(now, call, CallReply::Probe(result));
+            }
+        }
+    }
+
+    fn expire_echo(&mut self, now: Time, id: u64) {
+        let Some(p) = self.echoes.remove(&id) else {
+            return;
+        };
+        let path = vec![self.cfg.me.name.to_string()];
+        let guess = self.next_hop(&p.target).ok();
+        let reason = match &guess {
+            Some(h) if *h == p.target => format!(
+                "no answer from {} within {:?}",
+                p.target,
+                p.deadline - p.sent
+            ),
+            Some(h) => format!(
+                "no answer within {:?}; the path leaves {} via {h}",
+                p.deadline - p.sent,
+                self.cfg.me.name
+            ),
+            None => format!("no answer within {:?}", p.deadline - p.sent),
+        };
+        let attempt = PingAttempt {
+            seq: p.seq,
+            ok: false,
+            path,
+            hops_ms: vec![],
+            total_ms: now.saturating_sub(p.sent).as_secs_f64() * 1000.0,
+            failure: Some(PingFailure::Timeout),
+            broke_at: None,
+            reason: Some(reason),
+        };
+        self.echo_done(now, p, attempt);
+    }
+
+    fn ping_report(&self, s: &PingSession) -> PingReport {
+        let mut rtts: Vec<f64> = s
+            .attempts
+            .iter()
+            .filter(|a| a.ok)
+            .map(|a| a.total_ms)
+            .collect();
+        rtts.sort_by(f64::total_cmp);
+        let received = rtts.len() as u32;
+        PingReport {
+            from: self.cfg.me.name.to_string(),
+            target: s.target.to_string(),
+            ok: received == s.count,
+            sent: s.attempts.len() as u32,
+            received,
+            attempts: s.attempts.clone(),
+            min_ms: rtts.first().copied(),
+            p50_ms: rtts.get(rtts.len() / 2).copied(),
+            max_ms: rtts.last().copied(),
+        }
+    }
+
+    fn link_kind_to(&self, peer: &NodeName) -> LinkKind {
+        match self.table.get(peer.as_str()) {
+            Some(r) if r.site != self.cfg.me.site => LinkKind::Wan,
+            _ => LinkKind::Site,
+        }
+    }
+
+    /// Probes every expected link once (each from its lower-named end, directly over that link)
+    /// and answers with [`Reply::Probes`].
+    pub fn start_probe_links(&mut self, now: Time, token: u64, timeout: Duration) {
+        let pairs = self.expected_links();
+        let set = self.fresh_id();
+        self.probe_sets.insert(
+            set,
+            ProbeSet {
+                token,
+                expected: pairs.len(),
+                results: Vec::new(),
+            },
+        );
+        if pairs.is_empty() {
+            self.maybe_finish_probe_set(now, set);
+            return;
+        }
+        for (a, b, kind) in pairs {
+            if a == self.cfg.me.name {
+                self.send_echo(
+                    now,
+                    b.clone(),
+                    0,
+                    timeout,
+                    EchoOwner::Probe {
+                        call: CallFrom::ProbeSet { set },
+                        peer: b,
+                    },
+                    true,
+                );
+            } else {
+                let id = self.fresh_id();
+                self.calls.insert(
+                    id,
+                    PendingCall {
+                        from: CallFrom::ProbeSet { set },
+                        deadline: now + timeout * 2 + Duration::from_millis(500),
+                        what: PendingWhat::Probe {
+                            from: a.clone(),
+                            to: b.clone(),
+                            kind,
+                        },
+                    },
+                );
+                let timeout_ms = timeout.as_millis() as u64;
+                self.originate(
+                    now,
+                    a,
+                    id,
+                    Body::Call {
+                        call: Call::ProbeLink {
+                            peer: b,
+                            timeout_ms,
+                        },
+                    },
+                    false,
+                );
+            }
+        }
+    }
+
+    fn maybe_finish_probe_set(&mut self, now: Time, set: u64) {
+        let done = self
+            .probe_sets
+            .get(&set)
+            .is_some_and(|p| p.results.len() >= p.expected);
+        if done {
+            if let Some(mut p) = self.probe_sets.remove(&set) {
+                p.results
+                    .sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+                let _ = now;
+                self.push(Output::Reply {
+                    token: p.token,
+                    reply: Reply::Probes(p.results),
+                });
+            }
+        }
+    }
+
+    fn handle_call(&mut self, now: Time, src: NodeName, id: u64, call: Call) {
+        let from = CallFrom::Remote { node: src, id };
+        let cap = |ms: u64| Duration::from_millis(ms.clamp(1, 60_000));
+        match call {
+            Call::Ping {
+                target,
+                count,
+                timeout_ms,
+            } => self.start_session(now, from, target, count, cap(timeout_ms)),
+            Call::ProbeLink { peer, timeout_ms } => self.send_echo(
+                now,
+                peer.clone(),
+                0,
+                cap(timeout_ms),
+                EchoOwner::Probe { call: from, peer },
+                true,
+            ),
+        }
+    }
+
+    fn finish(&mut self, now: Time, to: CallFrom, reply: CallReply) {
+        match to {
+            CallFrom::Local { token } => {
+                let reply = match reply {
+                    CallReply::Ping(p) => Reply::Ping(p),
+                    CallReply::Probe(p) => Reply::Probes(vec![p]),
+                };
+                self.push(Output::Reply { token, reply });
+            }
+            CallFrom::Remote { node, id } => {
+                self.originate(now, node, id, Body::CallReply { reply }, false);
+            }
+            CallFrom::ProbeSet { set } => {
+                if let (Some(p), CallReply::Probe(r)) = (self.probe_sets.get_mut(&set), reply) {
+                    p.results.push(r);
+                }
+                self.maybe_finish_probe_set(now, set);
+            }
+        }
+    }
+
+    fn call_answered(&mut self, now: Time, id: u64, reply: CallReply) {
+        if let Some(c) = self.calls.remove(&id) {
+            self.finish(now, c.from, reply);
+        }
+    }
+
+    fn call_failed(
+        &mut self,
+        now: Time,
+        id: u64,
+        failure: PingFailure,
+        at: String,
+        reason: String,
+    ) {
+        let Some(c) = self.calls.remove(&id) else {
+            return;
+        };
+        let reply = match c.what {
+            PendingWhat::Ping { from, target } => CallReply::Ping(PingReport {
+                from: from.to_string(),
+                target: target.to_string(),
+                ok: false,
+                sent: 0,
+                received: 0,
+                attempts: vec![PingAttempt {
+                    seq: 0,
+                    ok: false,
+                    path: vec![self.cfg.me.name.to_string()],
+                    hops_ms: vec![],
+                    total_ms: 0.0,
+                    failure: Some(failure),
+                    broke_at: Some(at),
+                    reason: Some(format!(
+                        "could not reach {from} to start the ping: {reason}"
+                    )),
+                }],
+                min_ms: None,
+                p50_ms: None,
+                max_ms: None,
+            }),
+            PendingWhat::Probe { from, to, kind } => CallReply::Probe(ProbeResult {
+                from: from.to_string(),
+                to: to.to_string(),
+                kind,
+                ok: false,
+                rtt_ms: None,
+                error: Some(format!(
+                    "could not reach {from} to run the probe ({at}: {reason})"
+                )),
+            }),
+        };
+        self.finish(now, c.from, reply);
+    }
+
+    fn expire_requests(&mut self, now: Time) {
+        let due: Vec<u64> = self
+            .echoes
+            .iter()
+            .filter(|(_, e)| e.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for id in due {
+            self.expire_echo(now, id);
+        }
+        let due: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for id in due {
+            let me = self.cfg.me.name.to_string();
+            self.call_failed(
+                now,
+                id,
+                PingFailure::Timeout,
+                me,
+                "no answer in time".into(),
+            );
+        }
+    }
+
+    // ----- operator commands ------------------------------------------------------------------
+
+    /// Writes a tombstone for `name` above every clock seen, and spreads it.
+    pub fn forget(&mut self, now: Time, name: &NodeName) -> Result<u64, String> {
+        if *name == self.cfg.me.name {
+            return Err("a node cannot forget itself; run `forget` on another node".into());
+        }
+        let Some(r) = self.table.get(name.as_str()).cloned() else {
+            return Err(format!("{name} is not in the node table"));
+        };
+        if r.is_tombstone() {
+            return Ok(r.clock);
+        }
+        let stone = NodeRecord::tombstone(&r, r.clock + 1);
+        let clock = stone.clock;
+        self.table.merge(stone.clone());
+        self.push(Output::Persist);
+        self.on_forgotten(now, name);
+        self.statuses.insert(name.clone(), NodeStatus::Forgotten);
+        let targets: Vec<NodeName> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.up)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for t in targets {
+            self.push(Output::Send {
+                to: t,
+                frame: Frame::Records(vec![stone.clone()]),
+            });
+        }
+        self.refresh_own(now, false);
+        Ok(clock)
+    }
+
+    /// Leaves gracefully: marks our record `left`, tells the rings and every peer.
+    pub fn leave(&mut self, now: Time) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        self.refresh_own(now, true);
+        self.site_ring.leave(now);
+        if let Some(w) = self.wan_ring.as_mut() {
+            w.leave(now);
+        }
+        self.drain_rings(now);
+        let targets = self.linked_peers();
+        for t in targets {
+            self.push(Output::Send {
+                to: t,
+                frame: Frame::Leaving,
+            });
+        }
+    }
+
+    // ----- reports ----------------------------------------------------------------------------
+
+    /// Links the contract expects, between known nodes: `(a, b, kind)` with `a < b`.
+    pub fn expected_links(&self) -> Vec<(NodeName, NodeName, LinkKind)> {
+        let mut nodes: BTreeMap<NodeName, Ident> = BTreeMap::new();
+        for r in self.table.live() {
+            if r.state == RecordState::Alive && r.clock > 0 {
+                nodes.insert(r.name.clone(), r.ident());
+            }
+        }
+        for s in self.cfg.contract.sites() {
+            for g in &s.gateways {
+                let known = self.table.get(g.as_str());
+                if known.is_none_or(|r| r.clock == 0) {
+                    nodes.insert(
+                        g.clone(),
+                        Ident {
+                            name: g.clone(),
+                            site: s.name.clone(),
+                            role: Role::Gateway,
+                        },
+                    );
+                } else if known.is_some_and(|r| r.state != RecordState::Alive) {
+                    nodes.remove(g);
+                }
+            }
+        }
+        let list: Vec<&Ident> = nodes.values().collect();
+        let mut out = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            for b in &list[i + 1..] {
+                if let Ok(kind) = self.cfg.contract.check_link(a, b) {
+                    out.push((a.name.clone(), b.name.clone(), kind));
+                }
+            }
+        }
+        out
+    }
+
+    fn report_of(&self, from: &NodeName, to: &NodeName) -> Option<LinkReport> {
+        if *from == self.cfg.me.name {
+            let own = self.own();
+            let mut rep = own.links.into_iter().find(|l| l.peer == *to)?;
+            if let Some(l) = self.links.get(to) {
+                rep.rtt_us = l.rtt_us;
+            }
+            return Some(rep);
+        }
+        self.table
+            .get(from.as_str())
+            .and_then(|r| r.links.iter().find(|l| l.peer == *to).cloned())
+    }
+
+    fn format_ms(&self, ms: u64) -> String {
+        format_rfc3339_ms(ms)
+    }
+
+    fn link_view(&self, a: &NodeName, b: &NodeName, kind: LinkKind, expected: bool) -> LinkView {
+        let ra = self.report_of(a, b);
+        let rb = self.report_of(b, a);
+        let sa = self.status_of(a);
+        let sb = self.status_of(b);
+        let my_hash = self.cfg.contract.hash();
+        let hash_of = |n: &NodeName| {
+            self.table
+                .get(n.as_str())
+                .map(|r| r.contract_hash.clone())
+                .unwrap_or_default()
+        };
+        let gone = |s: NodeStatus| {
+            matches!(
+                s,
+                NodeStatus::Dead | NodeStatus::Left | NodeStatus::Forgotten
+            )
+        };
+        let stale = |s: NodeStatus| s == NodeStatus::Unreachable;
+        let is = |r: &Option<LinkReport>, st: LinkState| r.as_ref().is_some_and(|x| x.state == st);
+        let mut reason = None;
+        let state = if let Some(r) = [&ra, &rb]
+            .into_iter()
+            .flatten()
+            .find(|r| r.state == LinkState::Refused)
+        {
+            reason = r.reason.clone();
+            LinkState::Refused
+        } else if gone(sa) || gone(sb) {
+            let who = if gone(sa) { (a, sa) } else { (b, sb) };
+            reason = Some(format!("{} is {}", who.0, who.1));
+            LinkState::Down
+        } else if ra.is_none() && rb.is_none() {
+            reason = Some("neither end has reported this link yet".into());
+            LinkState::Missing
+        } else {
+            let up_a = is(&ra, LinkState::Up) || is(&ra, LinkState::Drift);
+            let up_b = is(&rb, LinkState::Up) || is(&rb, LinkState::Drift);
+            if up_a && up_b {
+                let (ha, hb) = (hash_of(a), hash_of(b));
+                if ha != my_hash
+                    || hb != my_hash
+                    || is(&ra, LinkState::Drift)
+                    || is(&rb, LinkState::Drift)
+                {
+                    let odd: Vec<String> = [(a, &ha), (b, &hb)]
+                        .into_iter()
+                        .filter(|(_, h)| h.as_str() != my_hash)
+                        .map(|(n, h)| format!("{n} runs contract {h}"))
+                        .collect();
+                    reason = Some(if odd.is_empty() {
+                        "the two ends run different contracts".into()
+                    } else {
+                        format!("{} (observer runs {my_hash})", odd.join(", "))
+                    });
+                    LinkState::Drift
+                } else {
+                    LinkState::Up
+                }
+            } else if up_a || up_b {
+                // Only one end says up: in our own view that is authoritative for our end.
+                let (up_end, down_end) = if up_a { (a, b) } else { (b, a) };
+                reason = Some(format!("{up_end} reports the link up, {down_end} does not"));
+                LinkState::OneWay
+            } else {
+                reason = [&ra, &rb]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|r| r.reason.clone());
+                LinkState::Down
+            }
+        };
+        if stale(sa) || stale(sb) {
+            let note = "last report before the far site became unreachable";
+            reason = Some(match reason {
+                Some(r) => format!("{r}; {note}"),
+                None => note.to_string(),
+            });
+        }
+        let any = ra.as_ref().or(rb.as_ref());
+        let secure = self.cfg.secure
+            && [&ra, &rb].into_iter().flatten().all(|r| r.secure)
+            && state != LinkState::Missing;
+        let mine = if *a == self.cfg.me.name {
+            self.links.get(b)
+        } else if *b == self.cfg.me.name {
+            self.links.get(a)
+        } else {
+            None
+        };
+        let rtt_us = match (state, mine) {
+            (LinkState::Up | LinkState::Drift | LinkState::OneWay, Some(l)) => Some(l.rtt_us),
+            (LinkState::Up | LinkState::Drift | LinkState::OneWay, None) => any.map(|r| r.rtt_us),
+            _ => None,
+        };
+        let protocol = match (state, mine) {
+            (LinkState::Up | LinkState::Drift | LinkState::OneWay, Some(l)) => {
+                Some(l.protocol.clone())
+            }
+            (LinkState::Up | LinkState::Drift | LinkState::OneWay, None) => Some(if secure {
+                "tls1.3".to_string()
+            } else {
+                "insecure".to_string()
+            }),
+            _ => None,
+        };
+        LinkView {
+            from: a.to_string(),
+            to: b.to_string(),
+            kind,
+            state,
+            secure,
+            rtt_ms: rtt_us.map(|u| f64::from(u) / 1000.0),
+            since: any.map(|r| self.format_ms(r.since_ms)),
+            protocol,
+            reason,
+            expected,
+        }
+    }
+
+    /// The topology as this node sees it.
+    pub fn topology(&self, now: Time) -> Topology {
+        let my_hash = self.cfg.contract.hash().to_string();
+        let mut sites: BTreeMap<SiteName, SiteView> = BTreeMap::new();
+        for s in self.cfg.contract.sites() {
+            sites.insert(
+                s.name.clone(),
+                SiteView {
+                    name: s.name.to_string(),
+                    nodes: Vec::new(),
+                    gateways: s.gateways.iter().map(|g| g.to_string()).collect(),
+                },
+            );
+        }
+        for r in self.table.live() {
+            if r.clock == 0 && r.name != self.cfg.me.name {
+                continue;
+            }
+            let view = NodeView {
+                name: r.name.to_string(),
+                site: r.site.to_string(),
+                role: r.role,
+                status: self.status_of(&r.name),
+                clock: r.clock,
+                addr: r.addr.clone(),
+                contract_hash: r.contract_hash.clone(),
+                drift: r.contract_hash != my_hash,
+            };
+            sites
+                .entry(r.site.clone())
+                .or_insert_with(|| SiteView {
+                    name: r.site.to_string(),
+                    nodes: Vec::new(),
+                    gateways: Vec::new(),
+                })
+                .nodes
+                .push(view);
+        }
+        let expected = self.expected_links();
+        let mut links: Vec<LinkView> = expected
+            .iter()
+            .map(|(a, b, k)| self.link_view(a, b, *k, true))
+            .collect();
+        // Refused links the contract does not expect are shown too: they are what an operator
+        // needs to see (a member dialing another site, a node of another cluster).
+        let expected_set: BTreeSet<(NodeName, NodeName)> = expected
+            .iter()
+            .map(|(a, b, _)| (a.clone(), b.clone()))
+            .collect();
+        let mut extra: BTreeSet<(NodeName, NodeName)> = BTreeSet::new();
+        for r in self.table.live() {
+            for l in &r.links {
+                if l.state == LinkState::Refused {
+                    let pair = if r.name < l.peer {
+                        (r.name.clone(), l.peer.clone())
+                    } else {
+                        (l.peer.clone(), r.name.clone())
+                    };
+                    if !expected_set.contains(&pair) {
+                        extra.insert(pair);
+                    }
+                }
+            }
+        }
+        for (a, b) in extra {
+            let kind = match (self.table.get(a.as_str()), self.table.get(b.as_str())) {
+                (Some(x), Some(y)) if x.site != y.site => LinkKind::Wan,
+                _ => LinkKind::Site,
+            };
+            links.push(self.link_view(&a, &b, kind, false));
+        }
+        let healthy = links
+            .iter()
+            .filter(|l| l.expected)
+            .all(|l| l.state == LinkState::Up);
+        let insecure_nodes: Vec<String> = self
+            .table
+            .live()
+            .filter(|r| r.clock > 0 && !r.secure)
+            .map(|r| r.name.to_string())
+            .collect();
+        let insecure_links = links
+            .iter()
+            .filter(|l| l.state == LinkState::Up && !l.secure)
+            .count();
+        let secure = self.cfg.secure && insecure_nodes.is_empty() && insecure_links == 0;
+        let insecure_reason = (!secure).then(|| {
+            if !self.cfg.secure {
+                format!(
+                    "{} runs with insecure = true (no authentication)",
+                    self.cfg.me.name
+                )
+            } else if !insecure_nodes.is_empty() {
+                format!("nodes running insecure: {}", insecure_nodes.join(", "))
+            } else {
+                format!("{insecure_links} link(s) are not mutually authenticated")
+            }
+        });
+        Topology {
+            cluster: self.cfg.cluster.to_string(),
+            observer: self.cfg.me.name.to_string(),
+            contract_hash: my_hash,
+            secure,
+            insecure_reason,
+            healthy,
+            sites: sites.into_values().collect(),
+            links,
+            probes: None,
+            generated_at: self.format_ms(self.wall_ms(now)),
+        }
+    }
+
+    /// Every node in the table with its status.
+    pub fn members(&self) -> Members {
+        let members = self
+            .table
+            .iter()
+            .filter(|r| r.clock > 0 || r.name == self.cfg.me.name)
+            .map(|r| MemberView {
+                name: r.name.to_string(),
+                site: r.site.to_string(),
+                role: r.role,
+                status: self.status_of(&r.name),
+                clock: r.clock,
+                addr: r.addr.clone(),
+                contract_hash: r.contract_hash.clone(),
+                version: r.version.clone(),
+                links_up: if r.name == self.cfg.me.name {
+                    self.links.values().filter(|l| l.up).count() as u32
+                } else {
+                    r.links.iter().filter(|l| l.state == LinkState::Up).count() as u32
+                },
+            })
+            .collect();
+        Members {
+            cluster: self.cfg.cluster.to_string(),
+            observer: self.cfg.me.name.to_string(),
+            members,
+        }
+    }
+}
+
+/// Formats wall-clock milliseconds as RFC 3339 UTC (`2026-11-22T05:43:39.123Z`).
+pub fn format_rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let millis = ms % 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if mo <= 2 { y + 1 } else { y };
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formatting() {
+        assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339_ms(1_795_325_819_123),
+            "2026-11-22T05:36:59.123Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn rendezvous_is_deterministic_and_fails_over() {
+        let g: Vec<NodeName> = ["gw-1", "gw-2", "gw-3"]
+            .iter()
+            .map(|s| NodeName::new(*s).unwrap())
+            .collect();
+        let pick = rendezvous("edge-9", g.iter()).unwrap();
+        assert_eq!(rendezvous("edge-9", g.iter()).unwrap(), pick);
+        let rest: Vec<NodeName> = g.iter().filter(|x| **x != pick).cloned().collect();
+        let second = rendezvous("edge-9", rest.iter()).unwrap();
+        assert_ne!(second, pick);
+        assert!(rendezvous("x", std::iter::empty()).is_none());
+    }
+}

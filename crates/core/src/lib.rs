@@ -27,3 +27,7 @@ pub mod table;
 pub mod wire;
 
 pub use clusterctl_api as api;
+
+/// Monotonic time since the node (or simulation) started. The core never reads a clock: every
+/// input carries `now`.
+pub type Time = std::time::Duration;

@@ -24,7 +24,9 @@ pub enum SnapshotError {
     Truncated(usize),
     #[error("not a clusterctl node-table snapshot (bad magic)")]
     BadMagic,
-    #[error("snapshot format version {0} is not supported by this build (supports {FORMAT_VERSION})")]
+    #[error(
+        "snapshot format version {0} is not supported by this build (supports {FORMAT_VERSION})"
+    )]
     UnknownVersion(u16),
     #[error("payload length {claimed} does not match the {actual} bytes present")]
     Length { claimed: usize, actual: usize },
@@ -110,7 +112,10 @@ mod tests {
         let mut v = encode(&[]);
         v[8] = 9;
         assert_eq!(decode(&v), Err(SnapshotError::UnknownVersion(9)));
-        assert_eq!(decode(b"garbage-garbage-garbage"), Err(SnapshotError::BadMagic));
+        assert_eq!(
+            decode(b"garbage-garbage-garbage"),
+            Err(SnapshotError::BadMagic)
+        );
     }
 
     proptest! {

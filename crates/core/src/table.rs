@@ -109,7 +109,14 @@ fn cap(field: &'static str, len: usize, max: usize) -> Result<(), RecordError> {
 
 impl NodeRecord {
     /// A fresh alive record for `ident`.
-    pub fn new(ident: &Ident, clock: u64, addr: String, contract_hash: String, version: String, secure: bool) -> Self {
+    pub fn new(
+        ident: &Ident,
+        clock: u64,
+        addr: String,
+        contract_hash: String,
+        version: String,
+        secure: bool,
+    ) -> Self {
         NodeRecord {
             name: ident.name.clone(),
             site: ident.site.clone(),

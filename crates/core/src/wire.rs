@@ -138,9 +138,14 @@ pub enum CallReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Body {
     /// To the target's `echo` process.
-    EchoRequest { seq: u32 },
+    EchoRequest {
+        seq: u32,
+    },
     /// From the target's `echo` process; `forward` is the path the request took.
-    EchoReply { seq: u32, forward: Vec<Hop> },
+    EchoReply {
+        seq: u32,
+        forward: Vec<Hop>,
+    },
     /// A hop could not forward message `id`.
     Undeliverable {
         id: u64,
@@ -149,8 +154,12 @@ pub enum Body {
         reason: String,
         trace: Vec<Hop>,
     },
-    Call { call: Call },
-    CallReply { reply: CallReply },
+    Call {
+        call: Call,
+    },
+    CallReply {
+        reply: CallReply,
+    },
 }
 
 /// A message routed hop by hop: member -> gateway -> gateway -> member.
@@ -172,8 +181,9 @@ pub struct Envelope {
 pub enum Frame {
     /// Node-table records (pushes and answers to digests).
     Records(Vec<NodeRecord>),
-    /// `(name, clock)` of every record the sender holds: anti-entropy.
-    Digest(Vec<(NodeName, u64)>),
+    /// `(name, clock)` of every record the sender holds: anti-entropy. The receiver answers with
+    /// the records it holds newer, and, when the flag is set and it is behind, with its own digest.
+    Digest(Vec<(NodeName, u64)>, bool),
     /// A routed message.
     Routed(Envelope),
     /// The sender is leaving the cluster gracefully.
@@ -250,20 +260,32 @@ impl Frame {
         match &f {
             Frame::Records(rs) => {
                 if rs.len() > MAX_RECORDS_PER_FRAME {
-                    return Err(WireError::TooMany("records", rs.len(), MAX_RECORDS_PER_FRAME));
+                    return Err(WireError::TooMany(
+                        "records",
+                        rs.len(),
+                        MAX_RECORDS_PER_FRAME,
+                    ));
                 }
                 for r in rs {
                     r.validate()?;
                 }
             }
-            Frame::Digest(d) => {
+            Frame::Digest(d, _) => {
                 if d.len() > crate::table::MAX_RECORDS {
-                    return Err(WireError::TooMany("digest", d.len(), crate::table::MAX_RECORDS));
+                    return Err(WireError::TooMany(
+                        "digest",
+                        d.len(),
+                        crate::table::MAX_RECORDS,
+                    ));
                 }
             }
             Frame::Routed(e) => {
                 if e.trace.len() > HOP_LIMIT as usize + 1 {
-                    return Err(WireError::TooMany("trace", e.trace.len(), HOP_LIMIT as usize + 1));
+                    return Err(WireError::TooMany(
+                        "trace",
+                        e.trace.len(),
+                        HOP_LIMIT as usize + 1,
+                    ));
                 }
             }
             Frame::Leaving => {}
@@ -338,7 +360,10 @@ mod tests {
     fn swim_datagrams() {
         let d = encode_swim(Ring::Wan, b"xyz");
         assert_eq!(decode_swim(&d).unwrap(), (Ring::Wan, &b"xyz"[..]));
-        assert_eq!(decode_swim(&[PROTOCOL_VERSION, 7, 0]), Err(WireError::Ring(7)));
+        assert_eq!(
+            decode_swim(&[PROTOCOL_VERSION, 7, 0]),
+            Err(WireError::Ring(7))
+        );
     }
 
     proptest! {

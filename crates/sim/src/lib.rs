@@ -1,1 +1,951 @@
-//! Deterministic simulator.
+//! Deterministic simulator over the clusterctl core.
+//!
+//! Many [`Engine`]s — the exact production protocol code — run on one virtual clock and a
+//! seeded virtual network: sites, per-kind latency, random datagram loss, WAN cuts, isolated and
+//! crashed nodes, restarts from the last persisted table. Given the same seed, a run produces the
+//! same result, event for event; every test prints the seed that replays it
+//! (`CLUSTERCTL_SIM_SEED=N`).
+//!
+//! The network model follows what the runtime's transport does:
+//! - a dial reaches its target only if neither end is crashed or cut off from the other; the
+//!   handshake (hello, ack, contract and identity checks) runs through the same engine methods;
+//! - frames and datagrams are delivered after the link's latency while the path is open, and
+//!   lost while it is cut; datagrams may also be dropped at random;
+//! - a connection whose path stays cut (or whose peer crashed) for the idle timeout closes at
+//!   both ends, as QUIC's idle timeout does.
+//!
+//! After every step the simulator checks invariants (a member never links outside its site,
+//! every link the contract allows, no node's own clock ever falls) and panics with the seed
+//! when one breaks.
+
+#![forbid(unsafe_code)]
+
+use clusterctl_api::{NodeStatus, PingReport, Role, Topology};
+use clusterctl_core::contract::Contract;
+use clusterctl_core::engine::{Engine, EngineConfig, EventOut, LinkInfo, Output, Reply, Timing};
+use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
+use clusterctl_core::table::NodeRecord;
+use clusterctl_core::wire::RefusalCode;
+use clusterctl_core::Time;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::time::Duration;
+
+/// Network and fault parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// One-way latency inside a site.
+    pub site_latency: Duration,
+    /// One-way latency between sites.
+    pub wan_latency: Duration,
+    /// A connection whose path stays broken this long closes.
+    pub idle_timeout: Duration,
+    /// A dial to an unreachable node fails after this long.
+    pub connect_timeout: Duration,
+    /// Percentage of datagrams lost at random (0-100).
+    pub datagram_loss: u8,
+}
+
+impl SimConfig {
+    /// Defaults that match the runtime: 10 s idle timeout, 0.2 ms in a site, 20 ms across.
+    pub fn new(seed: u64) -> Self {
+        SimConfig {
+            seed,
+            site_latency: Duration::from_micros(200),
+            wan_latency: Duration::from_millis(20),
+            idle_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            datagram_loss: 0,
+        }
+    }
+}
+
+/// The seed to use: `CLUSTERCTL_SIM_SEED` when set, else `default`. Printed so a failing test
+/// can be replayed.
+pub fn seed_from_env(default: u64) -> u64 {
+    let seed = std::env::var("CLUSTERCTL_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    println!("simulation seed {seed} (replay with CLUSTERCTL_SIM_SEED={seed})");
+    seed
+}
+
+/// One site of a simulated cluster.
+#[derive(Debug, Clone)]
+pub struct SiteSpec {
+    pub name: String,
+    pub gateways: usize,
+    pub members: usize,
+}
+
+/// A node of the simulation.
+#[derive(Debug)]
+pub struct SimNode {
+    pub ident: Ident,
+    pub addr: String,
+    engine: Option<Engine>,
+    cfg: EngineConfig,
+    /// Last persisted table (what survives a crash).
+    pub persisted: Vec<NodeRecord>,
+    /// Every event the node emitted.
+    pub events: Vec<EventOut>,
+    replies: BTreeMap<u64, Reply>,
+    wake: Option<Time>,
+    isolated: bool,
+    /// Own clock observed over time (invariant: never falls within one life on disk).
+    max_clock: u64,
+}
+
+impl SimNode {
+    /// Whether the node is running.
+    pub fn is_up(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// The running engine.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Wake(usize),
+    Frame {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+    Datagram {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+    Handshake {
+        dialer: usize,
+        acceptor: usize,
+    },
+    DialFailed {
+        dialer: usize,
+        peer: NodeName,
+        reason: String,
+    },
+    Refused {
+        at: usize,
+        peer: NodeName,
+        code: Option<RefusalCode>,
+        reason: String,
+        by_us: bool,
+    },
+    LinkUp {
+        at: usize,
+        peer: usize,
+    },
+    IdleCheck {
+        a: usize,
+        b: usize,
+    },
+    Close {
+        at: usize,
+        peer: usize,
+        reason: String,
+    },
+}
+
+/// The simulator.
+pub struct Sim {
+    cfg: SimConfig,
+    now: Time,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Time, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    pub nodes: Vec<SimNode>,
+    index: BTreeMap<NodeName, usize>,
+    conns: BTreeSet<(usize, usize)>,
+    cuts: BTreeSet<(SiteName, SiteName)>,
+    rng: StdRng,
+    contract: Contract,
+    next_token: u64,
+    /// Datagrams dropped by the loss model.
+    pub lost_datagrams: u64,
+    /// Steps executed.
+    pub steps: u64,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("seed", &self.cfg.seed)
+            .field("now", &self.now)
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn short_code(site: &str) -> &str {
+    site.split('-').next().unwrap_or(site)
+}
+
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    if a < b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+impl Sim {
+    /// Builds a cluster: every pair of sites is linked by the contract; members are named
+    /// `edge-CODE-N`, gateways `gw-CODE-N` (CODE = site name up to the first '-').
+    pub fn new(cfg: SimConfig, sites: &[SiteSpec]) -> Sim {
+        let mut contract_text = String::from("cluster = \"sim\"\n");
+        let mut idents: Vec<Ident> = Vec::new();
+        for s in sites {
+            let code = short_code(&s.name);
+            let gws: Vec<String> = (1..=s.gateways).map(|i| format!("gw-{code}-{i}")).collect();
+            contract_text.push_str(&format!(
+                "[[site]]\nname = \"{}\"\ngateways = [{}]\n",
+                s.name,
+                gws.iter()
+                    .map(|g| format!("\"{g}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            let site = SiteName::new(s.name.clone()).expect("valid site name");
+            for g in gws {
+                idents.push(Ident {
+                    name: NodeName::new(g).expect("valid name"),
+                    site: site.clone(),
+                    role: Role::Gateway,
+                });
+            }
+            for i in 1..=s.members {
+                idents.push(Ident {
+                    name: NodeName::new(format!("edge-{code}-{i}")).expect("valid name"),
+                    site: site.clone(),
+                    role: Role::Member,
+                });
+            }
+        }
+        for (i, a) in sites.iter().enumerate() {
+            for b in &sites[i + 1..] {
+                if a.gateways > 0 && b.gateways > 0 {
+                    contract_text.push_str(&format!(
+                        "[[link]]\nbetween = [\"{}\", \"{}\"]\n",
+                        a.name, b.name
+                    ));
+                }
+            }
+        }
+        let contract = Contract::parse(&contract_text).expect("generated contract is valid");
+        let cluster = ClusterName::new("sim").expect("valid");
+        let mut nodes = Vec::new();
+        let mut index = BTreeMap::new();
+        for (i, id) in idents.iter().enumerate() {
+            let addr = format!("sim:{}", id.name);
+            let seeds: Vec<(NodeName, String)> = idents
+                .iter()
+                .filter(|o| {
+                    o.name != id.name
+                        && (o.site == id.site
+                            || (id.role == Role::Gateway && o.role == Role::Gateway))
+                })
+                .map(|o| (o.name.clone(), format!("sim:{}", o.name)))
+                .collect();
+            let ecfg = EngineConfig {
+                cluster: cluster.clone(),
+                me: id.clone(),
+                addr: addr.clone(),
+                contract: contract.clone(),
+                secure: true,
+                version: "sim".into(),
+                seeds,
+                rejoin: false,
+                timing: Timing::lan(),
+                wall_base_ms: 0,
+                seed: cfg.seed.wrapping_mul(31).wrapping_add(i as u64),
+            };
+            index.insert(id.name.clone(), i);
+            nodes.push(SimNode {
+                ident: id.clone(),
+                addr,
+                engine: None,
+                cfg: ecfg,
+                persisted: Vec::new(),
+                events: Vec::new(),
+                replies: BTreeMap::new(),
+                wake: None,
+                isolated: false,
+                max_clock: 0,
+            });
+        }
+        let mut sim = Sim {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            nodes,
+            index,
+            conns: BTreeSet::new(),
+            cuts: BTreeSet::new(),
+            contract,
+            next_token: 1,
+            lost_datagrams: 0,
+            steps: 0,
+        };
+        for i in 0..sim.nodes.len() {
+            sim.start(i);
+        }
+        sim
+    }
+
+    /// The two-site cluster of the golden path: `us-east` and `eu-west`, `gateways` gateways
+    /// and 2 members each.
+    pub fn two_sites(seed: u64, gateways: usize) -> Sim {
+        Sim::new(
+            SimConfig::new(seed),
+            &[
+                SiteSpec {
+                    name: "us-east".into(),
+                    gateways,
+                    members: 2,
+                },
+                SiteSpec {
+                    name: "eu-west".into(),
+                    gateways,
+                    members: 2,
+                },
+            ],
+        )
+    }
+
+    /// Current virtual time.
+    pub fn now(&self) -> Time {
+        self.now
+    }
+
+    /// The seed of this run.
+    pub fn seed(&self) -> u64 {
+        self.cfg.seed
+    }
+
+    /// Index of a node by name.
+    pub fn idx(&self, name: &str) -> usize {
+        *self
+            .index
+            .get(name)
+            .unwrap_or_else(|| panic!("no node {name} (seed {})", self.cfg.seed))
+    }
+
+    /// A node's engine (panics if crashed).
+    pub fn engine(&self, name: &str) -> &Engine {
+        self.nodes[self.idx(name)]
+            .engine
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name} is not running (seed {})", self.cfg.seed))
+    }
+
+    fn start(&mut self, i: usize) {
+        let restored = self.nodes[i].persisted.clone();
+        let cfg = self.nodes[i].cfg.clone();
+        match Engine::new(cfg, restored, self.now) {
+            Ok(e) => {
+                self.nodes[i].engine = Some(e);
+                self.nodes[i].wake = None;
+                self.pump(i);
+            }
+            Err(e) => panic!(
+                "node {} failed to start: {e} (seed {})",
+                self.nodes[i].ident.name, self.cfg.seed
+            ),
+        }
+    }
+
+    fn schedule(&mut self, at: Time, ev: Ev) {
+        self.seq += 1;
+        self.events.insert(self.seq, ev);
+        self.queue.push(Reverse((at, self.seq)));
+    }
+
+    fn latency(&self, a: usize, b: usize) -> Duration {
+        if self.nodes[a].ident.site == self.nodes[b].ident.site {
+            self.cfg.site_latency
+        } else {
+            self.cfg.wan_latency
+        }
+    }
+
+    /// Whether packets can flow between `a` and `b` right now.
+    pub fn path_open(&self, a: usize, b: usize) -> bool {
+        let (na, nb) = (&self.nodes[a], &self.nodes[b]);
+        if na.engine.is_none() || nb.engine.is_none() || na.isolated || nb.isolated {
+            return false;
+        }
+        let (sa, sb) = (&na.ident.site, &nb.ident.site);
+        if sa == sb {
+            return true;
+        }
+        let key = if sa < sb {
+            (sa.clone(), sb.clone())
+        } else {
+            (sb.clone(), sa.clone())
+        };
+        !self.cuts.contains(&key)
+    }
+
+    /// Drains a node's outputs into the event queue.
+    fn pump(&mut self, i: usize) {
+        loop {
+            let Some(out) = self.nodes[i].engine.as_mut().and_then(Engine::poll_output) else {
+                break;
+            };
+            self.apply(i, out);
+        }
+        if let Some((t, clock)) = self.nodes[i]
+            .engine
+            .as_ref()
+            .map(|e| (e.poll_timeout().max(self.now), e.clock()))
+        {
+            if self.nodes[i].wake.is_none_or(|w| t < w || w < self.now) {
+                self.nodes[i].wake = Some(t);
+                self.schedule(t, Ev::Wake(i));
+            }
+            let node = &mut self.nodes[i];
+            assert!(
+                clock >= node.max_clock,
+                "{}: own clock fell from {} to {clock} (seed {})",
+                node.ident.name,
+                node.max_clock,
+                self.cfg.seed
+            );
+            node.max_clock = clock;
+        }
+    }
+
+    fn apply(&mut self, i: usize, out: Output) {
+        let now = self.now;
+        match out {
+            Output::Dial { peer, .. } => {
+                let Some(&j) = self.index.get(&peer) else {
+                    let reason = "no such host".to_string();
+                    self.schedule(
+                        now + self.cfg.connect_timeout,
+                        Ev::DialFailed {
+                            dialer: i,
+                            peer,
+                            reason,
+                        },
+                    );
+                    return;
+                };
+                if self.conns.contains(&pair(i, j)) {
+                    // Already connected (the other end dialed first): the runtime would keep one
+                    // connection; report it up to this end too.
+                    self.schedule(now, Ev::LinkUp { at: i, peer: j });
+                    return;
+                }
+                if self.path_open(i, j) {
+                    let lat = self.latency(i, j);
+                    self.schedule(
+                        now + lat * 2,
+                        Ev::Handshake {
+                            dialer: i,
+                            acceptor: j,
+                        },
+                    );
+                } else {
+                    let reason = "timed out".to_string();
+                    self.schedule(
+                        now + self.cfg.connect_timeout,
+                        Ev::DialFailed {
+                            dialer: i,
+                            peer,
+                            reason,
+                        },
+                    );
+                }
+            }
+            Output::Send { to, frame } => {
+                let Some(&j) = self.index.get(&to) else {
+                    return;
+                };
+                if self.conns.contains(&pair(i, j)) && self.path_open(i, j) {
+                    let lat = self.latency(i, j);
+                    self.schedule(
+                        now + lat,
+                        Ev::Frame {
+                            to: j,
+                            from: i,
+                            bytes: frame.encode(),
+                        },
+                    );
+                }
+            }
+            Output::Datagram { to, bytes } => {
+                let Some(&j) = self.index.get(&to) else {
+                    return;
+                };
+                if self.cfg.datagram_loss > 0
+                    && self.rng.random_range(0..100u8) < self.cfg.datagram_loss
+                {
+                    self.lost_datagrams += 1;
+                    return;
+                }
+                if self.conns.contains(&pair(i, j)) && self.path_open(i, j) {
+                    let lat = self.latency(i, j);
+                    self.schedule(
+                        now + lat,
+                        Ev::Datagram {
+                            to: j,
+                            from: i,
+                            bytes,
+                        },
+                    );
+                }
+            }
+            Output::Close { peer, reason } => {
+                let Some(&j) = self.index.get(&peer) else {
+                    return;
+                };
+                if self.conns.remove(&pair(i, j)) {
+                    self.schedule(
+                        now,
+                        Ev::Close {
+                            at: i,
+                            peer: j,
+                            reason: reason.clone(),
+                        },
+                    );
+                    let lat = self.latency(i, j);
+                    self.schedule(
+                        now + lat,
+                        Ev::Close {
+                            at: j,
+                            peer: i,
+                            reason,
+                        },
+                    );
+                }
+            }
+            Output::Persist => {
+                if let Some(e) = self.nodes[i].engine.as_ref() {
+                    self.nodes[i].persisted = e.records();
+                }
+            }
+            Output::Event(ev) => self.nodes[i].events.push(ev),
+            Output::Reply { token, reply } => {
+                self.nodes[i].replies.insert(token, reply);
+            }
+            Output::Fatal(reason) => {
+                let name = self.nodes[i].ident.name.clone();
+                self.nodes[i].events.push(EventOut {
+                    kind: clusterctl_api::EventKind::Warning,
+                    node: Some(name),
+                    peer: None,
+                    reason: format!("fatal: {reason}"),
+                    at_ms: now.as_millis() as u64,
+                });
+                self.crash_idx(i);
+            }
+        }
+    }
+
+    fn link_info(&self, peer: usize, rtt: Duration) -> LinkInfo {
+        LinkInfo {
+            peer: self.nodes[peer].ident.clone(),
+            contract_hash: self.nodes[peer].cfg.contract.hash().to_string(),
+            secure: true,
+            protocol: "tls1.3".into(),
+            rtt_us: rtt.as_micros() as u32,
+        }
+    }
+
+    fn step_event(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::Wake(i) => {
+                if self.nodes[i].wake.is_some_and(|w| w <= now) {
+                    self.nodes[i].wake = None;
+                    if let Some(e) = self.nodes[i].engine.as_mut() {
+                        e.handle_timeout(now);
+                    }
+                    self.pump(i);
+                }
+            }
+            Ev::Frame { to, from, bytes } => {
+                if self.conns.contains(&pair(to, from)) {
+                    let name = self.nodes[from].ident.name.clone();
+                    if let Some(e) = self.nodes[to].engine.as_mut() {
+                        e.handle_frame_bytes(now, &name, &bytes);
+                    }
+                    self.pump(to);
+                }
+            }
+            Ev::Datagram { to, from, bytes } => {
+                if self.conns.contains(&pair(to, from)) {
+                    let name = self.nodes[from].ident.name.clone();
+                    if let Some(e) = self.nodes[to].engine.as_mut() {
+                        e.handle_datagram(now, &name, &bytes);
+                    }
+                    self.pump(to);
+                }
+            }
+            Ev::Handshake { dialer, acceptor } => self.handshake(dialer, acceptor),
+            Ev::DialFailed {
+                dialer,
+                peer,
+                reason,
+            } => {
+                if let Some(e) = self.nodes[dialer].engine.as_mut() {
+                    e.handle_dial_failed(now, &peer, &reason, false);
+                }
+                self.pump(dialer);
+            }
+            Ev::Refused {
+                at,
+                peer,
+                code,
+                reason,
+                by_us,
+            } => {
+                if let Some(e) = self.nodes[at].engine.as_mut() {
+                    e.handle_refused(now, Some(peer), code, &reason, by_us);
+                }
+                self.pump(at);
+            }
+            Ev::LinkUp { at, peer } => {
+                if self.conns.contains(&pair(at, peer)) {
+                    let rtt = self.latency(at, peer) * 2;
+                    let info = self.link_info(peer, rtt);
+                    if let Some(e) = self.nodes[at].engine.as_mut() {
+                        if !e.linked_peers().contains(&info.peer.name) {
+                            e.handle_link_up(now, info);
+                        }
+                    }
+                    self.pump(at);
+                }
+            }
+            Ev::IdleCheck { a, b } => {
+                if self.conns.contains(&pair(a, b)) && !self.path_open(a, b) {
+                    self.conns.remove(&pair(a, b));
+                    for (x, y) in [(a, b), (b, a)] {
+                        let peer = self.nodes[y].ident.name.clone();
+                        if let Some(e) = self.nodes[x].engine.as_mut() {
+                            e.handle_link_down(now, &peer, "idle timeout");
+                        }
+                        self.pump(x);
+                    }
+                }
+            }
+            Ev::Close { at, peer, reason } => {
+                let name = self.nodes[peer].ident.name.clone();
+                if let Some(e) = self.nodes[at].engine.as_mut() {
+                    e.handle_link_down(now, &name, &format!("closed: {reason}"));
+                }
+                self.pump(at);
+            }
+        }
+    }
+
+    fn handshake(&mut self, i: usize, j: usize) {
+        let now = self.now;
+        if !self.path_open(i, j) {
+            let peer = self.nodes[j].ident.name.clone();
+            self.schedule(
+                now + self.cfg.connect_timeout,
+                Ev::DialFailed {
+                    dialer: i,
+                    peer,
+                    reason: "timed out".into(),
+                },
+            );
+            return;
+        }
+        if self.conns.contains(&pair(i, j)) {
+            self.schedule(now, Ev::LinkUp { at: i, peer: j });
+            return;
+        }
+        let (Some(ei), Some(ej)) = (self.nodes[i].engine.as_ref(), self.nodes[j].engine.as_ref())
+        else {
+            return;
+        };
+        let hello = ei.hello();
+        let cluster = self.nodes[i].cfg.cluster.clone();
+        // In the simulation every node holds an honest certificate for its own identity.
+        let cert_i = self.nodes[i].ident.clone();
+        let cert_j = self.nodes[j].ident.clone();
+        let name_i = cert_i.name.clone();
+        let name_j = cert_j.name.clone();
+        match ej.check_hello(&hello, Some((&cluster, &cert_i))) {
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                let code = Some(refusal.code);
+                self.schedule(
+                    now,
+                    Ev::Refused {
+                        at: j,
+                        peer: name_i,
+                        code,
+                        reason: reason.clone(),
+                        by_us: true,
+                    },
+                );
+                let lat = self.latency(i, j);
+                self.schedule(
+                    now + lat,
+                    Ev::Refused {
+                        at: i,
+                        peer: name_j,
+                        code,
+                        reason,
+                        by_us: false,
+                    },
+                );
+            }
+            Ok(ack) => {
+                let res = self.nodes[i]
+                    .engine
+                    .as_mut()
+                    .map(|e| e.check_ack(now, &name_j, &ack, Some((&cluster, &cert_j))));
+                self.pump(i);
+                match res {
+                    Some(Ok(())) => {
+                        self.conns.insert(pair(i, j));
+                        self.schedule(now, Ev::LinkUp { at: i, peer: j });
+                        let lat = self.latency(i, j);
+                        self.schedule(now + lat, Ev::LinkUp { at: j, peer: i });
+                    }
+                    Some(Err(refusal)) => {
+                        let code = Some(refusal.code);
+                        self.schedule(
+                            now,
+                            Ev::Refused {
+                                at: i,
+                                peer: name_j,
+                                code,
+                                reason: refusal.to_string(),
+                                by_us: true,
+                            },
+                        );
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Runs one event. Returns false when nothing is queued.
+    pub fn step(&mut self) -> bool {
+        let Some(Reverse((at, seq))) = self.queue.pop() else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        if let Some(ev) = self.events.remove(&seq) {
+            self.step_event(ev);
+        }
+        self.steps += 1;
+        self.check_invariants();
+        true
+    }
+
+    /// Runs the simulation for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(Reverse((at, _))) = self.queue.peek() {
+            if *at > end {
+                break;
+            }
+            self.step();
+        }
+        self.now = end;
+    }
+
+    /// Runs until `pred` holds (checked every 100 ms of virtual time) or `max` passes.
+    /// Returns the virtual time it took, or None.
+    pub fn run_until(
+        &mut self,
+        max: Duration,
+        mut pred: impl FnMut(&Sim) -> bool,
+    ) -> Option<Duration> {
+        let start = self.now;
+        while self.now - start <= max {
+            if pred(self) {
+                return Some(self.now - start);
+            }
+            self.run_for(Duration::from_millis(100));
+        }
+        pred(self).then(|| self.now - start)
+    }
+
+    fn check_invariants(&self) {
+        for n in &self.nodes {
+            let Some(e) = n.engine.as_ref() else { continue };
+            for p in e.linked_peers() {
+                let peer = &self.nodes[self.idx(p.as_str())].ident;
+                if let Err(why) = self.contract.check_link(&n.ident, peer) {
+                    panic!(
+                        "invariant broken: {} has a link to {} that the contract forbids: {why} (seed {})",
+                        n.ident.name, peer.name, self.cfg.seed
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- faults -----------------------------------------------------------------------------
+
+    fn schedule_idle_checks(&mut self) {
+        let conns: Vec<(usize, usize)> = self.conns.iter().copied().collect();
+        let at = self.now + self.cfg.idle_timeout;
+        for (a, b) in conns {
+            if !self.path_open(a, b) {
+                self.schedule(at, Ev::IdleCheck { a, b });
+            }
+        }
+    }
+
+    /// Cuts the WAN between two sites (both directions).
+    pub fn cut_wan(&mut self, a: &str, b: &str) {
+        let (a, b) = (
+            SiteName::new(a).expect("site"),
+            SiteName::new(b).expect("site"),
+        );
+        self.cuts.insert(if a < b { (a, b) } else { (b, a) });
+        self.schedule_idle_checks();
+    }
+
+    /// Removes every WAN cut and isolation.
+    pub fn heal(&mut self) {
+        self.cuts.clear();
+        for n in &mut self.nodes {
+            n.isolated = false;
+        }
+    }
+
+    /// Cuts a node off from everyone.
+    pub fn isolate(&mut self, name: &str) {
+        let i = self.idx(name);
+        self.nodes[i].isolated = true;
+        self.schedule_idle_checks();
+    }
+
+    /// Stops a node abruptly (like `kill -9`): it keeps only what it persisted.
+    pub fn crash(&mut self, name: &str) {
+        let i = self.idx(name);
+        self.crash_idx(i);
+    }
+
+    fn crash_idx(&mut self, i: usize) {
+        self.nodes[i].engine = None;
+        self.nodes[i].wake = None;
+        // A fresh life starts from the persisted clock, which the invariant tracks.
+        self.nodes[i].max_clock = 0;
+        self.schedule_idle_checks();
+    }
+
+    /// Restarts a crashed node from its persisted table.
+    pub fn restart(&mut self, name: &str) {
+        let i = self.idx(name);
+        assert!(self.nodes[i].engine.is_none(), "{name} is running");
+        self.start(i);
+    }
+
+    /// Restarts a crashed node with an empty data directory (a re-deploy).
+    pub fn redeploy(&mut self, name: &str) {
+        let i = self.idx(name);
+        assert!(self.nodes[i].engine.is_none(), "{name} is running");
+        self.nodes[i].persisted.clear();
+        self.start(i);
+    }
+
+    /// Asks `observer` to forget `name`.
+    pub fn forget(&mut self, observer: &str, name: &str) -> Result<u64, String> {
+        let i = self.idx(observer);
+        let now = self.now;
+        let target = NodeName::new(name).map_err(|e| e.to_string())?;
+        let r = self.nodes[i]
+            .engine
+            .as_mut()
+            .ok_or("observer is down")?
+            .forget(now, &target);
+        self.pump(i);
+        r
+    }
+
+    // ----- queries ----------------------------------------------------------------------------
+
+    /// Status of `node` as `observer` sees it.
+    pub fn status(&self, observer: &str, node: &str) -> NodeStatus {
+        self.engine(observer)
+            .status_of(&NodeName::new(node).expect("name"))
+    }
+
+    /// Topology as `observer` sees it.
+    pub fn topology(&self, observer: &str) -> Topology {
+        self.engine(observer).topology(self.now)
+    }
+
+    /// Names of all nodes.
+    pub fn names(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| n.ident.name.to_string())
+            .collect()
+    }
+
+    /// Names of the nodes of one site.
+    pub fn site_nodes(&self, site: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.ident.site.as_str() == site)
+            .map(|n| n.ident.name.to_string())
+            .collect()
+    }
+
+    /// Whether every running node sees every expected link up and every running node alive.
+    pub fn converged(&self) -> bool {
+        let running: Vec<&SimNode> = self.nodes.iter().filter(|n| n.is_up()).collect();
+        running.iter().all(|n| {
+            let e = n.engine.as_ref().expect("running");
+            let t = e.topology(self.now);
+            t.healthy
+                && running
+                    .iter()
+                    .all(|m| e.status_of(&m.ident.name) == NodeStatus::Alive)
+        })
+    }
+
+    /// Pings `to` from `from` and runs the simulation until the report arrives (or `max`).
+    pub fn ping(&mut self, from: &str, to: &str, max: Duration) -> Option<PingReport> {
+        let i = self.idx(from);
+        let token = self.next_token;
+        self.next_token += 1;
+        let now = self.now;
+        let target = NodeName::new(to).expect("name");
+        self.nodes[i].engine.as_mut()?.start_ping(
+            now,
+            token,
+            None,
+            target,
+            1,
+            Duration::from_secs(2),
+        );
+        self.pump(i);
+        let start = self.now;
+        while self.now - start <= max {
+            if let Some(Reply::Ping(r)) = self.nodes[i].replies.remove(&token) {
+                return Some(r);
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,356 @@
+//! Seeded scenarios over the real protocol core. Each prints its seed; replay a failure with
+//! `CLUSTERCTL_SIM_SEED=N cargo test -p clusterctl-sim --test scenarios NAME -- --nocapture`.
+
+use clusterctl_api::{EventKind, LinkState, NodeStatus};
+use clusterctl_sim::{seed_from_env, Sim};
+use std::time::Duration;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn converged(seed: u64, gateways: usize) -> Sim {
+    let mut sim = Sim::two_sites(seed, gateways);
+    let took = sim.run_until(CONVERGE, Sim::converged);
+    assert!(
+        took.is_some(),
+        "two sites did not converge in {CONVERGE:?} (seed {seed})"
+    );
+    sim
+}
+
+fn suspicions_of(sim: &Sim, observer: &str, about: &[String], since_ms: u64) -> usize {
+    let i = sim.idx(observer);
+    sim.nodes[i]
+        .events
+        .iter()
+        .filter(|e| e.at_ms >= since_ms)
+        .filter(|e| matches!(e.kind, EventKind::NodeSuspect | EventKind::NodeDead))
+        .filter(|e| {
+            e.node
+                .as_ref()
+                .is_some_and(|n| about.iter().any(|a| a == n.as_str()))
+        })
+        .count()
+}
+
+#[test]
+fn two_sites_converge_with_seven_secure_links() {
+    let seed = seed_from_env(7);
+    let sim = converged(seed, 1);
+    for observer in sim.names() {
+        let t = sim.topology(&observer);
+        assert_eq!(t.links.len(), 7, "{observer}: {:#?} (seed {seed})", t.links);
+        assert!(t.healthy && t.secure, "{observer} (seed {seed})");
+        let wan: Vec<_> = t
+            .links
+            .iter()
+            .filter(|l| l.kind == clusterctl_api::LinkKind::Wan)
+            .collect();
+        assert_eq!(wan.len(), 1);
+        assert_eq!(
+            (wan[0].from.as_str(), wan[0].to.as_str()),
+            ("gw-eu-1", "gw-us-1")
+        );
+        assert_eq!(t.sites.iter().map(|s| s.nodes.len()).sum::<usize>(), 6);
+    }
+}
+
+#[test]
+fn ping_crosses_sites_through_both_gateways() {
+    let seed = seed_from_env(11);
+    let mut sim = converged(seed, 1);
+    let r = sim
+        .ping("edge-us-1", "edge-eu-2", Duration::from_secs(10))
+        .expect("answer");
+    assert!(r.ok, "{r:#?} (seed {seed})");
+    assert_eq!(
+        r.attempts[0].path,
+        ["edge-us-1", "gw-us-1", "gw-eu-1", "edge-eu-2"],
+        "seed {seed}"
+    );
+    assert_eq!(r.attempts[0].hops_ms.len(), 3);
+    // 0.2 ms + 20 ms + 0.2 ms each way in the model.
+    assert!(r.attempts[0].total_ms >= 40.0, "{r:#?}");
+}
+
+#[test]
+fn member_never_links_outside_its_site() {
+    let seed = seed_from_env(3);
+    let sim = converged(seed, 2);
+    for n in &sim.nodes {
+        let e = n.engine().expect("running");
+        for p in e.linked_peers() {
+            let peer = &sim.nodes[sim.idx(p.as_str())].ident;
+            if n.ident.role == clusterctl_api::Role::Member {
+                assert_eq!(
+                    peer.site, n.ident.site,
+                    "{} linked to {} (seed {seed})",
+                    n.ident.name, p
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gateway_death_fails_over_to_the_other_gateway() {
+    let seed = seed_from_env(21);
+    let mut sim = converged(seed, 2);
+    let r = sim
+        .ping("edge-us-1", "edge-eu-2", Duration::from_secs(10))
+        .expect("answer");
+    assert!(r.ok, "{r:#?} (seed {seed})");
+    let used = r.attempts[0].path[1].clone();
+    assert!(used.starts_with("gw-us-"), "{used}");
+    let start_ms = sim.now().as_millis() as u64;
+    sim.crash(&used);
+    // Cross-site pings resume through the other gateway.
+    let mut resumed = None;
+    for _ in 0..60 {
+        sim.run_for(Duration::from_millis(500));
+        if let Some(r) = sim.ping("edge-us-1", "edge-eu-2", Duration::from_secs(5)) {
+            if r.ok {
+                resumed = Some(r);
+                break;
+            }
+        }
+    }
+    let r = resumed.unwrap_or_else(|| panic!("pings did not resume (seed {seed})"));
+    assert_ne!(r.attempts[0].path[1], used, "seed {seed}");
+    // The dead gateway is dead in its own site, and nobody else was suspected.
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.status("edge-us-1", &used) == NodeStatus::Dead
+    })
+    .unwrap_or_else(|| panic!("{used} not declared dead (seed {seed})"));
+    let healthy: Vec<String> = sim.names().into_iter().filter(|n| *n != used).collect();
+    for observer in &healthy {
+        assert_eq!(
+            suspicions_of(&sim, observer, &healthy, start_ms),
+            0,
+            "{observer} suspected a healthy node (seed {seed})"
+        );
+    }
+}
+
+#[test]
+fn wan_cut_makes_far_site_unreachable_never_dead_and_heals() {
+    let seed = seed_from_env(42);
+    let mut sim = converged(seed, 1);
+    let us = sim.site_nodes("us-east");
+    let eu = sim.site_nodes("eu-west");
+    let start_ms = sim.now().as_millis() as u64;
+    sim.cut_wan("us-east", "eu-west");
+    // Throughout the cut: each site sees its own nodes alive, pings inside sites succeed, and
+    // the far site is never declared dead.
+    for step in 0..40 {
+        sim.run_for(Duration::from_secs(1));
+        for (mine, far) in [(&us, &eu), (&eu, &us)] {
+            for o in mine.iter() {
+                for n in mine.iter().filter(|n| *n != o) {
+                    assert_eq!(
+                        sim.status(o, n),
+                        NodeStatus::Alive,
+                        "{o} sees {n} (step {step}, seed {seed})"
+                    );
+                }
+                for n in far.iter() {
+                    let s = sim.status(o, n);
+                    assert!(
+                        matches!(s, NodeStatus::Alive | NodeStatus::Unreachable),
+                        "{o} sees {n} {s} (seed {seed})"
+                    );
+                }
+            }
+        }
+        if step % 10 == 0 {
+            let r = sim
+                .ping("edge-us-1", "edge-us-2", Duration::from_secs(5))
+                .expect("answer");
+            assert!(
+                r.ok,
+                "ping inside us-east failed during the cut (seed {seed})"
+            );
+        }
+    }
+    for o in &us {
+        for n in &eu {
+            assert_eq!(
+                sim.status(o, n),
+                NodeStatus::Unreachable,
+                "{o} sees {n} (seed {seed})"
+            );
+        }
+    }
+    for o in us.iter().chain(eu.iter()) {
+        let i = sim.idx(o);
+        let dead: Vec<_> = sim.nodes[i]
+            .events
+            .iter()
+            .filter(|e| e.at_ms >= start_ms && e.kind == EventKind::NodeDead)
+            .collect();
+        assert!(
+            dead.is_empty(),
+            "{o} declared nodes dead during a WAN cut: {dead:?} (seed {seed})"
+        );
+        let mine = if us.contains(o) { &us } else { &eu };
+        assert_eq!(
+            suspicions_of(&sim, o, mine, start_ms),
+            0,
+            "{o} suspected its own site (seed {seed})"
+        );
+    }
+    // The WAN link is reported down, and a cross-site ping says where it broke.
+    let t = sim.topology("edge-us-1");
+    let wan = t
+        .links
+        .iter()
+        .find(|l| l.kind == clusterctl_api::LinkKind::Wan)
+        .expect("wan link");
+    assert_ne!(wan.state, LinkState::Up);
+    let r = sim
+        .ping("edge-us-1", "edge-eu-1", Duration::from_secs(10))
+        .expect("answer");
+    assert!(!r.ok);
+    assert_eq!(
+        r.attempts[0].broke_at.as_deref(),
+        Some("edge-us-1"),
+        "{r:#?}"
+    );
+    // Heal: every link returns and the tables agree.
+    sim.heal();
+    sim.run_until(Duration::from_secs(90), Sim::converged)
+        .unwrap_or_else(|| panic!("did not reconverge after heal (seed {seed})"));
+    let digests: Vec<_> = sim
+        .names()
+        .iter()
+        .map(|n| {
+            let e = sim.engine(n);
+            e.table()
+                .iter()
+                .map(|r| (r.name.clone(), r.clock))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    sim.run_for(Duration::from_secs(5));
+    let clocks = |sim: &Sim| -> Vec<Vec<(String, u64)>> {
+        sim.names()
+            .iter()
+            .map(|n| {
+                sim.engine(n)
+                    .table()
+                    .iter()
+                    .map(|r| (r.name.to_string(), r.clock))
+                    .collect()
+            })
+            .collect()
+    };
+    let c = clocks(&sim);
+    assert!(
+        c.windows(2).all(|w| w[0] == w[1]),
+        "tables differ after heal: {c:?} (seed {seed})"
+    );
+    drop(digests);
+}
+
+#[test]
+fn restart_keeps_the_table_and_raises_the_clock() {
+    let seed = seed_from_env(5);
+    let mut sim = converged(seed, 1);
+    let before = sim.engine("edge-eu-1").clock();
+    let known = sim.engine("edge-eu-1").table().len();
+    sim.crash("edge-eu-1");
+    sim.run_for(Duration::from_secs(2));
+    sim.restart("edge-eu-1");
+    assert!(sim.engine("edge-eu-1").clock() > before, "seed {seed}");
+    assert_eq!(sim.engine("edge-eu-1").table().len(), known, "seed {seed}");
+    sim.run_until(CONVERGE, Sim::converged)
+        .unwrap_or_else(|| panic!("no reconvergence (seed {seed})"));
+    let c = sim.engine("edge-eu-1").clock();
+    for n in sim.names() {
+        let seen = sim
+            .engine(&n)
+            .table()
+            .get("edge-eu-1")
+            .expect("record")
+            .clock;
+        assert_eq!(seen, c, "{n} (seed {seed})");
+    }
+}
+
+#[test]
+fn redeployed_node_learns_its_clock_from_peers() {
+    let seed = seed_from_env(9);
+    let mut sim = converged(seed, 1);
+    let before = sim.engine("edge-us-2").clock();
+    assert!(before > 1);
+    sim.crash("edge-us-2");
+    sim.redeploy("edge-us-2");
+    assert_eq!(sim.engine("edge-us-2").clock(), 1);
+    sim.run_until(CONVERGE, Sim::converged)
+        .unwrap_or_else(|| panic!("no reconvergence (seed {seed})"));
+    assert!(sim.engine("edge-us-2").clock() > before, "seed {seed}");
+}
+
+#[test]
+fn forgotten_node_stays_out() {
+    let seed = seed_from_env(13);
+    let mut sim = converged(seed, 1);
+    sim.crash("edge-eu-2");
+    sim.run_for(Duration::from_secs(15));
+    let clock = sim.forget("edge-us-1", "edge-eu-2").expect("forget");
+    sim.run_for(Duration::from_secs(10));
+    for n in sim.names().into_iter().filter(|n| n != "edge-eu-2") {
+        let r = sim
+            .engine(&n)
+            .table()
+            .get("edge-eu-2")
+            .cloned()
+            .expect("tombstone");
+        assert!(
+            r.is_tombstone() && r.clock >= clock,
+            "{n}: {r:?} (seed {seed})"
+        );
+        assert_eq!(sim.status(&n, "edge-eu-2"), NodeStatus::Forgotten);
+    }
+    // The old node comes back with its old table: it is refused, and stays out.
+    sim.restart("edge-eu-2");
+    sim.run_for(Duration::from_secs(20));
+    for n in sim.names().into_iter().filter(|n| n != "edge-eu-2") {
+        assert_eq!(
+            sim.status(&n, "edge-eu-2"),
+            NodeStatus::Forgotten,
+            "{n} (seed {seed})"
+        );
+        assert!(!sim
+            .engine(&n)
+            .linked_peers()
+            .iter()
+            .any(|p| p.as_str() == "edge-eu-2"));
+    }
+    // Healthy again without it.
+    assert!(
+        sim.topology("edge-us-1").healthy,
+        "{:#?}",
+        sim.topology("edge-us-1").links
+    );
+}
+
+#[test]
+fn same_seed_same_run() {
+    let seed = seed_from_env(99);
+    let run = |seed| {
+        let mut sim = Sim::two_sites(seed, 2);
+        sim.run_for(Duration::from_secs(20));
+        sim.crash("gw-eu-1");
+        sim.run_for(Duration::from_secs(20));
+        sim.nodes
+            .iter()
+            .map(|n| {
+                n.events
+                    .iter()
+                    .map(|e| format!("{}:{:?}:{}", e.at_ms, e.kind, e.reason))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(seed), run(seed), "seed {seed}");
+}
