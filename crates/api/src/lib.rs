@@ -4,7 +4,9 @@
 //! `--json` output prints the very same values. Field names are part of the public contract and
 //! are documented in `docs/api.md`; add fields, never rename them.
 //!
-//! Timestamps are RFC 3339 strings in UTC with millisecond precision.
+//! Timestamps are RFC 3339 strings in UTC with millisecond precision. Optional fields are always
+//! present (as `null` when empty): these types also travel inside cluster messages, whose
+//! encoding (postcard) is not self-describing.
 
 #![forbid(unsafe_code)]
 
@@ -174,14 +176,14 @@ pub struct Topology {
     /// True only when every link is mutually authenticated and encrypted.
     pub secure: bool,
     /// Why `secure` is false, when it is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub insecure_reason: Option<String>,
     /// True when every expected link is `up`.
     pub healthy: bool,
     pub sites: Vec<SiteView>,
     pub links: Vec<LinkView>,
     /// Present when the report was made with `--probe`: one result per expected link.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub probes: Option<Vec<ProbeResult>>,
     pub generated_at: String,
 }
@@ -232,16 +234,16 @@ pub struct LinkView {
     /// Mutually authenticated and encrypted (TLS 1.3 with client certificates).
     pub secure: bool,
     /// Latest smoothed round-trip time measured by the transport.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rtt_ms: Option<f64>,
     /// When the link entered its current state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub since: Option<String>,
     /// Protocol of the link, for example `tls1.3`, or `plaintext` when insecure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub protocol: Option<String>,
     /// Why the link is not up (refusal reason, drift, which end reports what).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub reason: Option<String>,
     /// Whether the contract expects this link. Unexpected links are listed only when refused.
     pub expected: bool,
@@ -330,10 +332,10 @@ pub struct Event {
     pub observer: String,
     pub kind: EventKind,
     /// The node the event is about.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub node: Option<String>,
     /// The other end, for link events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub peer: Option<String>,
     pub reason: String,
 }
@@ -343,7 +345,7 @@ pub struct Event {
 pub struct PingRequest {
     pub target: String,
     /// Node that sends the probes; the answering agent when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub from: Option<String>,
     pub count: u32,
     /// Time to wait for each answer.
@@ -377,12 +379,12 @@ pub struct PingAttempt {
     pub hops_ms: Vec<f64>,
     /// Measured round trip, origin to target and back.
     pub total_ms: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub failure: Option<PingFailure>,
     /// Node where the path broke.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub broke_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub reason: Option<String>,
 }
 
@@ -395,11 +397,11 @@ pub struct PingReport {
     pub sent: u32,
     pub received: u32,
     pub attempts: Vec<PingAttempt>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub min_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub p50_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_ms: Option<f64>,
 }
 
@@ -410,9 +412,9 @@ pub struct ProbeResult {
     pub to: String,
     pub kind: LinkKind,
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rtt_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub error: Option<String>,
 }
 
@@ -450,7 +452,26 @@ mod tests {
             serde_json::to_string(&EventKind::LinkRefused).unwrap(),
             "\"link-refused\""
         );
-        assert_eq!(serde_json::to_string(&Role::Gateway).unwrap(), "\"gateway\"");
+        assert_eq!(
+            serde_json::to_string(&Role::Gateway).unwrap(),
+            "\"gateway\""
+        );
+    }
+
+    #[test]
+    fn optional_fields_survive_a_non_self_describing_encoding() {
+        let p = ProbeResult {
+            from: "a".into(),
+            to: "b".into(),
+            kind: LinkKind::Site,
+            ok: false,
+            rtt_ms: None,
+            error: Some("x".into()),
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains("\"rtt_ms\":null"), "{json}");
+        let back: ProbeResult = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
     }
 
     #[test]

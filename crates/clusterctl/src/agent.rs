@@ -1,9 +1,69 @@
-//! (in progress)
+//! `clusterctl agent --config FILE`: run one node.
 
-/// Arguments.
+use clusterctl_node::agent::{self, AgentOptions};
+use clusterctl_node::config::AgentConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Run one node of the cluster.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The node's config file (see config.example.toml).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Come back even though an operator forgot this node (`clusterctl forget`).
+    #[arg(long)]
+    rejoin: bool,
+}
 
-pub fn run(_a: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("not built yet")
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let cfg = match AgentConfig::load(&a.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clusterctl agent: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLUSTERCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let opts = AgentOptions {
+        rejoin: a.rejoin,
+        ..AgentOptions::default()
+    };
+    let result = rt.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        agent::run(cfg, opts, shutdown).await
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("clusterctl agent: {e}");
+            Ok(ExitCode::from(e.exit_code()))
+        }
+    }
 }

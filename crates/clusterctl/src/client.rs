@@ -6,7 +6,6 @@
 
 // Every method is called by the read commands (topology, ping, members, events, forget); while
 // one of them is still a stub, some methods have no caller.
-#![allow(dead_code)]
 
 use anyhow::{anyhow, bail, Context};
 use clusterctl_api::ApiError;
@@ -90,11 +89,6 @@ impl Client {
             addr,
             agent: config.into(),
         }
-    }
-
-    /// The control address this client talks to.
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     /// `GET path` and decode the JSON answer.

@@ -16,6 +16,22 @@ mod members;
 mod ping;
 mod topology;
 
+use std::io::Write;
+
+/// Writes to stdout; a closed pipe (`clusterctl events | head`) ends the program quietly with 0.
+pub fn out(text: impl std::fmt::Display) {
+    let mut o = std::io::stdout().lock();
+    if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// Prints a value as pretty JSON (the `--json` output of every read command).
+pub fn out_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    out(serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -23,6 +39,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "clusterctl", version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -59,11 +77,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Agent(a) => agent::run(a),
-        Cmd::Topology(a) => topology::run(a),
-        Cmd::Ping(a) => ping::run(a),
-        Cmd::Members(a) => members::run(a),
-        Cmd::Events(a) => events::run(a),
-        Cmd::Forget(a) => forget::run(a),
+        Cmd::Topology(a) => topology::run(a, &cli.agent),
+        Cmd::Ping(a) => ping::run(a, &cli.agent),
+        Cmd::Members(a) => members::run(a, &cli.agent),
+        Cmd::Events(a) => events::run(a, &cli.agent),
+        Cmd::Forget(a) => forget::run(a, &cli.agent),
         Cmd::Lab(c) => lab::run(c),
     };
     match result {

@@ -675,12 +675,17 @@ impl Engine {
 
     fn dial_wanted(&mut self, now: Time) {
         let min = self.cfg.timing.dial_backoff_min;
+        let me = self.cfg.me.name.clone();
         for (peer, addr) in self.wanted_links() {
             if self.links.get(&peer).is_some_and(|l| l.up) {
                 continue;
             }
+            // Both ends want the link; the lower name dials first and the higher one only after
+            // a grace period, so that simultaneous dials (and the duplicate connection one of
+            // them must close) are rare.
+            let grace = if me > peer { min * 4 } else { Duration::ZERO };
             let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
-                next: now,
+                next: now + grace,
                 backoff: min,
                 in_flight: false,
             });
@@ -703,6 +708,14 @@ impl Engine {
         d.in_flight = false;
         d.backoff = if long { max } else { (d.backoff * 2).min(max) };
         d.next = now + d.backoff;
+    }
+
+    /// A dial of ours ended without a new link because a link to `peer` already exists (both
+    /// ends dialed at once; the transport keeps one connection).
+    pub fn handle_dial_superseded(&mut self, peer: &NodeName) {
+        if let Some(d) = self.dialing.get_mut(peer) {
+            d.in_flight = false;
+        }
     }
 
     /// A dial of ours failed before any handshake (unreachable, TLS refused, timeout).

@@ -1,6 +1,9 @@
 //! The clusterctl agent runtime.
 #![forbid(unsafe_code)]
 
-pub mod pki;
+pub mod agent;
 pub mod config;
+pub mod control;
+pub mod persist;
+pub mod pki;
 pub mod tls;

@@ -28,7 +28,9 @@ pub struct CertPair {
 
 impl std::fmt::Debug for CertPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertPair").field("key_pem", &"<redacted>").finish_non_exhaustive()
+        f.debug_struct("CertPair")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 

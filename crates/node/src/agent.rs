@@ -1,0 +1,995 @@
+//! The agent: one owner task drives the [`Engine`]; connection tasks feed it.
+//!
+//! ```text
+//!   accept loop ──┐                         ┌── control API (axum, loopback)
+//!   dial tasks ───┤ bounded mpsc (Net)      │ bounded mpsc (Command)
+//!   conn readers ─┴──────────► owner task ◄─┘
+//!                                 │  engine.poll_output()
+//!                                 ├─► per-connection writer (bounded) ─► QUIC uni streams
+//!                                 ├─► conn.send_datagram (SWIM)
+//!                                 ├─► persister (watch, coalescing) ─► table.snap
+//!                                 └─► event log (ring + broadcast)
+//! ```
+//!
+//! A connection is registered (and its frames read) only after the hello/ack passed every check
+//! of [`Engine::check_hello`] / [`Engine::check_ack`]: a refused peer never gets an application
+//! frame processed.
+
+use crate::config::{AgentConfig, ConfigError};
+use crate::control::{self, Command, EventLog};
+use crate::persist::{self, PersistError};
+use crate::pki::CertIdentity;
+use crate::tls::{self, RejectSink, Security, TlsError, TlsMaterial};
+use bytes::Bytes;
+use clusterctl_core::engine::{Engine, EngineConfig, EngineError, LinkInfo, Output, Reply, Timing};
+use clusterctl_core::name::{Ident, NodeName};
+use clusterctl_core::table::NodeRecord;
+use clusterctl_core::wire::{Handshake, Hello, HelloAck, Refusal, MAX_FRAME, MAX_HANDSHAKE};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::time::{timeout, Instant};
+use tracing::{debug, error, info, warn};
+
+/// Software version reported in records and `status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Time allowed for QUIC + TLS and for the hello/ack.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most handshakes in progress at once.
+const MAX_HANDSHAKES: usize = 256;
+/// Most frames queued for one connection before new ones are dropped.
+const WRITE_QUEUE: usize = 4096;
+/// Most frame writes / reads in flight per connection.
+const STREAMS_IN_FLIGHT: usize = 64;
+/// Application close code for the losing connection of a simultaneous dial.
+const CLOSE_DUPLICATE: u32 = 3;
+/// Capacity of the channel from connection tasks to the owner.
+const NET_QUEUE: usize = 8192;
+
+/// Options that are not part of the config file.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Come back even over a tombstone (`clusterctl agent --rejoin`).
+    pub rejoin: bool,
+    pub timing: Timing,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            rejoin: false,
+            timing: Timing::lan(),
+        }
+    }
+}
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Forgotten(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl AgentError {
+    /// Process exit code: 2 for configuration problems, 3 when forgotten, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Config(_) | AgentError::Tls(_) => 2,
+            AgentError::Engine(EngineError::Forgotten(_)) | AgentError::Forgotten(_) => 3,
+            AgentError::Engine(EngineError::Contract(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Messages from connection tasks to the owner.
+enum Net {
+    /// Dialer side: the acceptor answered with an ack; the owner checks it.
+    Ack {
+        conn: quinn::Connection,
+        expected: NodeName,
+        ack: HelloAck,
+        cert: Option<CertIdentity>,
+    },
+    /// Acceptor side: a hello to check; the answer goes back on `reply`.
+    Hello {
+        conn: quinn::Connection,
+        hello: Hello,
+        cert: Option<CertIdentity>,
+        reply: oneshot::Sender<Result<HelloAck, Refusal>>,
+    },
+    /// Dialer side: the acceptor refused us.
+    PeerRefused { peer: NodeName, refusal: Refusal },
+    /// Dialer side: the dial failed before any hello was answered.
+    DialFailed {
+        peer: NodeName,
+        reason: String,
+        kind: DialFail,
+    },
+    /// The TLS layer rejected a certificate.
+    TlsRejected {
+        claimed: Option<String>,
+        reason: String,
+    },
+    Frame {
+        peer: NodeName,
+        conn_id: u64,
+        bytes: Vec<u8>,
+    },
+    Datagram {
+        peer: NodeName,
+        conn_id: u64,
+        bytes: Bytes,
+    },
+    Closed {
+        peer: NodeName,
+        conn_id: u64,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DialFail {
+    /// The peer kept another connection to us (both ends dialed at once).
+    Duplicate,
+    Unreachable,
+    RefusedByPeer,
+    RefusedByUs,
+}
+
+#[derive(Debug)]
+struct ChannelSink(mpsc::Sender<Net>);
+
+impl RejectSink for ChannelSink {
+    fn rejected(&self, claimed: Option<String>, reason: String) {
+        // Never block inside the handshake: if the owner is behind, the log still has it.
+        warn!(
+            peer = claimed.as_deref().unwrap_or("<unknown>"),
+            "refused a peer certificate: {reason}"
+        );
+        let _ = self.0.try_send(Net::TlsRejected { claimed, reason });
+    }
+}
+
+struct ConnEntry {
+    id: u64,
+    conn: quinn::Connection,
+    /// Who dialed: the connection dialed by the lower name wins a duplicate.
+    dialer: NodeName,
+    writer: mpsc::Sender<Vec<u8>>,
+}
+
+/// Binds the sockets named in `cfg` and runs the agent until `shutdown` resolves.
+pub async fn run(
+    cfg: AgentConfig,
+    opts: AgentOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let security = match &cfg.tls {
+        Some(files) => {
+            let m = TlsMaterial::load(&files.ca, &files.cert, &files.key)?;
+            let id = &m.identity;
+            if id.ident != cfg.ident || id.cluster != cfg.cluster {
+                return Err(ConfigError {
+                    key: "tls.cert".into(),
+                    problem: format!(
+                        "{} names {} ({}) of site {} in cluster {}, but this config is {} ({}) of site {} in cluster {}",
+                        files.cert.display(),
+                        id.ident.name,
+                        id.ident.role,
+                        id.ident.site,
+                        id.cluster,
+                        cfg.ident.name,
+                        cfg.ident.role,
+                        cfg.ident.site,
+                        cfg.cluster
+                    ),
+                    fix: "issue a certificate for this node's name, site and role from the cluster CA".into(),
+                }
+                .into());
+            }
+            Security::Mutual(Arc::new(m))
+        }
+        None => {
+            warn!("running with insecure = true: links are neither authenticated nor verified; every report says secure=false");
+            Security::Insecure {
+                node: cfg.ident.name.clone(),
+            }
+        }
+    };
+    let udp =
+        std::net::UdpSocket::bind(cfg.listen).map_err(|e| bind_error("listen", cfg.listen, &e))?;
+    let control = tokio::net::TcpListener::bind(cfg.control)
+        .await
+        .map_err(|e| bind_error("control", cfg.control, &e))?;
+    run_bound(cfg, opts, security, udp, control, shutdown).await
+}
+
+fn bind_error(key: &str, addr: SocketAddr, e: &std::io::Error) -> AgentError {
+    let (problem, fix) = match e.kind() {
+        std::io::ErrorKind::AddrInUse => (
+            format!("address {addr} is already in use"),
+            "stop the process using it, or choose another port".to_string(),
+        ),
+        std::io::ErrorKind::AddrNotAvailable => (
+            format!("address {addr} is not an address of this machine"),
+            "use an address assigned to a local interface".to_string(),
+        ),
+        std::io::ErrorKind::PermissionDenied => (
+            format!("not allowed to bind {addr}"),
+            "use a port above 1023 or run with the needed privileges".to_string(),
+        ),
+        _ => (
+            format!("cannot bind {addr}: {e}"),
+            "choose another address".to_string(),
+        ),
+    };
+    ConfigError {
+        key: key.into(),
+        problem,
+        fix,
+    }
+    .into()
+}
+
+/// Runs the agent on already-bound sockets (tests bind port 0).
+pub async fn run_bound(
+    cfg: AgentConfig,
+    opts: AgentOptions,
+    security: Security,
+    udp: std::net::UdpSocket,
+    control_listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let restored = persist::load(&cfg.data_dir)?;
+    let wall_base_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let ecfg = EngineConfig {
+        cluster: cfg.cluster.clone(),
+        me: cfg.ident.clone(),
+        addr: cfg.advertise.to_string(),
+        contract: cfg.contract.clone(),
+        secure: matches!(security, Security::Mutual(_)),
+        version: VERSION.to_string(),
+        seeds: cfg
+            .seeds
+            .iter()
+            .map(|s| (s.name.clone(), s.addr.to_string()))
+            .collect(),
+        rejoin: opts.rejoin,
+        timing: opts.timing.clone(),
+        wall_base_ms,
+        seed: wall_base_ms ^ u64::from(std::process::id()),
+    };
+    let epoch = Instant::now();
+    let mut engine = Engine::new(ecfg, restored, Duration::ZERO)?;
+    // The raised clock is on disk before anything leaves this node.
+    persist::store(&cfg.data_dir, &engine.records()).map_err(|e| {
+        AgentError::Io(format!(
+            "cannot write {}: {e}",
+            persist::snapshot_path(&cfg.data_dir).display()
+        ))
+    })?;
+
+    let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
+    let (server_cfg, client_cfg) = tls::endpoint_configs(
+        &security,
+        &cfg.cluster,
+        Arc::new(ChannelSink(net_tx.clone())),
+    )?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| AgentError::Io("no async runtime".into()))?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_cfg),
+        udp,
+        runtime,
+    )
+    .map_err(|e| AgentError::Io(format!("cannot start the QUIC endpoint: {e}")))?;
+
+    let events = Arc::new(EventLog::new(cfg.ident.name.to_string()));
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let control_addr = control_listener
+        .local_addr()
+        .map_err(|e| AgentError::Io(e.to_string()))?;
+    let info = control::StaticInfo {
+        cluster: cfg.cluster.to_string(),
+        name: cfg.ident.name.to_string(),
+        site: cfg.ident.site.to_string(),
+        role: cfg.ident.role,
+        addr: cfg.advertise.to_string(),
+        secure: matches!(security, Security::Mutual(_)),
+        contract_hash: cfg.contract.hash().to_string(),
+        started_at: clusterctl_core::engine::format_rfc3339_ms(wall_base_ms),
+    };
+    let control_task = tokio::spawn(control::serve(
+        control_listener,
+        cmd_tx,
+        events.clone(),
+        info,
+    ));
+    info!(
+        node = %cfg.ident.name,
+        site = %cfg.ident.site,
+        role = %cfg.ident.role,
+        listen = %cfg.listen,
+        control = %control_addr,
+        clock = engine.clock(),
+        contract = cfg.contract.hash(),
+        "agent started"
+    );
+
+    let accept_task = tokio::spawn(accept_loop(endpoint.clone(), net_tx.clone()));
+    let (persist_tx, persist_rx) = watch::channel::<Option<Vec<NodeRecord>>>(None);
+    let persist_task = tokio::spawn(persister(cfg.data_dir.clone(), persist_rx));
+
+    let mut owner = Owner {
+        epoch,
+        endpoint: endpoint.clone(),
+        client_cfg,
+        security,
+        conns: HashMap::new(),
+        next_conn_id: 1,
+        net_tx,
+        pending: HashMap::new(),
+        next_token: 1,
+        events,
+        persist_tx,
+        fatal: None,
+    };
+    owner.drain(&mut engine);
+    let result = owner.run(&mut engine, net_rx, cmd_rx, shutdown).await;
+
+    // Final snapshot, then close everything.
+    let _ = persist::store(&cfg.data_dir, &engine.records());
+    endpoint.close(0u32.into(), b"shutting down");
+    let _ = timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    accept_task.abort();
+    control_task.abort();
+    persist_task.abort();
+    result
+}
+
+struct Owner {
+    epoch: Instant,
+    endpoint: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    security: Security,
+    conns: HashMap<NodeName, ConnEntry>,
+    next_conn_id: u64,
+    net_tx: mpsc::Sender<Net>,
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    next_token: u64,
+    events: Arc<EventLog>,
+    persist_tx: watch::Sender<Option<Vec<NodeRecord>>>,
+    fatal: Option<String>,
+}
+
+impl Owner {
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    async fn run(
+        &mut self,
+        engine: &mut Engine,
+        mut net_rx: mpsc::Receiver<Net>,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut rtt_every = tokio::time::interval(Duration::from_secs(1));
+        rtt_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self.epoch + engine.poll_timeout();
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(msg) = net_rx.recv() => self.on_net(engine, msg),
+                Some(cmd) = cmd_rx.recv() => self.on_command(engine, cmd),
+                _ = tokio::time::sleep_until(wake) => engine.handle_timeout(self.now()),
+                _ = rtt_every.tick() => {
+                    for (peer, c) in &self.conns {
+                        engine.handle_rtt(peer, c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32);
+                    }
+                }
+            }
+            self.drain(engine);
+            if let Some(reason) = self.fatal.take() {
+                error!("{reason}");
+                return Err(AgentError::Forgotten(reason));
+            }
+        }
+        // Graceful leave: tell the rings and every peer, give the frames a moment to go out.
+        info!("leaving the cluster");
+        engine.leave(self.now());
+        self.drain(engine);
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < deadline
+            && self
+                .conns
+                .values()
+                .any(|c| c.writer.capacity() < WRITE_QUEUE)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for c in self.conns.values() {
+            c.conn.close(0u32.into(), b"left");
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, engine: &mut Engine) {
+        while let Some(out) = engine.poll_output() {
+            match out {
+                Output::Dial { peer, addr } => {
+                    let hello = engine.hello();
+                    tokio::spawn(dial(
+                        self.endpoint.clone(),
+                        self.client_cfg.clone(),
+                        peer,
+                        addr,
+                        hello,
+                        self.net_tx.clone(),
+                    ));
+                }
+                Output::Send { to, frame } => {
+                    if let Some(c) = self.conns.get(&to) {
+                        if c.writer.try_send(frame.encode()).is_err() {
+                            warn!(peer = %to, "write queue full: frame dropped");
+                        }
+                    }
+                }
+                Output::Datagram { to, bytes } => {
+                    if let Some(c) = self.conns.get(&to) {
+                        let _ = c.conn.send_datagram(Bytes::from(bytes));
+                    }
+                }
+                Output::Close { peer, reason } => {
+                    if let Some(c) = self.conns.remove(&peer) {
+                        c.conn.close(2u32.into(), reason.as_bytes());
+                    }
+                }
+                Output::Persist => {
+                    self.persist_tx.send_replace(Some(engine.records()));
+                }
+                Output::Event(e) => self.events.record(e),
+                Output::Reply { token, reply } => {
+                    if let Some(tx) = self.pending.remove(&token) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                Output::Fatal(reason) => {
+                    self.persist_tx.send_replace(Some(engine.records()));
+                    self.fatal = Some(reason);
+                }
+            }
+        }
+    }
+
+    fn link_info(&self, conn: &quinn::Connection, peer: Ident, contract_hash: String) -> LinkInfo {
+        LinkInfo {
+            peer,
+            contract_hash,
+            secure: matches!(self.security, Security::Mutual(_)),
+            protocol: tls::protocol_label(conn, &self.security),
+            rtt_us: conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32,
+        }
+    }
+
+    /// Registers an established connection; returns false if it lost a duplicate race.
+    fn register(
+        &mut self,
+        engine: &mut Engine,
+        conn: quinn::Connection,
+        peer: &NodeName,
+        dialer: NodeName,
+    ) -> Option<u64> {
+        let me = engine.me().name.clone();
+        let preferred = |d: &NodeName| *d == std::cmp::min(me.clone(), peer.clone());
+        if let Some(old) = self.conns.get(peer) {
+            if preferred(&old.dialer) && !preferred(&dialer) {
+                conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+                return None;
+            }
+            // The new connection replaces the old one without a down/up in between.
+            old.conn
+                .close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+        }
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(writer(conn.clone(), wrx));
+        tokio::spawn(reader(conn.clone(), peer.clone(), id, self.net_tx.clone()));
+        let replaced = self
+            .conns
+            .insert(
+                peer.clone(),
+                ConnEntry {
+                    id,
+                    conn,
+                    dialer,
+                    writer: wtx,
+                },
+            )
+            .is_some();
+        if replaced {
+            return None; // already up in the engine
+        }
+        Some(id)
+    }
+
+    fn on_net(&mut self, engine: &mut Engine, msg: Net) {
+        let now = self.now();
+        match msg {
+            Net::Hello {
+                conn,
+                hello,
+                cert,
+                reply,
+            } => {
+                let cert_ref = cert.as_ref().map(|c| (&c.cluster, &c.ident));
+                let cert_ref = match self.security {
+                    Security::Mutual(_) => cert_ref,
+                    Security::Insecure { .. } => None,
+                };
+                match engine.check_hello(&hello, cert_ref) {
+                    Ok(ack) => {
+                        let peer = hello.ident.name.clone();
+                        let _ = reply.send(Ok(ack));
+                        let info =
+                            self.link_info(&conn, hello.ident.clone(), hello.contract_hash.clone());
+                        if self.register(engine, conn, &peer, peer.clone()).is_some() {
+                            engine.handle_link_up(now, info);
+                        }
+                    }
+                    Err(refusal) => {
+                        warn!(peer = %hello.ident.name, "refused: {}", refusal.reason);
+                        engine.handle_refused(
+                            now,
+                            Some(hello.ident.name.clone()),
+                            Some(refusal.code),
+                            &refusal.reason,
+                            true,
+                        );
+                        let _ = reply.send(Err(refusal));
+                    }
+                }
+            }
+            Net::Ack {
+                conn,
+                expected,
+                ack,
+                cert,
+            } => {
+                let cert_ref = match self.security {
+                    Security::Mutual(_) => cert.as_ref().map(|c| (&c.cluster, &c.ident)),
+                    Security::Insecure { .. } => None,
+                };
+                match engine.check_ack(now, &expected, &ack, cert_ref) {
+                    Ok(()) => {
+                        let me = engine.me().name.clone();
+                        let info =
+                            self.link_info(&conn, ack.ident.clone(), ack.contract_hash.clone());
+                        if self.register(engine, conn, &expected, me).is_some() {
+                            engine.handle_link_up(now, info);
+                        }
+                    }
+                    Err(refusal) => {
+                        conn.close(1u32.into(), refusal.reason.as_bytes());
+                        engine.handle_refused(
+                            now,
+                            Some(expected),
+                            Some(refusal.code),
+                            &refusal.reason,
+                            true,
+                        );
+                    }
+                }
+            }
+            Net::PeerRefused { peer, refusal } => {
+                warn!(peer = %peer, "refused by peer: {}", refusal.reason);
+                engine.handle_refused(now, Some(peer), Some(refusal.code), &refusal.reason, false);
+            }
+            Net::DialFailed { peer, reason, kind } => {
+                debug!(peer = %peer, "dial failed: {reason}");
+                match kind {
+                    DialFail::Duplicate => engine.handle_dial_superseded(&peer),
+                    DialFail::Unreachable => engine.handle_dial_failed(now, &peer, &reason, false),
+                    DialFail::RefusedByPeer => {
+                        engine.handle_refused(now, Some(peer), None, &reason, false)
+                    }
+                    DialFail::RefusedByUs => {
+                        engine.handle_refused(now, Some(peer), None, &reason, true)
+                    }
+                }
+            }
+            Net::TlsRejected { claimed, reason } => {
+                // Our dials report their own failures; this covers peers dialing us.
+                let name = claimed.and_then(|c| NodeName::new(c).ok());
+                let dialing_it = name.as_ref().is_some_and(|n| self.conns.contains_key(n));
+                if !dialing_it {
+                    engine.handle_refused(now, name, None, &format!("TLS: {reason}"), true);
+                }
+            }
+            Net::Frame {
+                peer,
+                conn_id,
+                bytes,
+            } => {
+                if self.conns.get(&peer).is_some_and(|c| c.id == conn_id) {
+                    engine.handle_frame_bytes(now, &peer, &bytes);
+                }
+            }
+            Net::Datagram {
+                peer,
+                conn_id,
+                bytes,
+            } => {
+                if self.conns.get(&peer).is_some_and(|c| c.id == conn_id) {
+                    engine.handle_datagram(now, &peer, &bytes);
+                }
+            }
+            Net::Closed {
+                peer,
+                conn_id,
+                reason,
+            } => {
+                if self.conns.get(&peer).is_some_and(|c| c.id == conn_id) {
+                    self.conns.remove(&peer);
+                    engine.handle_link_down(now, &peer, &reason);
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, engine: &mut Engine, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Topology { reply } => {
+                let _ = reply.send(engine.topology(now));
+            }
+            Command::Members { reply } => {
+                let _ = reply.send(engine.members());
+            }
+            Command::Clock { reply } => {
+                let _ = reply.send(engine.clock());
+            }
+            Command::Ping { req, reply } => {
+                let token = self.token(reply);
+                let target = match NodeName::new(req.target.clone()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.fail_token(token, format!("target {:?}: {e}", req.target));
+                        return;
+                    }
+                };
+                let from = match req.from.as_deref().map(NodeName::new).transpose() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        self.fail_token(token, format!("from: {e}"));
+                        return;
+                    }
+                };
+                engine.start_ping(
+                    now,
+                    token,
+                    from,
+                    target,
+                    req.count,
+                    Duration::from_millis(req.timeout_ms.clamp(1, 60_000)),
+                );
+            }
+            Command::Probe { timeout_ms, reply } => {
+                let token = self.token(reply);
+                engine.start_probe_links(
+                    now,
+                    token,
+                    Duration::from_millis(timeout_ms.clamp(1, 60_000)),
+                );
+            }
+            Command::Forget { name, reply } => {
+                let r = NodeName::new(name.clone())
+                    .map_err(|e| format!("{name:?}: {e}"))
+                    .and_then(|n| engine.forget(now, &n));
+                let _ = reply.send(r);
+            }
+            Command::Metrics { reply } => {
+                let _ = reply.send(control::MetricsSnapshot {
+                    counters: engine.counters.clone(),
+                    links_up: engine.linked_peers().len() as u64,
+                    table_records: engine.table().len() as u64,
+                    clock: engine.clock(),
+                    health_score: u64::from(engine.health_score()),
+                });
+            }
+        }
+    }
+
+    fn token(&mut self, reply: oneshot::Sender<Reply>) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        self.pending.insert(t, reply);
+        t
+    }
+
+    fn fail_token(&mut self, token: u64, why: String) {
+        // Dropping the sender makes the control handler answer 400 with this reason logged.
+        warn!("bad request: {why}");
+        self.pending.remove(&token);
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
+fn classify(e: &quinn::ConnectionError) -> DialFail {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(_) => DialFail::RefusedByPeer,
+        quinn::ConnectionError::TransportError(_) => DialFail::RefusedByUs,
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_DUPLICATE.into() => {
+            DialFail::Duplicate
+        }
+        quinn::ConnectionError::ApplicationClosed(_) => DialFail::RefusedByPeer,
+        _ => DialFail::Unreachable,
+    }
+}
+
+async fn dial(
+    endpoint: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    peer: NodeName,
+    addr: String,
+    hello: Hello,
+    net: mpsc::Sender<Net>,
+) {
+    let fail = |reason: String, kind: DialFail| Net::DialFailed {
+        peer: peer.clone(),
+        reason,
+        kind,
+    };
+    let msg = async {
+        let sa = resolve(&addr)
+            .await
+            .map_err(|r| fail(r, DialFail::Unreachable))?;
+        let connecting = endpoint
+            .connect_with(client_cfg, sa, peer.as_str())
+            .map_err(|e| fail(tls::describe_connect_error(&e), DialFail::Unreachable))?;
+        let conn = match timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(fail(
+                    format!("no answer from {sa} within {HANDSHAKE_TIMEOUT:?}"),
+                    DialFail::Unreachable,
+                ))
+            }
+            Ok(Err(e)) => return Err(fail(tls::describe_connection_error(&e), classify(&e))),
+            Ok(Ok(c)) => c,
+        };
+        let exchange = async {
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| (tls::describe_connection_error(&e), classify(&e)))?;
+            send.write_all(&Handshake::Hello(hello).encode())
+                .await
+                .map_err(|e| (format!("sending hello: {e}"), DialFail::Unreachable))?;
+            let _ = send.finish();
+            let bytes = recv.read_to_end(MAX_HANDSHAKE).await.map_err(|e| match e {
+                quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(ce)) => {
+                    (tls::describe_connection_error(&ce), classify(&ce))
+                }
+                other => (format!("reading ack: {other}"), DialFail::Unreachable),
+            })?;
+            Handshake::decode(&bytes)
+                .map_err(|e| (format!("bad answer to hello: {e}"), DialFail::Unreachable))
+        };
+        match timeout(HANDSHAKE_TIMEOUT, exchange).await {
+            Err(_) => {
+                conn.close(1u32.into(), b"hello timeout");
+                Err(fail(
+                    "no answer to hello in time".into(),
+                    DialFail::Unreachable,
+                ))
+            }
+            Ok(Err((reason, kind))) => {
+                conn.close(1u32.into(), b"hello failed");
+                Err(fail(reason, kind))
+            }
+            Ok(Ok(Handshake::Ack(ack))) => {
+                let cert = tls::peer_identity(&conn);
+                Ok(Net::Ack {
+                    conn,
+                    expected: peer.clone(),
+                    ack,
+                    cert,
+                })
+            }
+            Ok(Ok(Handshake::Refuse(refusal))) => {
+                conn.close(1u32.into(), b"refused");
+                Ok(Net::PeerRefused {
+                    peer: peer.clone(),
+                    refusal,
+                })
+            }
+            Ok(Ok(Handshake::Hello(_))) => {
+                conn.close(1u32.into(), b"protocol error");
+                Err(fail(
+                    "peer answered a hello with a hello".into(),
+                    DialFail::Unreachable,
+                ))
+            }
+        }
+    }
+    .await;
+    let _ = net.send(msg.unwrap_or_else(|m| m)).await;
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, net: mpsc::Sender<Net>) {
+    let limit = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let net = net.clone();
+        tokio::spawn(async move {
+            accept_one(incoming, net).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
+    let remote = incoming.remote_address();
+    let conn = match timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(%remote, "incoming handshake failed: {}", tls::describe_connection_error(&e));
+            return;
+        }
+        Err(_) => return,
+    };
+    let hello = async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let bytes = recv.read_to_end(MAX_HANDSHAKE).await.ok()?;
+        Some((send, Handshake::decode(&bytes)))
+    };
+    let (mut send, hello) = match timeout(HANDSHAKE_TIMEOUT, hello).await {
+        Ok(Some((send, Ok(Handshake::Hello(h))))) => (send, h),
+        Ok(Some((_, Ok(_)))) | Ok(Some((_, Err(_)))) => {
+            warn!(%remote, "dropped a connection whose first message is not a hello");
+            conn.close(1u32.into(), b"expected hello");
+            return;
+        }
+        _ => {
+            conn.close(1u32.into(), b"no hello");
+            return;
+        }
+    };
+    let cert = tls::peer_identity(&conn);
+    let (tx, rx) = oneshot::channel();
+    if net
+        .send(Net::Hello {
+            conn: conn.clone(),
+            hello,
+            cert,
+            reply: tx,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match rx.await {
+        Ok(Ok(ack)) => {
+            let _ = send.write_all(&Handshake::Ack(ack).encode()).await;
+            let _ = send.finish();
+        }
+        Ok(Err(refusal)) => {
+            let _ = send.write_all(&Handshake::Refuse(refusal).encode()).await;
+            let _ = send.finish();
+            // Let the refusal reach the dialer before the connection goes.
+            let _ = timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(1u32.into(), b"refused");
+        }
+        Err(_) => conn.close(1u32.into(), b"shutting down"),
+    }
+}
+
+async fn writer(conn: quinn::Connection, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let limit = Arc::new(Semaphore::new(STREAMS_IN_FLIGHT));
+    while let Some(bytes) = rx.recv().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Ok(mut s) = conn.open_uni().await {
+                if s.write_all(&bytes).await.is_ok() {
+                    let _ = s.finish();
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn reader(conn: quinn::Connection, peer: NodeName, conn_id: u64, net: mpsc::Sender<Net>) {
+    let limit = Arc::new(Semaphore::new(STREAMS_IN_FLIGHT));
+    let reason = loop {
+        tokio::select! {
+            s = conn.accept_uni() => match s {
+                Ok(mut recv) => {
+                    let Ok(permit) = limit.clone().acquire_owned().await else { break "closing".to_string() };
+                    let net = net.clone();
+                    let peer = peer.clone();
+                    tokio::spawn(async move {
+                        match recv.read_to_end(MAX_FRAME).await {
+                            Ok(bytes) => {
+                                let _ = net.send(Net::Frame { peer, conn_id, bytes }).await;
+                            }
+                            Err(quinn::ReadToEndError::TooLong) => {
+                                warn!(peer = %peer, "dropped a frame over {MAX_FRAME} bytes");
+                                let _ = recv.stop(1u32.into());
+                            }
+                            Err(_) => {}
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(e) => break tls::describe_connection_error(&e),
+            },
+            d = conn.read_datagram() => match d {
+                Ok(bytes) => {
+                    let _ = net.send(Net::Datagram { peer: peer.clone(), conn_id, bytes }).await;
+                }
+                Err(e) => break tls::describe_connection_error(&e),
+            },
+        }
+    };
+    let _ = net
+        .send(Net::Closed {
+            peer,
+            conn_id,
+            reason,
+        })
+        .await;
+}
+
+async fn persister(dir: std::path::PathBuf, mut rx: watch::Receiver<Option<Vec<NodeRecord>>>) {
+    while rx.changed().await.is_ok() {
+        let Some(records) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let dir = dir.clone();
+        let res = tokio::task::spawn_blocking(move || persist::store(&dir, &records)).await;
+        if let Ok(Err(e)) = res {
+            error!("cannot write the node table snapshot: {e}");
+        }
+        // Coalesce bursts of changes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,433 @@
+//! The control API: HTTP/JSON on the control address (loopback by default).
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/v1/status` | [`NodeInfo`] |
+//! | GET | `/v1/topology[?probe=true&timeout_ms=N]` | [`Topology`] (with `probes` when asked) |
+//! | GET | `/v1/members` | [`Members`] |
+//! | GET | `/v1/events[?since=SEQ][&follow=true]` | newline-delimited [`Event`]s |
+//! | POST | `/v1/ping` | [`PingRequest`] -> [`PingReport`] |
+//! | POST | `/v1/forget` | [`ForgetRequest`] -> [`ForgetReport`] |
+//! | GET | `/metrics` | Prometheus text format |
+//!
+//! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
+//! answer. Errors are `{"error": "..."}` with a 4xx/5xx status.
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clusterctl_api::{
+    ApiError, Event, ForgetReport, ForgetRequest, Members, NodeInfo, PingRequest, Role, Topology,
+    API_VERSION,
+};
+use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Most events kept for `GET /v1/events`.
+pub const EVENT_HISTORY: usize = 4096;
+
+/// Requests from the control API to the owner task.
+#[derive(Debug)]
+pub enum Command {
+    Topology {
+        reply: oneshot::Sender<Topology>,
+    },
+    Members {
+        reply: oneshot::Sender<Members>,
+    },
+    Clock {
+        reply: oneshot::Sender<u64>,
+    },
+    Ping {
+        req: PingRequest,
+        reply: oneshot::Sender<Reply>,
+    },
+    Probe {
+        timeout_ms: u64,
+        reply: oneshot::Sender<Reply>,
+    },
+    Forget {
+        name: String,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    Metrics {
+        reply: oneshot::Sender<MetricsSnapshot>,
+    },
+}
+
+/// Numbers for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct MetricsSnapshot {
+    pub counters: Counters,
+    pub links_up: u64,
+    pub table_records: u64,
+    pub clock: u64,
+    pub health_score: u64,
+}
+
+/// What never changes while the agent runs.
+#[derive(Debug, Clone)]
+pub struct StaticInfo {
+    pub cluster: String,
+    pub name: String,
+    pub site: String,
+    pub role: Role,
+    pub addr: String,
+    pub secure: bool,
+    pub contract_hash: String,
+    pub started_at: String,
+}
+
+/// The node's recent events, and a live feed of new ones.
+#[derive(Debug)]
+pub struct EventLog {
+    observer: String,
+    inner: Mutex<(u64, VecDeque<Event>)>,
+    tx: broadcast::Sender<Event>,
+}
+
+impl EventLog {
+    /// An empty log for `observer`.
+    pub fn new(observer: String) -> Self {
+        let (tx, _) = broadcast::channel(1024);
+        EventLog {
+            observer,
+            inner: Mutex::new((0, VecDeque::new())),
+            tx,
+        }
+    }
+
+    /// Records an engine event (and logs it).
+    pub fn record(&self, e: EventOut) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        let ev = Event {
+            seq: g.0,
+            at: format_rfc3339_ms(e.at_ms),
+            observer: self.observer.clone(),
+            kind: e.kind,
+            node: e.node.map(|n| n.to_string()),
+            peer: e.peer.map(|n| n.to_string()),
+            reason: e.reason,
+        };
+        tracing::info!(
+            kind = ev.kind.as_str(),
+            node = ev.node.as_deref().unwrap_or(""),
+            peer = ev.peer.as_deref().unwrap_or(""),
+            "{}",
+            ev.reason
+        );
+        if g.1.len() >= EVENT_HISTORY {
+            g.1.pop_front();
+        }
+        g.1.push_back(ev.clone());
+        let _ = self.tx.send(ev);
+    }
+
+    /// Events with a sequence number above `since`.
+    pub fn since(&self, since: u64) -> Vec<Event> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.iter().filter(|e| e.seq > since).cloned().collect()
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    cmd: mpsc::Sender<Command>,
+    events: Arc<EventLog>,
+    info: Arc<StaticInfo>,
+}
+
+type ApiResult<T> = Result<T, (StatusCode, Json<ApiError>)>;
+
+fn err(status: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<ApiError>) {
+    (status, Json(ApiError { error: msg.into() }))
+}
+
+async fn ask<T>(
+    ctx: &Ctx,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    wait: Duration,
+) -> ApiResult<T> {
+    let (tx, rx) = oneshot::channel();
+    ctx.cmd.send(make(tx)).await.map_err(|_| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        )
+    })?;
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(err(
+            StatusCode::BAD_REQUEST,
+            "the request was rejected (see the agent log)",
+        )),
+        Err(_) => Err(err(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the agent did not answer in time",
+        )),
+    }
+}
+
+/// Serves the control API until the task is aborted.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cmd: mpsc::Sender<Command>,
+    events: Arc<EventLog>,
+    info: StaticInfo,
+) {
+    let ctx = Ctx {
+        cmd,
+        events,
+        info: Arc::new(info),
+    };
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/topology", get(topology))
+        .route("/v1/members", get(members))
+        .route("/v1/events", get(events_route))
+        .route("/v1/ping", post(ping))
+        .route("/v1/forget", post(forget))
+        .route("/metrics", get(metrics))
+        .with_state(ctx);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("control API stopped: {e}");
+    }
+}
+
+async fn status(State(ctx): State<Ctx>) -> ApiResult<Json<NodeInfo>> {
+    let clock = ask(
+        &ctx,
+        |reply| Command::Clock { reply },
+        Duration::from_secs(5),
+    )
+    .await?;
+    let i = &ctx.info;
+    Ok(Json(NodeInfo {
+        api_version: API_VERSION,
+        cluster: i.cluster.clone(),
+        name: i.name.clone(),
+        site: i.site.clone(),
+        role: i.role,
+        addr: i.addr.clone(),
+        version: crate::agent::VERSION.to_string(),
+        secure: i.secure,
+        clock,
+        contract_hash: i.contract_hash.clone(),
+        started_at: i.started_at.clone(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct TopologyQuery {
+    #[serde(default)]
+    probe: bool,
+    timeout_ms: Option<u64>,
+}
+
+async fn topology(
+    State(ctx): State<Ctx>,
+    Query(q): Query<TopologyQuery>,
+) -> ApiResult<Json<Topology>> {
+    let probes = if q.probe {
+        let timeout_ms = q.timeout_ms.unwrap_or(1000).clamp(1, 60_000);
+        let wait = Duration::from_millis(timeout_ms * 3 + 2000);
+        match ask(&ctx, |reply| Command::Probe { timeout_ms, reply }, wait).await? {
+            Reply::Probes(p) => Some(p),
+            Reply::Ping(_) => None,
+        }
+    } else {
+        None
+    };
+    let mut t = ask(
+        &ctx,
+        |reply| Command::Topology { reply },
+        Duration::from_secs(5),
+    )
+    .await?;
+    t.probes = probes;
+    Ok(Json(t))
+}
+
+async fn members(State(ctx): State<Ctx>) -> ApiResult<Json<Members>> {
+    Ok(Json(
+        ask(
+            &ctx,
+            |reply| Command::Members { reply },
+            Duration::from_secs(5),
+        )
+        .await?,
+    ))
+}
+
+async fn ping(
+    State(ctx): State<Ctx>,
+    Json(req): Json<PingRequest>,
+) -> ApiResult<Json<clusterctl_api::PingReport>> {
+    if req.count == 0 || req.count > clusterctl_core::engine::MAX_PING_COUNT {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "count must be between 1 and {}",
+                clusterctl_core::engine::MAX_PING_COUNT
+            ),
+        ));
+    }
+    let wait = Duration::from_millis(req.timeout_ms.clamp(1, 60_000)) * (req.count + 1)
+        + Duration::from_secs(5);
+    match ask(&ctx, |reply| Command::Ping { req, reply }, wait).await? {
+        Reply::Ping(r) => Ok(Json(r)),
+        Reply::Probes(_) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
+    }
+}
+
+async fn forget(
+    State(ctx): State<Ctx>,
+    Json(req): Json<ForgetRequest>,
+) -> ApiResult<Json<ForgetReport>> {
+    let name = req.name.clone();
+    match ask(
+        &ctx,
+        |reply| Command::Forget { name, reply },
+        Duration::from_secs(5),
+    )
+    .await?
+    {
+        Ok(clock) => Ok(Json(ForgetReport {
+            name: req.name,
+            clock,
+        })),
+        Err(e) => Err(err(StatusCode::BAD_REQUEST, e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn line(e: &Event) -> bytes::Bytes {
+    let mut v = serde_json::to_vec(e).unwrap_or_default();
+    v.push(b'\n');
+    bytes::Bytes::from(v)
+}
+
+async fn events_route(State(ctx): State<Ctx>, Query(q): Query<EventsQuery>) -> Response {
+    // Subscribe first so nothing falls between the history and the live feed.
+    let live = tokio_stream::wrappers::BroadcastStream::new(ctx.events.tx.subscribe());
+    let past = ctx.events.since(q.since);
+    let mut last = past.last().map_or(q.since, |e| e.seq);
+    let head = futures_util::stream::iter(
+        past.iter()
+            .map(line)
+            .map(Ok::<_, std::convert::Infallible>)
+            .collect::<Vec<_>>(),
+    );
+    let body = if q.follow {
+        let tail = live.filter_map(move |r| {
+            let out = match r {
+                Ok(e) if e.seq > last => {
+                    last = e.seq;
+                    Some(Ok(line(&e)))
+                }
+                _ => None,
+            };
+            std::future::ready(out)
+        });
+        Body::from_stream(head.chain(tail))
+    } else {
+        Body::from_stream(head)
+    };
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> ApiResult<Response> {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    let m = ask(
+        &ctx,
+        |reply| Command::Metrics { reply },
+        Duration::from_secs(5),
+    )
+    .await?;
+    let mut reg = Registry::with_prefix("clusterctl");
+    let mut add = |name: &str, help: &str, v: u64| {
+        let g: Gauge<i64> = Gauge::default();
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        reg.register(name, help, g);
+    };
+    let c = &m.counters;
+    add(
+        "handshakes_refused_in",
+        "Handshakes this node refused",
+        c.refused_in,
+    );
+    add(
+        "handshakes_refused_out",
+        "Handshakes peers refused to this node",
+        c.refused_out,
+    );
+    add("frames_in", "Frames received", c.frames_in);
+    add(
+        "bad_frames",
+        "Frames dropped because they did not decode",
+        c.bad_frames,
+    );
+    add(
+        "records_merged",
+        "Node-table records merged",
+        c.records_merged,
+    );
+    add(
+        "records_refused",
+        "Node-table records refused (caps)",
+        c.records_refused,
+    );
+    add(
+        "routed_forwarded",
+        "Routed messages sent or forwarded",
+        c.routed_forwarded,
+    );
+    add(
+        "routed_undeliverable",
+        "Routed messages that could not be forwarded",
+        c.routed_undeliverable,
+    );
+    add(
+        "datagrams_dropped",
+        "Failure-detector datagrams dropped",
+        c.datagrams_dropped,
+    );
+    add(
+        "outbox_dropped",
+        "Outputs dropped because the outbox was full",
+        c.outbox_dropped,
+    );
+    add("links_up", "Links currently up", m.links_up);
+    add(
+        "table_records",
+        "Records in the node table",
+        m.table_records,
+    );
+    add("clock", "Clock of this node's own record", m.clock);
+    add(
+        "local_health",
+        "Local health score (0 = healthy)",
+        m.health_score,
+    );
+    let mut out = String::new();
+    encode(&mut out, &reg).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
