@@ -254,6 +254,8 @@ pub struct LinkView {
 pub struct Members {
     pub cluster: String,
     pub observer: String,
+    /// False when the observer runs `insecure` or any node in the table does.
+    pub secure: bool,
     pub members: Vec<MemberView>,
 }
 
@@ -394,6 +396,8 @@ pub struct PingReport {
     pub from: String,
     pub target: String,
     pub ok: bool,
+    /// False when the probing node runs `insecure` (links unauthenticated).
+    pub secure: bool,
     pub sent: u32,
     pub received: u32,
     pub attempts: Vec<PingAttempt>,

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod bench;
 mod client;
 mod events;
 mod forget;
@@ -68,6 +69,8 @@ enum Cmd {
     Events(events::Args),
     /// Remove a node that is gone for good (writes a tombstone).
     Forget(forget::Args),
+    /// Measure a lab on this machine and print a Markdown table (BENCHMARKS.md).
+    Bench(bench::Args),
     /// Build and run a cluster on this machine.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
         Cmd::Events(a) => events::run(a, &cli.agent),
         Cmd::Forget(a) => forget::run(a, &cli.agent),
         Cmd::Lab(c) => lab::run(c),
+        Cmd::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

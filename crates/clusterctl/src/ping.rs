@@ -39,6 +39,12 @@ pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
         for at in &r.attempts {
             out(render_attempt(&r, at));
         }
+        if !r.secure {
+            out(format!(
+                "secure=false: {} runs with insecure = true (no authentication)",
+                r.from
+            ));
+        }
         if r.attempts.len() > 1 {
             let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}ms"));
             out(format!(

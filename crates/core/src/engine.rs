@@ -210,8 +210,18 @@ struct Dialing {
 /// Where an echo answer goes.
 #[derive(Debug, Clone)]
 enum EchoOwner {
-    Ping { session: u64 },
-    Probe { call: CallFrom, peer: NodeName },
+    Ping {
+        session: u64,
+    },
+    /// Traceroute-style echo to an intermediate hop of a ping's path.
+    Segment {
+        session: u64,
+        index: usize,
+    },
+    Probe {
+        call: CallFrom,
+        peer: NodeName,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +257,17 @@ struct PingSession {
     timeout: Duration,
     attempts: Vec<PingAttempt>,
     next_seq: u32,
+    /// The attempt whose intermediate hops are being measured.
+    measuring: Option<Measuring>,
+}
+
+/// A successful probe waiting for its per-hop measurements: `cum[i]` is the round trip from
+/// the origin to node `i` of the path.
+#[derive(Debug, Clone)]
+struct Measuring {
+    attempt: PingAttempt,
+    cum: Vec<Option<f64>>,
+    waiting: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1903,6 +1924,7 @@ impl Engine {
                 from: self.cfg.me.name.to_string(),
                 target: target.to_string(),
                 ok: false,
+                secure: self.cfg.secure,
                 sent: 0,
                 received: 0,
                 attempts: vec![PingAttempt {
@@ -1932,6 +1954,7 @@ impl Engine {
                 timeout,
                 attempts: Vec::new(),
                 next_seq: 0,
+                measuring: None,
             },
         );
         self.session_next(now, id);
@@ -2039,10 +2062,55 @@ impl Engine {
     fn echo_done(&mut self, now: Time, p: PendingEcho, attempt: PingAttempt) {
         match p.owner {
             EchoOwner::Ping { session } => {
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    s.attempts.push(attempt);
+                let n = attempt.path.len();
+                if attempt.ok && n > 2 {
+                    // Measure each hop for real: echo every intermediate node of the path, then
+                    // split the round trip into differences of cumulative round trips.
+                    let Some(s) = self.sessions.get_mut(&session) else {
+                        return;
+                    };
+                    let timeout = s.timeout;
+                    let targets: Vec<(usize, String)> = attempt.path[1..n - 1]
+                        .iter()
+                        .cloned()
+                        .enumerate()
+                        .map(|(i, t)| (i + 1, t))
+                        .collect();
+                    let mut cum = vec![None; n];
+                    cum[0] = Some(0.0);
+                    cum[n - 1] = Some(attempt.total_ms);
+                    s.measuring = Some(Measuring {
+                        attempt,
+                        cum,
+                        waiting: targets.len(),
+                    });
+                    for (index, t) in targets {
+                        match NodeName::new(t) {
+                            Ok(t) => self.send_echo(
+                                now,
+                                t,
+                                0,
+                                timeout,
+                                EchoOwner::Segment { session, index },
+                                false,
+                            ),
+                            Err(_) => self.segment_done(now, session, index, None),
+                        }
+                    }
+                } else {
+                    let mut attempt = attempt;
+                    if attempt.ok && n == 2 {
+                        // One link: the hop is the measured round trip itself.
+                        attempt.hops_ms = vec![attempt.total_ms];
+                    }
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.attempts.push(attempt);
+                    }
+                    self.session_next(now, session);
                 }
-                self.session_next(now, session);
+            }
+            EchoOwner::Segment { session, index } => {
+                self.segment_done(now, session, index, attempt.ok.then_some(attempt.total_ms));
             }
             EchoOwner::Probe { call, peer } => {
                 let kind = self.link_kind_to(&peer);
@@ -2057,6 +2125,35 @@ impl Engine {
                 self.finish(now, call, CallReply::Probe(result));
             }
         }
+    }
+
+    fn segment_done(&mut self, now: Time, session: u64, index: usize, rtt_ms: Option<f64>) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(m) = s.measuring.as_mut() else {
+            return;
+        };
+        if let Some(slot) = m.cum.get_mut(index) {
+            *slot = rtt_ms;
+        }
+        m.waiting = m.waiting.saturating_sub(1);
+        if m.waiting > 0 {
+            return;
+        }
+        let Some(mut m) = s.measuring.take() else {
+            return;
+        };
+        // Hop k = RTT(origin -> node k+1) - RTT(origin -> node k). Measurements are taken a
+        // moment apart, so a difference can come out slightly negative: clamp it at zero. A hop
+        // whose end did not answer keeps the transport's RTT estimate of that link.
+        for k in 0..m.attempt.hops_ms.len() {
+            if let (Some(a), Some(b)) = (m.cum[k], m.cum[k + 1]) {
+                m.attempt.hops_ms[k] = (b - a).max(0.0);
+            }
+        }
+        s.attempts.push(m.attempt);
+        self.session_next(now, session);
     }
 
     fn expire_echo(&mut self, now: Time, id: u64) {
@@ -2104,6 +2201,7 @@ impl Engine {
             from: self.cfg.me.name.to_string(),
             target: s.target.to_string(),
             ok: received == s.count,
+            secure: self.cfg.secure,
             sent: s.attempts.len() as u32,
             received,
             attempts: s.attempts.clone(),
@@ -2262,6 +2360,7 @@ impl Engine {
                 from: from.to_string(),
                 target: target.to_string(),
                 ok: false,
+                secure: self.cfg.secure,
                 sent: 0,
                 received: 0,
                 attempts: vec![PingAttempt {
@@ -2689,9 +2788,11 @@ impl Engine {
                 },
             })
             .collect();
+        let secure = self.cfg.secure && self.table.live().all(|r| r.clock == 0 || r.secure);
         Members {
             cluster: self.cfg.cluster.to_string(),
             observer: self.cfg.me.name.to_string(),
+            secure,
             members,
         }
     }

@@ -1,0 +1,216 @@
+//! `clusterctl bench`: measure a lab on this machine and print a Markdown table.
+//!
+//! Starts its own lab (in a temporary directory, on its own loopback range), then measures:
+//! - `lab up` until converged (whole command: certificates, agents, convergence);
+//! - whole-command time of `topology`, `topology --probe` and `members` (process start to exit);
+//! - ping round trips inside a site and across sites (through two gateways);
+//! - agent resident memory when idle.
+//!
+//! Figures are meant for BENCHMARKS.md; run the release build (`cargo run --release -- bench`).
+
+use crate::client::Client;
+use crate::lab::LabState;
+use clusterctl_api::{PingReport, PingRequest};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// Measure a lab on this machine (see BENCHMARKS.md).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Runs of each whole-command measurement.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    runs: u32,
+    /// Pings per ping measurement.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pings: u32,
+    /// First two octets of the lab's loopback range.
+    #[arg(long, default_value = "127.78")]
+    addr_prefix: String,
+    /// Seconds the agents idle before memory is read.
+    #[arg(long, default_value_t = 5)]
+    idle_secs: u64,
+}
+
+struct Stats {
+    name: String,
+    samples: Vec<f64>,
+}
+
+impl Stats {
+    fn row(&self) -> String {
+        let mut v = self.samples.clone();
+        v.sort_by(f64::total_cmp);
+        let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+        if v.is_empty() {
+            return format!("| {} | - | - | - | 0 |", self.name);
+        }
+        format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {} |",
+            self.name,
+            pick(0.5),
+            pick(0.99),
+            v[v.len() - 1],
+            v.len()
+        )
+    }
+}
+
+fn time_cmd(exe: &PathBuf, args: &[&str], dir: &PathBuf) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let st = Command::new(exe)
+        .args(args)
+        .env("CLUSTERCTL_LAB_DIR", dir)
+        .env_remove("CLUSTERCTL_AGENT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(
+        st.success(),
+        "`clusterctl {}` failed ({st})",
+        args.join(" ")
+    );
+    Ok(ms)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("clusterctl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let dir = tmp.join("lab");
+    let dir_s = dir.to_string_lossy().to_string();
+    eprintln!("bench: starting a lab in {dir_s}");
+    let result = measure(&a, &exe, &dir, &dir_s);
+    let _ = Command::new(&exe)
+        .args(["lab", "down", "--dir", &dir_s])
+        .stdout(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let table = result?;
+    crate::out(table);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Result<String> {
+    let t = Instant::now();
+    let st = Command::new(exe)
+        .args([
+            "lab",
+            "up",
+            "--dir",
+            dir_s,
+            "--addr-prefix",
+            &a.addr_prefix,
+            "--wait",
+            "120",
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    let up_ms = t.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(st.success(), "lab up failed ({st})");
+    let state = LabState::load(dir)?.ok_or_else(|| anyhow::anyhow!("no lab state after lab up"))?;
+    let mut rows = vec![Stats {
+        name: "`lab up` to converged (2 sites, 6 agents), ms".into(),
+        samples: vec![up_ms],
+    }];
+    for (name, args) in [
+        ("`clusterctl topology`, whole command, ms", vec!["topology"]),
+        (
+            "`clusterctl topology --probe`, whole command, ms",
+            vec!["topology", "--probe"],
+        ),
+        ("`clusterctl members`, whole command, ms", vec!["members"]),
+    ] {
+        let mut s = Vec::new();
+        for _ in 0..a.runs {
+            s.push(time_cmd(exe, &args, dir)?);
+        }
+        rows.push(Stats {
+            name: name.into(),
+            samples: s,
+        });
+    }
+    let control = |name: &str| {
+        state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.control.clone())
+            .ok_or_else(|| anyhow::anyhow!("no lab node {name}"))
+    };
+    let client = Client::with_timeout(&control("edge-us-1")?, Duration::from_secs(300));
+    for (name, target) in [
+        (
+            "ping inside a site (edge-us-1 -> edge-us-2), RTT ms",
+            "edge-us-2",
+        ),
+        (
+            "ping across sites (edge-us-1 -> edge-eu-2, 4 hops), RTT ms",
+            "edge-eu-2",
+        ),
+    ] {
+        let r: PingReport = client.post(
+            "/v1/ping",
+            &PingRequest {
+                target: target.into(),
+                from: None,
+                count: a.pings,
+                timeout_ms: 2000,
+            },
+        )?;
+        rows.push(Stats {
+            name: name.into(),
+            samples: r
+                .attempts
+                .iter()
+                .filter(|x| x.ok)
+                .map(|x| x.total_ms)
+                .collect(),
+        });
+    }
+    std::thread::sleep(Duration::from_secs(a.idle_secs));
+    let rss: Vec<f64> = state
+        .nodes
+        .iter()
+        .filter_map(|n| rss_kib(n.pid))
+        .map(|k| k as f64 / 1024.0)
+        .collect();
+    rows.push(Stats {
+        name: format!(
+            "agent resident memory, idle {} s, MiB (one sample per agent)",
+            a.idle_secs
+        ),
+        samples: rss,
+    });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut out = format!(
+        "Machine: {cores} cores, {cpu}; build: {}; clusterctl {}\n\n| measurement | p50 | p99 | max | samples |\n|---|---|---|---|---|\n",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        env!("CARGO_PKG_VERSION")
+    );
+    for r in rows {
+        out.push_str(&r.row());
+        out.push('\n');
+    }
+    Ok(out)
+}
