@@ -401,10 +401,7 @@ impl Sim {
 
     /// Drains a node's outputs into the event queue.
     fn pump(&mut self, i: usize) {
-        loop {
-            let Some(out) = self.nodes[i].engine.as_mut().and_then(Engine::poll_output) else {
-                break;
-            };
+        while let Some(out) = self.nodes[i].engine.as_mut().and_then(Engine::poll_output) {
             self.apply(i, out);
         }
         if let Some((t, clock)) = self.nodes[i]
