@@ -1641,43 +1641,32 @@ impl Engine {
             ));
         }
         if me.role == Role::Gateway {
-            let wan_alive = |n: &NodeName| {
-                self.wan_ring
-                    .as_ref()
-                    .and_then(|w| w.liveness(n))
-                    .is_none_or(|l| l != Liveness::Dead)
-            };
             // A gateway of the target site we are linked to.
-            let direct: Vec<&NodeName> = self
+            let direct = self
                 .links
                 .iter()
-                .filter(|(n, l)| {
-                    l.up && l.kind == LinkKind::Wan && l.ident.site == r.site && wan_alive(n)
-                })
-                .map(|(n, _)| n)
-                .collect();
-            if let Some(g) = rendezvous(dst.as_str(), direct.into_iter()) {
+                .filter(|(_, l)| l.up && l.kind == LinkKind::Wan && l.ident.site == r.site)
+                .map(|(n, _)| n);
+            if let Some(g) = self.best_hop(dst, direct) {
                 return Ok(g);
             }
             // Another WAN gateway that reaches the target site.
-            let via: Vec<&NodeName> = self
+            let via = self
                 .links
                 .iter()
                 .filter(|(n, l)| {
                     l.up && l.kind == LinkKind::Wan
-                        && wan_alive(n)
                         && self
                             .table
                             .get(n.as_str())
                             .is_some_and(|g| g.reach.contains(&r.site))
                 })
-                .map(|(n, _)| n)
-                .collect();
-            if let Some(g) = rendezvous(dst.as_str(), via.into_iter()) {
+                .map(|(n, _)| n);
+            if let Some(g) = self.best_hop(dst, via) {
                 return Ok(g);
             }
         }
-        if let Some(g) = rendezvous(dst.as_str(), self.local_gateways_reaching(&r.site)) {
+        if let Some(g) = self.best_hop(dst, self.local_gateways_reaching(&r.site)) {
             return Ok(g);
         }
         Err((
@@ -1687,6 +1676,55 @@ impl Engine {
                 me.site, r.site
             ),
         ))
+    }
+
+    /// How healthy a candidate next hop looks from here, worst of every view we have: its site
+    /// ring (same site), the view its own site's gateways publish (other sites) and the WAN
+    /// ring (gateways). 0 alive, 1 suspect, 2 dead.
+    fn hop_rank(&self, n: &NodeName) -> u8 {
+        let Some(r) = self.table.get(n.as_str()) else {
+            return 0;
+        };
+        let mut worst = Liveness::Alive;
+        let mut consider = |l: Option<Liveness>| {
+            if let Some(l) = l {
+                worst = worst.max(l);
+            }
+        };
+        if r.site == self.cfg.me.site {
+            consider(self.site_ring.liveness(n));
+        } else {
+            consider(self.remote_view(&r.site, n));
+        }
+        if r.role == Role::Gateway {
+            consider(self.wan_ring.as_ref().and_then(|w| w.liveness(n)));
+        }
+        match worst {
+            Liveness::Alive => 0,
+            Liveness::Suspect => 1,
+            Liveness::Dead => 2,
+        }
+    }
+
+    /// The next hop among `candidates`: never a dead one, alive ones before suspected ones, and
+    /// among equals a rendezvous-hash choice on the destination (stable, spread, fails over).
+    fn best_hop<'a>(
+        &self,
+        dst: &NodeName,
+        candidates: impl Iterator<Item = &'a NodeName>,
+    ) -> Option<NodeName> {
+        let ranked: Vec<(u8, &NodeName)> = candidates
+            .map(|n| (self.hop_rank(n), n))
+            .filter(|(rank, _)| *rank < 2)
+            .collect();
+        let best = ranked.iter().map(|(rank, _)| *rank).min()?;
+        rendezvous(
+            dst.as_str(),
+            ranked
+                .iter()
+                .filter(|(rank, _)| *rank == best)
+                .map(|(_, n)| *n),
+        )
     }
 
     fn contract_path_exists(&self, from: &SiteName, to: &SiteName) -> bool {
