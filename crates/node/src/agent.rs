@@ -19,7 +19,7 @@ use crate::config::{AgentConfig, ConfigError};
 use crate::control::{self, Command, EventLog};
 use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
-use crate::tls::{self, RejectSink, Security, TlsError, TlsMaterial};
+use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
 use bytes::Bytes;
 use clusterctl_core::engine::{Engine, EngineConfig, EngineError, LinkInfo, Output, Reply, Timing};
 use clusterctl_core::name::{Ident, NodeName};
@@ -155,13 +155,17 @@ enum DialFail {
 struct ChannelSink(mpsc::Sender<Net>);
 
 impl RejectSink for ChannelSink {
-    fn rejected(&self, claimed: Option<String>, reason: String) {
-        // Never block inside the handshake: if the owner is behind, the log still has it.
+    fn rejected(&self, side: RejectSide, claimed: Option<String>, reason: String) {
         warn!(
             peer = claimed.as_deref().unwrap_or("<unknown>"),
+            ?side,
             "refused a peer certificate: {reason}"
         );
-        let _ = self.0.try_send(Net::TlsRejected { claimed, reason });
+        // Our own dials report their failure themselves, under the name we dialed.
+        if side == RejectSide::Accepting {
+            // Never block inside the handshake: if the owner is behind, the log still has it.
+            let _ = self.0.try_send(Net::TlsRejected { claimed, reason });
+        }
     }
 }
 
@@ -620,12 +624,8 @@ impl Owner {
                 }
             }
             Net::TlsRejected { claimed, reason } => {
-                // Our dials report their own failures; this covers peers dialing us.
                 let name = claimed.and_then(|c| NodeName::new(c).ok());
-                let dialing_it = name.as_ref().is_some_and(|n| self.conns.contains_key(n));
-                if !dialing_it {
-                    engine.handle_refused(now, name, None, &format!("TLS: {reason}"), true);
-                }
+                engine.handle_refused(now, name, None, &format!("TLS: {reason}"), true);
             }
             Net::Frame {
                 peer,

@@ -368,7 +368,16 @@ pub enum Security {
 /// Called from inside the handshake: it must return quickly and must not block.
 pub trait RejectSink: Send + Sync + fmt::Debug + 'static {
     /// A peer certificate was refused. `claimed_name` is what the certificate says, unverified.
-    fn rejected(&self, claimed_name: Option<String>, reason: String);
+    fn rejected(&self, side: RejectSide, claimed_name: Option<String>, reason: String);
+}
+
+/// Which end of a handshake refused the peer's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectSide {
+    /// A peer dialed us and we refused its client certificate.
+    Accepting,
+    /// We dialed a peer and refused its server certificate.
+    Dialing,
 }
 
 /// A [`RejectSink`] that only logs, at `warn`.
@@ -376,7 +385,8 @@ pub trait RejectSink: Send + Sync + fmt::Debug + 'static {
 pub struct LogRejects;
 
 impl RejectSink for LogRejects {
-    fn rejected(&self, claimed_name: Option<String>, reason: String) {
+    fn rejected(&self, side: RejectSide, claimed_name: Option<String>, reason: String) {
+        let _ = side;
         tracing::warn!(
             peer = claimed_name.as_deref().unwrap_or("<unknown>"),
             "refused peer certificate: {reason}"
@@ -883,8 +893,11 @@ impl ClientCertVerifier for ClusterClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.check(end_entity, intermediates, now).inspect_err(|e| {
-            self.sink
-                .rejected(claimed_name(end_entity), readable_reason(e));
+            self.sink.rejected(
+                RejectSide::Accepting,
+                claimed_name(end_entity),
+                readable_reason(e),
+            );
         })
     }
 
@@ -906,8 +919,11 @@ impl ClientCertVerifier for ClusterClientVerifier {
         self.inner
             .verify_tls13_signature(message, cert, dss)
             .inspect_err(|_| {
-                self.sink
-                    .rejected(claimed_name(cert), BAD_HANDSHAKE_SIGNATURE.to_string());
+                self.sink.rejected(
+                    RejectSide::Accepting,
+                    claimed_name(cert),
+                    BAD_HANDSHAKE_SIGNATURE.to_string(),
+                );
             })
     }
 
@@ -980,8 +996,11 @@ impl ServerCertVerifier for ClusterServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.check(end_entity, intermediates, server_name, ocsp_response, now)
             .inspect_err(|e| {
-                self.sink
-                    .rejected(claimed_name(end_entity), readable_reason(e));
+                self.sink.rejected(
+                    RejectSide::Dialing,
+                    claimed_name(end_entity),
+                    readable_reason(e),
+                );
             })
     }
 
@@ -1003,8 +1022,11 @@ impl ServerCertVerifier for ClusterServerVerifier {
         self.inner
             .verify_tls13_signature(message, cert, dss)
             .inspect_err(|_| {
-                self.sink
-                    .rejected(claimed_name(cert), BAD_HANDSHAKE_SIGNATURE.to_string());
+                self.sink.rejected(
+                    RejectSide::Dialing,
+                    claimed_name(cert),
+                    BAD_HANDSHAKE_SIGNATURE.to_string(),
+                );
             })
     }
 

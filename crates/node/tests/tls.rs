@@ -22,7 +22,12 @@ const HELLO: &[u8] = b"hello";
 struct Recorder(Mutex<Vec<(Option<String>, String)>>);
 
 impl RejectSink for Recorder {
-    fn rejected(&self, claimed_name: Option<String>, reason: String) {
+    fn rejected(
+        &self,
+        _side: clusterctl_node::tls::RejectSide,
+        claimed_name: Option<String>,
+        reason: String,
+    ) {
         self.0.lock().unwrap().push((claimed_name, reason));
     }
 }
