@@ -68,6 +68,12 @@ impl Client {
         }
     }
 
+    /// The control address this client talks to.
+    #[cfg(test)]
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// A client of the agent whose control API listens on `addr` (HOST:PORT).
     pub fn at(addr: &str) -> Client {
         Client::with_timeout(addr, DEFAULT_TIMEOUT)

@@ -14,8 +14,11 @@
 //! ## Invariants
 //! - a member never asks to dial a node of another site; a gateway dials other sites' gateways
 //!   only along contract links;
-//! - our own record's clock only rises, and is persisted before anything is sent (the runtime
-//!   writes the snapshot on [`Output::Persist`] before it handles the next input);
+//! - our own record's clock only rises. At start the raised clock is on disk before the node
+//!   talks to anyone; later changes are persisted on [`Output::Persist`] (the runtime writes
+//!   asynchronously, coalescing bursts). A crash can lose the last few bumps: the restarted node
+//!   then learns its higher clock back from its peers (the ack's `last_clock_for_you`, or its
+//!   own newer record arriving in a sync) and comes back above it;
 //! - every map a peer can grow is bounded (`MAX_*` constants).
 
 use crate::contract::Contract;
@@ -321,6 +324,8 @@ pub struct Engine {
     refused: BTreeMap<NodeName, Refused>,
     dialing: BTreeMap<NodeName, Dialing>,
     announced: BTreeMap<NodeName, Time>,
+    /// Peers that told us they are leaving (until they come back with a newer alive record).
+    left_peers: BTreeSet<NodeName>,
     site_ring: Swim,
     wan_ring: Option<Swim>,
     rng: StdRng,
@@ -449,6 +454,7 @@ impl Engine {
             refused: BTreeMap::new(),
             dialing: BTreeMap::new(),
             announced: BTreeMap::new(),
+            left_peers: BTreeSet::new(),
             site_ring,
             wan_ring,
             outbox: VecDeque::new(),
@@ -977,6 +983,7 @@ impl Engine {
         };
         self.dialing.remove(&peer);
         self.refused.remove(&peer);
+        self.left_peers.remove(&peer);
         let drift = info.contract_hash != self.cfg.contract.hash();
         let reason = drift.then(|| {
             format!(
@@ -1116,13 +1123,11 @@ impl Engine {
             }
             Frame::Routed(env) => self.handle_routed(now, from, env),
             Frame::Leaving => {
-                self.event(
-                    now,
-                    EventKind::NodeLeft,
-                    Some(from.clone()),
-                    None,
-                    format!("{from} is leaving"),
-                );
+                // Authoritative and immediate: the peer says it is going. Its `left` record
+                // follows; until then (and if it is lost) this keeps the failure detector's
+                // verdict from being reported as a death.
+                self.left_peers.insert(from.clone());
+                self.diff_statuses(now);
             }
         }
         self.drain_rings(now);
@@ -1162,6 +1167,10 @@ impl Engine {
             match self.table.merge(r.clone()) {
                 m if m.changed() => {
                     self.counters.records_merged += 1;
+                    if r.state == RecordState::Alive {
+                        // A newer alive record: the node came back after leaving.
+                        self.left_peers.remove(&r.name);
+                    }
                     if r.is_tombstone() && !was_tomb {
                         self.on_forgotten(now, &r.name);
                     }
@@ -1505,6 +1514,7 @@ impl Engine {
         match r.state {
             RecordState::Forgotten => return NodeStatus::Forgotten,
             RecordState::Left => return NodeStatus::Left,
+            RecordState::Alive if self.left_peers.contains(name) => return NodeStatus::Left,
             RecordState::Alive => {}
         }
         if r.site == self.cfg.me.site {
@@ -2500,12 +2510,10 @@ impl Engine {
             return;
         }
         self.leaving = true;
+        // The rings are not told: a failure-detector datagram would outrun the `left` record
+        // (streams) and peers would report a death first. Peers learn from the record and the
+        // `Leaving` frame; the rings then see us go quiet, and `left` wins over their verdict.
         self.refresh_own(now, true);
-        self.site_ring.leave(now);
-        if let Some(w) = self.wan_ring.as_mut() {
-            w.leave(now);
-        }
-        self.drain_rings(now);
         let targets = self.linked_peers();
         for t in targets {
             self.push(Output::Send {

@@ -861,6 +861,19 @@ impl Sim {
         self.start(i);
     }
 
+    /// Makes a node leave gracefully (as on SIGTERM): it announces `left`, then its process
+    /// ends `linger` later.
+    pub fn leave(&mut self, name: &str, linger: Duration) {
+        let i = self.idx(name);
+        let now = self.now;
+        if let Some(e) = self.nodes[i].engine.as_mut() {
+            e.leave(now);
+        }
+        self.pump(i);
+        self.run_for(linger);
+        self.crash_idx(i);
+    }
+
     /// Asks `observer` to forget `name`.
     pub fn forget(&mut self, observer: &str, name: &str) -> Result<u64, String> {
         let i = self.idx(observer);

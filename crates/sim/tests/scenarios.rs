@@ -362,3 +362,34 @@ fn same_seed_same_run() {
     };
     assert_eq!(run(seed), run(seed), "seed {seed}");
 }
+
+#[test]
+fn graceful_leave_is_reported_left_never_dead() {
+    let seed = seed_from_env(17);
+    let mut sim = converged(seed, 1);
+    let start_ms = sim.now().as_millis() as u64;
+    sim.leave("edge-us-2", Duration::from_millis(200));
+    sim.run_for(Duration::from_secs(30));
+    for o in sim.names().into_iter().filter(|n| n != "edge-us-2") {
+        assert_eq!(
+            sim.status(&o, "edge-us-2"),
+            NodeStatus::Left,
+            "{o} (seed {seed})"
+        );
+        let i = sim.idx(&o);
+        let bad: Vec<_> = sim.nodes[i]
+            .events
+            .iter()
+            .filter(|e| {
+                e.at_ms >= start_ms && e.node.as_ref().is_some_and(|n| n.as_str() == "edge-us-2")
+            })
+            .filter(|e| matches!(e.kind, EventKind::NodeDead | EventKind::NodeSuspect))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{o} reported a graceful leave as a failure: {bad:?} (seed {seed})"
+        );
+    }
+    // Its links are no longer expected: the cluster is healthy without it.
+    assert!(sim.topology("edge-us-1").healthy, "seed {seed}");
+}
