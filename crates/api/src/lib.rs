@@ -247,6 +247,9 @@ pub struct LinkView {
     pub reason: Option<String>,
     /// Whether the contract expects this link. Unexpected links are listed only when refused.
     pub expected: bool,
+    /// Fingerprint of the cluster secret both ends proved on this link (null when not up).
+    #[serde(default)]
+    pub secret_key: Option<String>,
 }
 
 /// `GET /v1/members`: every node in the table.
@@ -300,6 +303,8 @@ pub enum EventKind {
     Drift,
     /// This node raised its own clock (restart, re-deploy, change).
     ClockRaised,
+    /// This node's cluster-secret keyring changed (install, use, remove).
+    SecretChanged,
     /// Anything else worth an operator's eye (bad frames, caps hit).
     Warning,
 }
@@ -319,6 +324,7 @@ impl EventKind {
             EventKind::LinkRefused => "link-refused",
             EventKind::Drift => "drift",
             EventKind::ClockRaised => "clock-raised",
+            EventKind::SecretChanged => "secret-changed",
             EventKind::Warning => "warning",
         }
     }
@@ -434,6 +440,52 @@ pub struct ForgetReport {
     pub name: String,
     /// Clock of the tombstone that now stands for the node.
     pub clock: u64,
+}
+
+/// `POST /v1/secret`: change this node's keyring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretRequest {
+    /// `install`, `use` or `remove`.
+    pub op: String,
+    /// For `install`: path of the secret file on the agent's machine (mode 0600).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// For `use` and `remove`: the key id (16 hex characters).
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// One node's keyring (never the secrets, only their fingerprints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyringReport {
+    pub node: String,
+    /// The key this node proves with.
+    pub primary: String,
+    /// Every key it accepts, `primary` first.
+    pub keys: Vec<String>,
+    /// Whether the request changed anything.
+    pub changed: bool,
+}
+
+/// `GET /v1/secrets`: which cluster secrets the nodes hold, from the node table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Secrets {
+    pub observer: String,
+    /// Live nodes counted (the `m` of `n/m`).
+    pub nodes: u32,
+    pub keys: Vec<SecretKeyView>,
+}
+
+/// One cluster secret, by fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretKeyView {
+    pub id: String,
+    /// Nodes that hold it (accept it).
+    pub holders: u32,
+    /// Nodes that use it (prove with it).
+    pub in_use_by: u32,
+    /// Nodes that do not hold it.
+    pub missing_on: Vec<String>,
 }
 
 /// Body of every non-2xx answer.

@@ -14,6 +14,10 @@ pub struct Args {
     /// Come back even though an operator forgot this node (`clusterctl forget`).
     #[arg(long)]
     rejoin: bool,
+    /// Start with only this cluster secret (mode 0600), replacing the node's keyring; without
+    /// it the keyring persisted in the data directory is used (the config's `secret` at first).
+    #[arg(long, value_name = "FILE")]
+    secret: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -38,6 +42,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .build()?;
     let opts = AgentOptions {
         rejoin: a.rejoin,
+        secret: a.secret,
         ..AgentOptions::default()
     };
     let result = rt.block_on(async move {

@@ -310,13 +310,14 @@ impl RejectSink for IgnoreRejects {
     }
 }
 
-/// Dials `to` as the holder of `cert`/`key`, sends `hello` and returns the decoded answer.
+/// Dials `to` as the holder of `cert`/`key`, sends the hello `make` builds for this session
+/// (the cluster-secret proof is bound to it) and returns the decoded answer.
 fn send_hello(
     bind: SocketAddr,
     to: SocketAddr,
     server_name: &str,
     material: TlsMaterial,
-    hello: Hello,
+    make: impl FnOnce(&[u8]) -> Hello + Send + 'static,
 ) -> Handshake {
     let cluster = material.identity.cluster.clone();
     let security = Security::Mutual(Arc::new(material));
@@ -334,6 +335,10 @@ fn send_hello(
                 .map_err(|e| format!("connect: {e}"))?
                 .await
                 .map_err(|e| format!("QUIC/TLS handshake: {e}"))?;
+            let mut binding = [0u8; clusterctl_core::secret::BINDING_LEN];
+            conn.export_keying_material(&mut binding, clusterctl_core::secret::EXPORTER_LABEL, b"")
+                .map_err(|e| format!("exporter: {e:?}"))?;
+            let hello = make(&binding);
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open: {e}"))?;
             send.write_all(&Handshake::Hello(hello).encode())
                 .await
@@ -369,18 +374,33 @@ fn member_dialing_another_site_is_refused_by_contract() {
         &edge.dir().join("key.pem"),
     )
     .expect("edge-us-1's TLS material loads");
-    let hello = Hello {
-        cluster: ClusterName::new("lab").unwrap(),
-        ident: Ident {
-            name: NodeName::new("edge-us-1").unwrap(),
-            site: SiteName::new("us-east").unwrap(),
-            role: Role::Member,
-        },
-        contract_hash: t.contract_hash.clone(),
-        clock: 1,
-        addr: edge.addr.clone(),
-        rejoin: false,
-        version: "test".into(),
+    // ... and the lab's real cluster secret.
+    let secret = clusterctl_core::secret::Secret::from_text(
+        &std::fs::read_to_string(lab.dir().join("secret.key")).unwrap(),
+    )
+    .unwrap();
+    let keyring = clusterctl_core::secret::Keyring::new(secret);
+    let (hash, addr) = (t.contract_hash.clone(), edge.addr.clone());
+    let hello = move |binding: &[u8]| {
+        let name = NodeName::new("edge-us-1").unwrap();
+        Hello {
+            cluster: ClusterName::new("lab").unwrap(),
+            ident: Ident {
+                name: name.clone(),
+                site: SiteName::new("us-east").unwrap(),
+                role: Role::Member,
+            },
+            contract_hash: hash,
+            clock: 1,
+            addr,
+            rejoin: false,
+            version: "test".into(),
+            secret: keyring.prove_primary(
+                clusterctl_core::secret::ProofRole::Hello,
+                &name,
+                binding,
+            ),
+        }
     };
     // From edge-us-1's own loopback address, on a port of its own.
     let bind: SocketAddr = format!("{}.1.2:0", lab.prefix()).parse().unwrap();

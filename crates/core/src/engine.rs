@@ -24,6 +24,7 @@
 use crate::contract::Contract;
 use crate::health::{LocalHealth, DEFAULT_MAX_SCORE};
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
+use crate::secret::{KeyId, Keyring, ProofRole, Secret, SecretError};
 use crate::swim::{RingTiming, Swim, SwimId};
 use crate::table::{LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
 use crate::wire::{
@@ -107,6 +108,8 @@ pub struct EngineConfig {
     pub wall_base_ms: u64,
     /// Seed of the engine's random choices.
     pub seed: u64,
+    /// The cluster secrets this node holds.
+    pub keyring: Keyring,
 }
 
 /// Why an engine cannot start.
@@ -180,6 +183,39 @@ pub struct LinkInfo {
     /// For example `tls1.3` or `insecure`.
     pub protocol: String,
     pub rtt_us: u32,
+    /// The cluster secret both ends proved.
+    pub key: Option<KeyId>,
+}
+
+/// Builds a dialer's hello once the TLS session (and so the binding of the secret proof) exists.
+#[derive(Debug, Clone)]
+pub struct HelloMaker {
+    cluster: ClusterName,
+    ident: Ident,
+    contract_hash: String,
+    clock: u64,
+    addr: String,
+    rejoin: bool,
+    version: String,
+    keyring: Keyring,
+}
+
+impl HelloMaker {
+    /// The hello for the session identified by `binding` (the TLS exporter value).
+    pub fn make(&self, binding: &[u8]) -> Hello {
+        Hello {
+            cluster: self.cluster.clone(),
+            ident: self.ident.clone(),
+            contract_hash: self.contract_hash.clone(),
+            clock: self.clock,
+            addr: self.addr.clone(),
+            rejoin: self.rejoin,
+            version: self.version.clone(),
+            secret: self
+                .keyring
+                .prove_primary(ProofRole::Hello, &self.ident.name, binding),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +231,7 @@ struct Link {
     reason: Option<String>,
     /// RTT written into our record the last time it was refreshed.
     reported_rtt_us: u32,
+    key: Option<KeyId>,
 }
 
 #[derive(Debug, Clone)]
@@ -341,6 +378,7 @@ pub struct Engine {
     next_id: u64,
     leaving: bool,
     forgotten: bool,
+    keyring: Keyring,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -446,6 +484,7 @@ impl Engine {
                 health,
             )
         });
+        let cfg_keyring = cfg.keyring.clone();
         let mut e = Engine {
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -469,6 +508,7 @@ impl Engine {
             next_id: 1,
             leaving: false,
             forgotten: false,
+            keyring: cfg_keyring,
             counters: Counters::default(),
         };
         e.outbox.push_back(Output::Persist);
@@ -762,6 +802,7 @@ impl Engine {
         &self,
         hello: &Hello,
         cert: Option<(&ClusterName, &Ident)>,
+        binding: &[u8],
     ) -> Result<HelloAck, Refusal> {
         let refuse = |code, reason: String| Refusal { code, reason };
         if hello.cluster != self.cfg.cluster {
@@ -792,6 +833,10 @@ impl Engine {
             }
             None => {}
         }
+        let key = self
+            .keyring
+            .verify(&hello.secret, ProofRole::Hello, &hello.ident.name, binding)
+            .map_err(|e| refuse(RefusalCode::Secret, e.to_string()))?;
         if let Err(e) = self.cfg.contract.check_link(&self.cfg.me, &hello.ident) {
             return Err(refuse(RefusalCode::Contract, e.to_string()));
         }
@@ -807,17 +852,28 @@ impl Engine {
                 ));
             }
         }
+        let secret = self
+            .keyring
+            .prove_with(key, ProofRole::Ack, &self.cfg.me.name, binding)
+            .ok_or_else(|| {
+                refuse(
+                    RefusalCode::Secret,
+                    format!("key {key} vanished from the keyring"),
+                )
+            })?;
         Ok(HelloAck {
             ident: self.cfg.me.clone(),
             contract_hash: self.cfg.contract.hash().to_string(),
             clock: self.clock(),
             last_clock_for_you: last.map_or(0, |r| r.clock),
+            secret,
         })
     }
 
-    /// The hello this node sends when it dials.
-    pub fn hello(&self) -> Hello {
-        Hello {
+    /// What a dial needs to build its hello once the TLS session exists (the proof of the
+    /// cluster secret is bound to that session).
+    pub fn hello_maker(&self) -> HelloMaker {
+        HelloMaker {
             cluster: self.cfg.cluster.clone(),
             ident: self.cfg.me.clone(),
             contract_hash: self.cfg.contract.hash().to_string(),
@@ -825,6 +881,7 @@ impl Engine {
             addr: self.cfg.addr.clone(),
             rejoin: self.cfg.rejoin,
             version: self.cfg.version.clone(),
+            keyring: self.keyring.clone(),
         }
     }
 
@@ -837,7 +894,8 @@ impl Engine {
         expected: &NodeName,
         ack: &HelloAck,
         cert: Option<(&ClusterName, &Ident)>,
-    ) -> Result<(), Refusal> {
+        binding: &[u8],
+    ) -> Result<KeyId, Refusal> {
         if let Some((cluster, ident)) = cert {
             if cluster != &self.cfg.cluster || ident != &ack.ident {
                 return Err(Refusal {
@@ -855,6 +913,13 @@ impl Engine {
                 reason: format!("dialed {expected} but {} answered", ack.ident.name),
             });
         }
+        let key = self
+            .keyring
+            .verify(&ack.secret, ProofRole::Ack, &ack.ident.name, binding)
+            .map_err(|e| Refusal {
+                code: RefusalCode::Secret,
+                reason: e.to_string(),
+            })?;
         if let Err(e) = self.cfg.contract.check_link(&self.cfg.me, &ack.ident) {
             return Err(Refusal {
                 code: RefusalCode::Contract,
@@ -878,7 +943,7 @@ impl Engine {
                 ),
             );
         }
-        Ok(())
+        Ok(key)
     }
 
     /// A handshake was refused: by us (`by_us`) or by the peer. `peer` is the claimed name;
@@ -1006,6 +1071,7 @@ impl Engine {
                 contract_hash: info.contract_hash,
                 reason: reason.clone(),
                 reported_rtt_us: info.rtt_us,
+                key: info.key,
             },
         );
         self.event(
@@ -1343,6 +1409,7 @@ impl Engine {
                 since_ms: wall(l.since),
                 secure: l.secure,
                 reason: l.reason.clone(),
+                key: l.key,
             });
         }
         for (name, r) in &self.refused {
@@ -1357,6 +1424,7 @@ impl Engine {
                 since_ms: wall(r.since),
                 secure: self.cfg.secure,
                 reason: Some(r.reason.clone()),
+                key: None,
             });
         }
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
@@ -1405,7 +1473,9 @@ impl Engine {
                 })
                 .collect()
         };
-        let structural = strip(&own.links) != strip(&links)
+        let keys = self.keyring.ids();
+        let structural = own.keys != keys
+            || strip(&own.links) != strip(&links)
             || own.reach != reach
             || own.view != view
             || own.state != state;
@@ -1419,6 +1489,7 @@ impl Engine {
             return;
         }
         own.links = links;
+        own.keys = keys;
         own.reach = reach;
         own.view = view;
         own.state = state;
@@ -2523,6 +2594,84 @@ impl Engine {
         }
     }
 
+    // ----- cluster secret ---------------------------------------------------------------------
+
+    /// The secrets this node holds.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    fn keyring_changed(&mut self, now: Time, what: String) {
+        self.event(
+            now,
+            EventKind::SecretChanged,
+            Some(self.cfg.me.name.clone()),
+            None,
+            what,
+        );
+        self.refresh_own(now, false);
+    }
+
+    /// Adds a secret: accepted from peers from now on, not yet used to prove.
+    pub fn install_key(&mut self, now: Time, secret: Secret) -> Result<bool, SecretError> {
+        let id = secret.id();
+        let changed = self.keyring.install(secret)?;
+        if changed {
+            self.keyring_changed(
+                now,
+                format!("installed key {id} (accepted, not yet in use)"),
+            );
+        }
+        Ok(changed)
+    }
+
+    /// Proves with `id` from now on.
+    pub fn use_key(&mut self, now: Time, id: KeyId) -> Result<bool, SecretError> {
+        let changed = self.keyring.use_key(id)?;
+        if changed {
+            self.keyring_changed(now, format!("key {id} is now in use"));
+        }
+        Ok(changed)
+    }
+
+    /// Stops accepting `id` (it must not be the key in use).
+    pub fn remove_key(&mut self, now: Time, id: KeyId) -> Result<(), SecretError> {
+        self.keyring.remove(id)?;
+        self.keyring_changed(now, format!("removed key {id}"));
+        Ok(())
+    }
+
+    /// Which secrets the live nodes hold and use, from their records.
+    pub fn secrets(&self) -> clusterctl_api::Secrets {
+        let nodes: Vec<&NodeRecord> = self
+            .table
+            .live()
+            .filter(|r| r.clock > 0 && r.state == RecordState::Alive)
+            .collect();
+        let mut ids: BTreeSet<KeyId> = BTreeSet::new();
+        for r in &nodes {
+            ids.extend(r.keys.iter().copied());
+        }
+        let keys = ids
+            .into_iter()
+            .map(|id| clusterctl_api::SecretKeyView {
+                id: id.to_string(),
+                holders: nodes.iter().filter(|r| r.keys.contains(&id)).count() as u32,
+                in_use_by: nodes.iter().filter(|r| r.keys.first() == Some(&id)).count() as u32,
+                missing_on: nodes
+                    .iter()
+                    .filter(|r| !r.keys.contains(&id))
+                    .map(|r| r.name.to_string())
+                    .collect(),
+            })
+            .collect();
+        clusterctl_api::Secrets {
+            observer: self.cfg.me.name.to_string(),
+            nodes: nodes.len() as u32,
+            keys,
+        }
+    }
+
     // ----- reports ----------------------------------------------------------------------------
 
     /// Links the contract expects, between known nodes: `(a, b, kind)` with `a < b`.
@@ -2697,6 +2846,10 @@ impl Engine {
             protocol,
             reason,
             expected,
+            secret_key: matches!(state, LinkState::Up | LinkState::Drift | LinkState::OneWay)
+                .then(|| mine.and_then(|l| l.key).or_else(|| any.and_then(|r| r.key)))
+                .flatten()
+                .map(|k| k.to_string()),
         }
     }
 

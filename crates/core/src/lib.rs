@@ -9,6 +9,7 @@
 //! | [`name`] | validated node, site and cluster names; [`name::Ident`] |
 //! | [`contract`] | the topology contract: sites, gateways, allowed links, canonical hash |
 //! | [`table`] | the node table: records, clock rule, tombstones, caps |
+//! | [`secret`] | the cluster secret keyring and handshake proofs (HMAC bound to the TLS session) |
 //! | [`snapshot`] | the on-disk form of the table (magic, version, crc) |
 //! | [`wire`] | handshake messages, frames, routed envelopes, datagrams |
 //! | [`health`] | local health (Lifeguard-style) that slows down a slow observer's accusations |
@@ -21,6 +22,7 @@ pub mod contract;
 pub mod engine;
 pub mod health;
 pub mod name;
+pub mod secret;
 pub mod snapshot;
 pub mod swim;
 pub mod table;

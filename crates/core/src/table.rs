@@ -14,6 +14,7 @@
 //! Everything here is bounded: see the `MAX_*` constants and [`NodeRecord::validate`].
 
 use crate::name::{Ident, NodeName, SiteName};
+use crate::secret::KeyId;
 use clusterctl_api::{LinkState, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -63,6 +64,8 @@ pub struct LinkReport {
     pub secure: bool,
     /// Refusal or drift reason.
     pub reason: Option<String>,
+    /// The cluster secret both ends proved on this link.
+    pub key: Option<KeyId>,
 }
 
 /// One node's entry in the table.
@@ -86,6 +89,8 @@ pub struct NodeRecord {
     pub reach: Vec<SiteName>,
     /// Gateways only: liveness of the nodes of its own site, from the site's failure detector.
     pub view: Vec<(NodeName, Liveness)>,
+    /// Fingerprints of the cluster secrets the node holds, the one in use first.
+    pub keys: Vec<KeyId>,
 }
 
 /// A record that breaks a bound.
@@ -130,6 +135,7 @@ impl NodeRecord {
             links: Vec::new(),
             reach: Vec::new(),
             view: Vec::new(),
+            keys: Vec::new(),
         }
     }
 
@@ -150,6 +156,7 @@ impl NodeRecord {
             links: Vec::new(),
             reach: Vec::new(),
             view: Vec::new(),
+            keys: Vec::new(),
             ..prev.clone()
         }
     }
@@ -162,6 +169,7 @@ impl NodeRecord {
         cap("links", self.links.len(), MAX_LINKS)?;
         cap("reach", self.reach.len(), MAX_VIEW)?;
         cap("view", self.view.len(), MAX_VIEW)?;
+        cap("keys", self.keys.len(), crate::secret::MAX_KEYS)?;
         for l in &self.links {
             if let Some(r) = &l.reason {
                 cap("links[].reason", r.len(), MAX_TEXT_LEN)?;

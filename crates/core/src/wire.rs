@@ -10,6 +10,7 @@
 //! validated while decoding and every record is checked against the table's caps.
 
 use crate::name::{ClusterName, Ident, NodeName};
+use crate::secret::SecretProof;
 use crate::table::{NodeRecord, RecordError};
 use clusterctl_api::{PingFailure, PingReport, ProbeResult};
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,8 @@ pub struct Hello {
     /// Set by `agent --rejoin`: come back even over a tombstone.
     pub rejoin: bool,
     pub version: String,
+    /// Proof of the dialer's cluster secret, bound to this TLS session.
+    pub secret: SecretProof,
 }
 
 /// The acceptor's answer when it takes the link.
@@ -50,6 +53,8 @@ pub struct HelloAck {
     /// The highest clock the acceptor has seen for the dialer's name (0 if none): a re-deployed
     /// node with an empty disk comes back above it.
     pub last_clock_for_you: u64,
+    /// Proof that the acceptor holds the secret the dialer proved, bound to this session.
+    pub secret: SecretProof,
 }
 
 /// Why a handshake was refused.
@@ -69,6 +74,8 @@ pub enum RefusalCode {
     SecurityMode,
     /// The acceptor is at its connection limit.
     Overloaded,
+    /// The peer proved no cluster secret this node holds.
+    Secret,
 }
 
 impl RefusalCode {
@@ -82,6 +89,7 @@ impl RefusalCode {
             RefusalCode::Version => "version",
             RefusalCode::SecurityMode => "security-mode",
             RefusalCode::Overloaded => "overloaded",
+            RefusalCode::Secret => "secret",
         }
     }
 }

@@ -21,8 +21,12 @@ use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
 use bytes::Bytes;
-use clusterctl_core::engine::{Engine, EngineConfig, EngineError, LinkInfo, Output, Reply, Timing};
+use clusterctl_api::{KeyringReport, SecretRequest};
+use clusterctl_core::engine::{
+    Engine, EngineConfig, EngineError, HelloMaker, LinkInfo, Output, Reply, Timing,
+};
 use clusterctl_core::name::{Ident, NodeName};
+use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
 use clusterctl_core::wire::{Handshake, Hello, HelloAck, Refusal, MAX_FRAME, MAX_HANDSHAKE};
 use std::collections::HashMap;
@@ -55,6 +59,9 @@ const NET_QUEUE: usize = 8192;
 pub struct AgentOptions {
     /// Come back even over a tombstone (`clusterctl agent --rejoin`).
     pub rejoin: bool,
+    /// Start with only this cluster secret (`clusterctl agent --secret FILE`), replacing the
+    /// persisted keyring.
+    pub secret: Option<std::path::PathBuf>,
     pub timing: Timing,
 }
 
@@ -62,6 +69,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             rejoin: false,
+            secret: None,
             timing: Timing::lan(),
         }
     }
@@ -104,12 +112,14 @@ enum Net {
         expected: NodeName,
         ack: HelloAck,
         cert: Option<CertIdentity>,
+        binding: Vec<u8>,
     },
     /// Acceptor side: a hello to check; the answer goes back on `reply`.
     Hello {
         conn: quinn::Connection,
         hello: Hello,
         cert: Option<CertIdentity>,
+        binding: Vec<u8>,
         reply: oneshot::Sender<Result<HelloAck, Refusal>>,
     },
     /// Dialer side: the acceptor refused us.
@@ -260,6 +270,11 @@ pub async fn run_bound(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let restored = persist::load(&cfg.data_dir)?;
+    let reset_to = match &opts.secret {
+        Some(p) => Some(crate::config::load_secret(p, "--secret")?),
+        None => None,
+    };
+    let keyring = crate::keyring::load_or_init(&cfg.data_dir, &cfg.secret, reset_to)?;
     let wall_base_ms = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -279,6 +294,7 @@ pub async fn run_bound(
         timing: opts.timing.clone(),
         wall_base_ms,
         seed: wall_base_ms ^ u64::from(std::process::id()),
+        keyring,
     };
     let epoch = Instant::now();
     let mut engine = Engine::new(ecfg, restored, Duration::ZERO)?;
@@ -343,6 +359,7 @@ pub async fn run_bound(
     let persist_task = tokio::spawn(persister(cfg.data_dir.clone(), persist_rx));
 
     let mut owner = Owner {
+        data_dir: cfg.data_dir.clone(),
         epoch,
         endpoint: endpoint.clone(),
         client_cfg,
@@ -370,6 +387,7 @@ pub async fn run_bound(
 }
 
 struct Owner {
+    data_dir: std::path::PathBuf,
     epoch: Instant,
     endpoint: quinn::Endpoint,
     client_cfg: quinn::ClientConfig,
@@ -442,7 +460,7 @@ impl Owner {
         while let Some(out) = engine.poll_output() {
             match out {
                 Output::Dial { peer, addr } => {
-                    let hello = engine.hello();
+                    let hello = engine.hello_maker();
                     tokio::spawn(dial(
                         self.endpoint.clone(),
                         self.client_cfg.clone(),
@@ -486,8 +504,15 @@ impl Owner {
         }
     }
 
-    fn link_info(&self, conn: &quinn::Connection, peer: Ident, contract_hash: String) -> LinkInfo {
+    fn link_info(
+        &self,
+        conn: &quinn::Connection,
+        peer: Ident,
+        contract_hash: String,
+        key: KeyId,
+    ) -> LinkInfo {
         LinkInfo {
+            key: Some(key),
             peer,
             contract_hash,
             secure: matches!(self.security, Security::Mutual(_)),
@@ -545,6 +570,7 @@ impl Owner {
                 conn,
                 hello,
                 cert,
+                binding,
                 reply,
             } => {
                 let cert_ref = cert.as_ref().map(|c| (&c.cluster, &c.ident));
@@ -552,12 +578,17 @@ impl Owner {
                     Security::Mutual(_) => cert_ref,
                     Security::Insecure { .. } => None,
                 };
-                match engine.check_hello(&hello, cert_ref) {
+                match engine.check_hello(&hello, cert_ref, &binding) {
                     Ok(ack) => {
                         let peer = hello.ident.name.clone();
+                        let key = ack.secret.key;
                         let _ = reply.send(Ok(ack));
-                        let info =
-                            self.link_info(&conn, hello.ident.clone(), hello.contract_hash.clone());
+                        let info = self.link_info(
+                            &conn,
+                            hello.ident.clone(),
+                            hello.contract_hash.clone(),
+                            key,
+                        );
                         if self.register(engine, conn, &peer, peer.clone()).is_some() {
                             engine.handle_link_up(now, info);
                         }
@@ -580,16 +611,21 @@ impl Owner {
                 expected,
                 ack,
                 cert,
+                binding,
             } => {
                 let cert_ref = match self.security {
                     Security::Mutual(_) => cert.as_ref().map(|c| (&c.cluster, &c.ident)),
                     Security::Insecure { .. } => None,
                 };
-                match engine.check_ack(now, &expected, &ack, cert_ref) {
-                    Ok(()) => {
+                match engine.check_ack(now, &expected, &ack, cert_ref, &binding) {
+                    Ok(key) => {
                         let me = engine.me().name.clone();
-                        let info =
-                            self.link_info(&conn, ack.ident.clone(), ack.contract_hash.clone());
+                        let info = self.link_info(
+                            &conn,
+                            ack.ident.clone(),
+                            ack.contract_hash.clone(),
+                            key,
+                        );
                         if self.register(engine, conn, &expected, me).is_some() {
                             engine.handle_link_up(now, info);
                         }
@@ -709,6 +745,12 @@ impl Owner {
                     .and_then(|n| engine.forget(now, &n));
                 let _ = reply.send(r);
             }
+            Command::Secrets { reply } => {
+                let _ = reply.send(engine.secrets());
+            }
+            Command::Secret { req, reply } => {
+                let _ = reply.send(self.keyring_op(engine, now, &req));
+            }
             Command::Metrics { reply } => {
                 let _ = reply.send(control::MetricsSnapshot {
                     counters: engine.counters.clone(),
@@ -719,6 +761,56 @@ impl Owner {
                 });
             }
         }
+    }
+
+    /// `clusterctl secret install|use|remove` on this node; the keyring is persisted before the
+    /// answer.
+    fn keyring_op(
+        &mut self,
+        engine: &mut Engine,
+        now: Duration,
+        req: &SecretRequest,
+    ) -> Result<KeyringReport, String> {
+        let key = || -> Result<KeyId, String> {
+            let text = req.key.as_deref().ok_or("this operation needs a key id")?;
+            text.parse().map_err(|e: SecretError| e.to_string())
+        };
+        let changed = match req.op.as_str() {
+            "install" => {
+                let file = req
+                    .file
+                    .as_deref()
+                    .ok_or("install needs the path of a secret file")?;
+                let secret = crate::config::load_secret(std::path::Path::new(file), "file")
+                    .map_err(|e| format!("{} — {}", e.problem, e.fix))?;
+                engine.install_key(now, secret).map_err(|e| e.to_string())?
+            }
+            "use" => engine.use_key(now, key()?).map_err(|e| e.to_string())?,
+            "remove" => {
+                engine.remove_key(now, key()?).map_err(|e| e.to_string())?;
+                true
+            }
+            other => {
+                return Err(format!(
+                    "unknown operation {other:?}: use install, use or remove"
+                ))
+            }
+        };
+        if changed {
+            crate::keyring::store(&self.data_dir, engine.keyring()).map_err(|e| {
+                format!(
+                    "the keyring changed but could not be written to {}: {e}",
+                    self.data_dir.display()
+                )
+            })?;
+        }
+        let ring = engine.keyring();
+        Ok(KeyringReport {
+            node: engine.me().name.to_string(),
+            primary: ring.primary().to_string(),
+            keys: ring.ids().iter().map(ToString::to_string).collect(),
+            changed,
+        })
     }
 
     fn token(&mut self, reply: oneshot::Sender<Reply>) -> u64 {
@@ -733,6 +825,16 @@ impl Owner {
         warn!("bad request: {why}");
         self.pending.remove(&token);
     }
+}
+
+/// A value both ends of this TLS session derive and nobody else can (a TLS exporter): the cluster
+/// secret proofs are bound to it, so they cannot be replayed on another connection.
+fn session_binding(conn: &quinn::Connection) -> Vec<u8> {
+    let mut out = vec![0u8; BINDING_LEN];
+    // Exporting from an established QUIC-TLS session cannot fail for a 32-byte output; if it
+    // ever did, the all-zero binding makes the peer's proof check fail (a refusal, not a hole).
+    let _ = conn.export_keying_material(&mut out, EXPORTER_LABEL, b"");
+    out
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {
@@ -763,7 +865,7 @@ async fn dial(
     client_cfg: quinn::ClientConfig,
     peer: NodeName,
     addr: String,
-    hello: Hello,
+    hello: HelloMaker,
     net: mpsc::Sender<Net>,
 ) {
     let fail = |reason: String, kind: DialFail| Net::DialFailed {
@@ -788,6 +890,8 @@ async fn dial(
             Ok(Err(e)) => return Err(fail(tls::describe_connection_error(&e), classify(&e))),
             Ok(Ok(c)) => c,
         };
+        let binding = session_binding(&conn);
+        let hello = hello.make(&binding);
         let exchange = async {
             let (mut send, mut recv) = conn
                 .open_bi()
@@ -825,6 +929,7 @@ async fn dial(
                     expected: peer.clone(),
                     ack,
                     cert,
+                    binding,
                 })
             }
             Ok(Ok(Handshake::Refuse(refusal))) => {
@@ -890,12 +995,14 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
         }
     };
     let cert = tls::peer_identity(&conn);
+    let binding = session_binding(&conn);
     let (tx, rx) = oneshot::channel();
     if net
         .send(Net::Hello {
             conn: conn.clone(),
             hello,
             cert,
+            binding,
             reply: tx,
         })
         .await

@@ -12,6 +12,7 @@
 use clusterctl_api::Role;
 use clusterctl_core::contract::{Contract, ContractRefusal};
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
+use clusterctl_core::secret::Secret;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::BTreeSet;
@@ -45,6 +46,7 @@ const KEYS: &[&str] = &[
     "control",
     "contract",
     "insecure",
+    "secret",
     "tls",
 ];
 /// Keys of the `[tls]` table.
@@ -74,6 +76,10 @@ pub struct AgentConfig {
     pub tls: Option<TlsFiles>,
     /// Links without authentication or encryption, for labs only.
     pub insecure: bool,
+    /// The cluster secret file (`secret`).
+    pub secret_path: PathBuf,
+    /// The cluster secret it holds: the first key of a new node's keyring.
+    pub secret: Secret,
 }
 
 /// The `[tls]` table: where the CA bundle, the node certificate and its key are.
@@ -175,6 +181,7 @@ struct RawConfig {
     control: Option<String>,
     contract: Option<String>,
     insecure: Option<bool>,
+    secret: Option<String>,
     tls: Option<RawTls>,
 }
 
@@ -291,6 +298,7 @@ impl RawConfig {
                 "\"/etc/clusterctl/contract.toml\"",
             )?,
             insecure,
+            secret: take_str(t, "secret", "secret", "\"/etc/clusterctl/cluster.secret\"")?,
             tls,
         })
     }
@@ -441,6 +449,14 @@ impl RawConfig {
             Some(raw) => Some(check_tls(raw, base_dir, &cluster, &ident)?),
         };
 
+        let secret_text = required(
+            self.secret,
+            "secret",
+            "secret = \"/etc/clusterctl/cluster.secret\" (the cluster secret, mode 0600; make one with `clusterctl secret generate FILE`)",
+        )?;
+        let secret_path = resolve_path(base_dir, &secret_text, "secret")?;
+        let secret = load_secret(&secret_path, "secret")?;
+
         let data_dir_text = required(
             self.data_dir,
             "data-dir",
@@ -462,8 +478,50 @@ impl RawConfig {
             contract,
             tls,
             insecure,
+            secret_path,
+            secret,
         })
     }
+}
+
+/// Reads a cluster secret file: it must be readable by its owner only (mode 0600 or 0400) and
+/// hold a hex secret. Used for the config's `secret` and for `clusterctl secret install`.
+pub fn load_secret(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("cannot read {}: {e}", path.display()),
+            "point it at the cluster secret file, or create one with `clusterctl secret generate FILE`",
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} has mode {mode:04o}: a secret file must be readable by its owner only",
+                path.display()
+            ),
+            format!("chmod 600 {}", path.display()),
+        ));
+    }
+    let text = read_capped(path, 4096)
+        .map_err(|problem| ConfigError::new(key, problem, "point it at the cluster secret file"))?;
+    let text = String::from_utf8(text).map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{} is not text", path.display()),
+            "a secret file holds hex, e.g. from `clusterctl secret generate FILE`",
+        )
+    })?;
+    Secret::from_text(&text).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("{} does not hold a usable secret", path.display()),
+            e.to_string(),
+        )
+    })
 }
 
 fn required(value: Option<String>, key: &str, example: &str) -> Result<String, ConfigError> {
@@ -1012,6 +1070,14 @@ between = ["us-east", "eu-west"]
             std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
             let f = Fixture { dir, ca };
             f.issue("node", &ident("edge-us-1", "us-east", Role::Member));
+            let secret = f.dir.path().join("cluster.secret");
+            std::fs::write(
+                &secret,
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+            )
+            .unwrap();
+            std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             f
         }
 
@@ -1047,6 +1113,7 @@ listen = "127.0.0.1:7400"
 seeds = ["gw-us-1@127.0.0.2:7400", "edge-us-2@localhost:7400"]
 data-dir = "data"
 contract = "contract.toml"
+secret = "cluster.secret"
 
 [tls]
 ca = "ca.pem"
@@ -1447,6 +1514,11 @@ key = "node.key"
         std::fs::write(etc.join("ca.pem"), &ca.cert_pem).unwrap();
         std::fs::write(etc.join("edge-us-1.pem"), &node.cert_pem).unwrap();
         std::fs::write(etc.join("edge-us-1.key"), &node.key_pem).unwrap();
+        std::fs::copy(
+            f.dir.path().join("cluster.secret"),
+            etc.join("cluster.secret"),
+        )
+        .unwrap();
         let text = EXAMPLE
             .replace("/etc/clusterctl", &etc.display().to_string())
             .replace(
@@ -1459,6 +1531,22 @@ key = "node.key"
         assert!(!c.advertise.ip().is_unspecified());
         assert!(!c.seeds.is_empty());
         assert!(c.tls.is_some());
+    }
+
+    #[test]
+    fn secret_file_must_be_private_and_well_formed() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = Fixture::new();
+        let p = f.dir.path().join("cluster.secret");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = f.parse(GOOD).unwrap_err();
+        assert_key(&e, "secret", "chmod 600");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&p, "not hex").unwrap();
+        let e = f.parse(GOOD).unwrap_err();
+        assert_key(&e, "secret", "hex");
+        let e = f.err(&with("secret = \"cluster.secret\"\n", ""));
+        assert_key(&e, "secret", "secret generate");
     }
 
     #[test]

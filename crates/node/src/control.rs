@@ -8,6 +8,8 @@
 //! | GET | `/v1/events[?since=SEQ][&follow=true]` | newline-delimited [`Event`]s |
 //! | POST | `/v1/ping` | [`PingRequest`] -> [`PingReport`] |
 //! | POST | `/v1/forget` | [`ForgetRequest`] -> [`ForgetReport`] |
+//! | POST | `/v1/secret` | [`SecretRequest`] -> [`KeyringReport`] |
+//! | GET | `/v1/secrets` | [`Secrets`] (who holds which cluster secret) |
 //! | GET | `/metrics` | Prometheus text format |
 //!
 //! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
@@ -20,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clusterctl_api::{
-    ApiError, Event, ForgetReport, ForgetRequest, Members, NodeInfo, PingRequest, Role, Topology,
-    API_VERSION,
+    ApiError, Event, ForgetReport, ForgetRequest, KeyringReport, Members, NodeInfo, PingRequest,
+    Role, SecretRequest, Secrets, Topology, API_VERSION,
 };
 use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
 use futures_util::StreamExt;
@@ -60,6 +62,13 @@ pub enum Command {
     },
     Metrics {
         reply: oneshot::Sender<MetricsSnapshot>,
+    },
+    Secret {
+        req: SecretRequest,
+        reply: oneshot::Sender<Result<KeyringReport, String>>,
+    },
+    Secrets {
+        reply: oneshot::Sender<Secrets>,
     },
 }
 
@@ -196,6 +205,8 @@ pub async fn serve(
         .route("/v1/events", get(events_route))
         .route("/v1/ping", post(ping))
         .route("/v1/forget", post(forget))
+        .route("/v1/secret", post(secret))
+        .route("/v1/secrets", get(secrets))
         .route("/metrics", get(metrics))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
@@ -307,6 +318,33 @@ async fn forget(
         })),
         Err(e) => Err(err(StatusCode::BAD_REQUEST, e)),
     }
+}
+
+async fn secret(
+    State(ctx): State<Ctx>,
+    Json(req): Json<SecretRequest>,
+) -> ApiResult<Json<KeyringReport>> {
+    match ask(
+        &ctx,
+        |reply| Command::Secret { req, reply },
+        Duration::from_secs(5),
+    )
+    .await?
+    {
+        Ok(r) => Ok(Json(r)),
+        Err(e) => Err(err(StatusCode::BAD_REQUEST, e)),
+    }
+}
+
+async fn secrets(State(ctx): State<Ctx>) -> ApiResult<Json<Secrets>> {
+    Ok(Json(
+        ask(
+            &ctx,
+            |reply| Command::Secrets { reply },
+            Duration::from_secs(5),
+        )
+        .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod keyring;
 pub mod persist;
 pub mod pki;
 pub mod tls;

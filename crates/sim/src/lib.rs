@@ -24,6 +24,7 @@ use clusterctl_api::{NodeStatus, PingReport, Role, Topology};
 use clusterctl_core::contract::Contract;
 use clusterctl_core::engine::{Engine, EngineConfig, EventOut, LinkInfo, Output, Reply, Timing};
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
+use clusterctl_core::secret::{KeyId, Keyring, Secret};
 use clusterctl_core::table::NodeRecord;
 use clusterctl_core::wire::RefusalCode;
 use clusterctl_core::Time;
@@ -72,6 +73,11 @@ pub fn seed_from_env(default: u64) -> u64 {
         .unwrap_or(default);
     println!("simulation seed {seed} (replay with CLUSTERCTL_SIM_SEED={seed})");
     seed
+}
+
+/// A deterministic cluster secret for simulations (`n` picks which).
+pub fn sim_secret(n: u8) -> Secret {
+    Secret::from_bytes(&[n; 32]).expect("32 bytes is a valid secret")
 }
 
 /// One site of a simulated cluster.
@@ -149,10 +155,12 @@ enum Ev {
         a: usize,
         b: usize,
     },
+    /// A connection closes at `at`; with `gen`, only if no newer connection replaced it.
     Close {
         at: usize,
         peer: usize,
         reason: String,
+        gen: Option<u64>,
     },
 }
 
@@ -165,7 +173,9 @@ pub struct Sim {
     events: BTreeMap<u64, Ev>,
     pub nodes: Vec<SimNode>,
     index: BTreeMap<NodeName, usize>,
-    conns: BTreeSet<(usize, usize)>,
+    /// Open connections and their generation.
+    conns: BTreeMap<(usize, usize), u64>,
+    conn_keys: BTreeMap<(usize, usize), KeyId>,
     cuts: BTreeSet<(SiteName, SiteName)>,
     rng: StdRng,
     contract: Contract,
@@ -268,6 +278,7 @@ impl Sim {
                 timing: Timing::lan(),
                 wall_base_ms: 0,
                 seed: cfg.seed.wrapping_mul(31).wrapping_add(i as u64),
+                keyring: Keyring::new(sim_secret(1)),
             };
             index.insert(id.name.clone(), i);
             nodes.push(SimNode {
@@ -292,7 +303,8 @@ impl Sim {
             events: BTreeMap::new(),
             nodes,
             index,
-            conns: BTreeSet::new(),
+            conns: BTreeMap::new(),
+            conn_keys: BTreeMap::new(),
             cuts: BTreeSet::new(),
             contract,
             next_token: 1,
@@ -441,7 +453,7 @@ impl Sim {
                     );
                     return;
                 };
-                if self.conns.contains(&pair(i, j)) {
+                if self.conns.contains_key(&pair(i, j)) {
                     // Already connected (the other end dialed first): the runtime would keep one
                     // connection; report it up to this end too.
                     self.schedule(now, Ev::LinkUp { at: i, peer: j });
@@ -472,7 +484,7 @@ impl Sim {
                 let Some(&j) = self.index.get(&to) else {
                     return;
                 };
-                if self.conns.contains(&pair(i, j)) && self.path_open(i, j) {
+                if self.conns.contains_key(&pair(i, j)) && self.path_open(i, j) {
                     let lat = self.latency(i, j);
                     self.schedule(
                         now + lat,
@@ -494,7 +506,7 @@ impl Sim {
                     self.lost_datagrams += 1;
                     return;
                 }
-                if self.conns.contains(&pair(i, j)) && self.path_open(i, j) {
+                if self.conns.contains_key(&pair(i, j)) && self.path_open(i, j) {
                     let lat = self.latency(i, j);
                     self.schedule(
                         now + lat,
@@ -510,13 +522,14 @@ impl Sim {
                 let Some(&j) = self.index.get(&peer) else {
                     return;
                 };
-                if self.conns.remove(&pair(i, j)) {
+                if self.conns.remove(&pair(i, j)).is_some() {
                     self.schedule(
                         now,
                         Ev::Close {
                             at: i,
                             peer: j,
                             reason: reason.clone(),
+                            gen: None,
                         },
                     );
                     let lat = self.latency(i, j);
@@ -526,6 +539,7 @@ impl Sim {
                             at: j,
                             peer: i,
                             reason,
+                            gen: None,
                         },
                     );
                 }
@@ -553,8 +567,9 @@ impl Sim {
         }
     }
 
-    fn link_info(&self, peer: usize, rtt: Duration) -> LinkInfo {
+    fn link_info(&self, at: usize, peer: usize, rtt: Duration) -> LinkInfo {
         LinkInfo {
+            key: self.conn_keys.get(&pair(at, peer)).copied(),
             peer: self.nodes[peer].ident.clone(),
             contract_hash: self.nodes[peer].cfg.contract.hash().to_string(),
             secure: true,
@@ -576,7 +591,7 @@ impl Sim {
                 }
             }
             Ev::Frame { to, from, bytes } => {
-                if self.conns.contains(&pair(to, from)) {
+                if self.conns.contains_key(&pair(to, from)) {
                     let name = self.nodes[from].ident.name.clone();
                     if let Some(e) = self.nodes[to].engine.as_mut() {
                         e.handle_frame_bytes(now, &name, &bytes);
@@ -585,7 +600,7 @@ impl Sim {
                 }
             }
             Ev::Datagram { to, from, bytes } => {
-                if self.conns.contains(&pair(to, from)) {
+                if self.conns.contains_key(&pair(to, from)) {
                     let name = self.nodes[from].ident.name.clone();
                     if let Some(e) = self.nodes[to].engine.as_mut() {
                         e.handle_datagram(now, &name, &bytes);
@@ -617,9 +632,9 @@ impl Sim {
                 self.pump(at);
             }
             Ev::LinkUp { at, peer } => {
-                if self.conns.contains(&pair(at, peer)) {
+                if self.conns.contains_key(&pair(at, peer)) {
                     let rtt = self.latency(at, peer) * 2;
-                    let info = self.link_info(peer, rtt);
+                    let info = self.link_info(at, peer, rtt);
                     if let Some(e) = self.nodes[at].engine.as_mut() {
                         if !e.linked_peers().contains(&info.peer.name) {
                             e.handle_link_up(now, info);
@@ -629,7 +644,7 @@ impl Sim {
                 }
             }
             Ev::IdleCheck { a, b } => {
-                if self.conns.contains(&pair(a, b)) && !self.path_open(a, b) {
+                if self.conns.contains_key(&pair(a, b)) && !self.path_open(a, b) {
                     self.conns.remove(&pair(a, b));
                     for (x, y) in [(a, b), (b, a)] {
                         let peer = self.nodes[y].ident.name.clone();
@@ -640,7 +655,16 @@ impl Sim {
                     }
                 }
             }
-            Ev::Close { at, peer, reason } => {
+            Ev::Close {
+                at,
+                peer,
+                reason,
+                gen,
+            } => {
+                if gen.is_some_and(|g| self.conns.get(&pair(at, peer)).is_some_and(|cur| *cur != g))
+                {
+                    return;
+                }
                 let name = self.nodes[peer].ident.name.clone();
                 if let Some(e) = self.nodes[at].engine.as_mut() {
                     e.handle_link_down(now, &name, &format!("closed: {reason}"));
@@ -664,7 +688,7 @@ impl Sim {
             );
             return;
         }
-        if self.conns.contains(&pair(i, j)) {
+        if self.conns.contains_key(&pair(i, j)) {
             self.schedule(now, Ev::LinkUp { at: i, peer: j });
             return;
         }
@@ -672,14 +696,16 @@ impl Sim {
         else {
             return;
         };
-        let hello = ei.hello();
+        // Stands in for the TLS exporter: unique per connection attempt.
+        let binding = format!("sim-session-{i}-{j}-{}", self.seq).into_bytes();
+        let hello = ei.hello_maker().make(&binding);
         let cluster = self.nodes[i].cfg.cluster.clone();
         // In the simulation every node holds an honest certificate for its own identity.
         let cert_i = self.nodes[i].ident.clone();
         let cert_j = self.nodes[j].ident.clone();
         let name_i = cert_i.name.clone();
         let name_j = cert_j.name.clone();
-        match ej.check_hello(&hello, Some((&cluster, &cert_i))) {
+        match ej.check_hello(&hello, Some((&cluster, &cert_i)), &binding) {
             Err(refusal) => {
                 let reason = refusal.to_string();
                 let code = Some(refusal.code);
@@ -709,11 +735,12 @@ impl Sim {
                 let res = self.nodes[i]
                     .engine
                     .as_mut()
-                    .map(|e| e.check_ack(now, &name_j, &ack, Some((&cluster, &cert_j))));
+                    .map(|e| e.check_ack(now, &name_j, &ack, Some((&cluster, &cert_j)), &binding));
                 self.pump(i);
                 match res {
-                    Some(Ok(())) => {
-                        self.conns.insert(pair(i, j));
+                    Some(Ok(key)) => {
+                        self.conns.insert(pair(i, j), self.seq);
+                        self.conn_keys.insert(pair(i, j), key);
                         self.schedule(now, Ev::LinkUp { at: i, peer: j });
                         let lat = self.latency(i, j);
                         self.schedule(now + lat, Ev::LinkUp { at: j, peer: i });
@@ -798,7 +825,7 @@ impl Sim {
     // ----- faults -----------------------------------------------------------------------------
 
     fn schedule_idle_checks(&mut self) {
-        let conns: Vec<(usize, usize)> = self.conns.iter().copied().collect();
+        let conns: Vec<(usize, usize)> = self.conns.keys().copied().collect();
         let at = self.now + self.cfg.idle_timeout;
         for (a, b) in conns {
             if !self.path_open(a, b) {
@@ -841,6 +868,28 @@ impl Sim {
     fn crash_idx(&mut self, i: usize) {
         self.nodes[i].engine = None;
         self.nodes[i].wake = None;
+        // The crashed process's connections are gone; its peers notice at their idle timeout
+        // (unless a new connection from its next life replaced them first).
+        let mine: Vec<((usize, usize), u64)> = self
+            .conns
+            .iter()
+            .filter(|((a, b), _)| *a == i || *b == i)
+            .map(|(k, g)| (*k, *g))
+            .collect();
+        let at = self.now + self.cfg.idle_timeout;
+        for ((a, b), gen) in mine {
+            self.conns.remove(&(a, b));
+            let peer = if a == i { b } else { a };
+            self.schedule(
+                at,
+                Ev::Close {
+                    at: peer,
+                    peer: i,
+                    reason: "idle timeout".into(),
+                    gen: Some(gen),
+                },
+            );
+        }
         // A fresh life starts from the persisted clock, which the invariant tracks.
         self.nodes[i].max_clock = 0;
         self.schedule_idle_checks();
@@ -872,6 +921,30 @@ impl Sim {
         self.pump(i);
         self.run_for(linger);
         self.crash_idx(i);
+    }
+
+    /// Restarts a crashed node from its persisted table with only `keyring` (an operator
+    /// restarting it with another secret file).
+    pub fn restart_with_keyring(&mut self, name: &str, keyring: Keyring) {
+        let i = self.idx(name);
+        self.nodes[i].cfg.keyring = keyring;
+        self.restart(name);
+    }
+
+    /// Runs a keyring operation on a running node (`clusterctl secret install|use|remove`); the
+    /// change survives restarts, as the agent persists it.
+    pub fn keyring_op(
+        &mut self,
+        name: &str,
+        op: impl FnOnce(&mut Engine, Time) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let i = self.idx(name);
+        let now = self.now;
+        let e = self.nodes[i].engine.as_mut().ok_or("node is down")?;
+        op(e, now)?;
+        self.nodes[i].cfg.keyring = e.keyring().clone();
+        self.pump(i);
+        Ok(())
     }
 
     /// Asks `observer` to forget `name`.

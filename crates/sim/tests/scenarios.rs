@@ -393,3 +393,103 @@ fn graceful_leave_is_reported_left_never_dead() {
     // Its links are no longer expected: the cluster is healthy without it.
     assert!(sim.topology("edge-us-1").healthy, "seed {seed}");
 }
+
+fn refusals(sim: &Sim) -> u64 {
+    sim.nodes
+        .iter()
+        .filter_map(|n| n.engine())
+        .map(|e| e.counters.refused_in + e.counters.refused_out)
+        .sum()
+}
+
+#[test]
+fn node_restarted_with_only_a_new_secret_is_refused_as_secret_mismatch() {
+    use clusterctl_core::secret::Keyring;
+    use clusterctl_sim::sim_secret;
+    let seed = seed_from_env(23);
+    let mut sim = converged(seed, 1);
+    sim.crash("edge-us-2");
+    sim.restart_with_keyring("edge-us-2", Keyring::new(sim_secret(2)));
+    sim.run_for(Duration::from_secs(15));
+    let t = sim.topology("edge-us-1");
+    let link = t
+        .links
+        .iter()
+        .find(|l| l.from == "edge-us-1" && l.to == "edge-us-2")
+        .expect("link");
+    assert_eq!(link.state, LinkState::Refused, "{link:#?} (seed {seed})");
+    assert!(
+        link.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("secret mismatch"),
+        "{link:#?} (seed {seed})"
+    );
+    assert!(!t.healthy);
+}
+
+#[test]
+fn install_use_remove_rotates_the_secret_with_zero_refused_links() {
+    use clusterctl_sim::sim_secret;
+    let seed = seed_from_env(29);
+    let mut sim = converged(seed, 2);
+    let before = refusals(&sim);
+    let new = sim_secret(2);
+    let (old_id, new_id) = (sim_secret(1).id(), new.id());
+    let names = sim.names();
+    for n in &names {
+        let s = new.clone();
+        sim.keyring_op(n, |e, now| {
+            e.install_key(now, s).map(drop).map_err(|e| e.to_string())
+        })
+        .expect("install");
+        sim.run_for(Duration::from_millis(300));
+    }
+    let s = sim.engine("edge-us-1").secrets();
+    let v = s
+        .keys
+        .iter()
+        .find(|k| k.id == new_id.to_string())
+        .expect("new key listed");
+    let n = names.len() as u32;
+    assert_eq!((v.holders, v.in_use_by, s.nodes), (n, 0, n), "{s:#?}");
+    for n in &names {
+        sim.keyring_op(n, |e, now| {
+            e.use_key(now, new_id).map(drop).map_err(|e| e.to_string())
+        })
+        .expect("use");
+        // Roll: restart the node so every one of its links is handshaken again.
+        sim.crash(n);
+        sim.restart(n);
+        sim.run_until(CONVERGE, Sim::converged)
+            .unwrap_or_else(|| panic!("no convergence after rolling {n} (seed {seed})"));
+    }
+    for n in &names {
+        sim.keyring_op(n, |e, now| {
+            e.remove_key(now, old_id).map_err(|e| e.to_string())
+        })
+        .expect("remove");
+        sim.crash(n);
+        sim.restart(n);
+        sim.run_until(CONVERGE, Sim::converged)
+            .unwrap_or_else(|| panic!("no convergence after rolling {n} (seed {seed})"));
+    }
+    assert_eq!(
+        refusals(&sim),
+        before,
+        "a link was refused during the rotation (seed {seed})"
+    );
+    let s = sim.engine("gw-eu-1").secrets();
+    assert_eq!(s.keys.len(), 1, "{s:#?}");
+    assert_eq!(
+        (s.keys[0].id.clone(), s.keys[0].holders),
+        (new_id.to_string(), n)
+    );
+    let t = sim.topology("edge-us-1");
+    assert!(
+        t.links
+            .iter()
+            .all(|l| l.secret_key.as_deref() == Some(new_id.to_string().as_str())),
+        "seed {seed}"
+    );
+}
