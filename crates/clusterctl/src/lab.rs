@@ -390,6 +390,7 @@ impl LabPlan {
              data-dir = \"data\"\n\
              control = \"{control}\"\n\
              contract = \"../../contract.toml\"\n\
+             secret = \"../../secret.key\"\n\
              \n\
              [tls]\n\
              ca = \"../../ca.pem\"\n\
@@ -501,6 +502,7 @@ pub fn generate(plan: &LabPlan, dir: &Path) -> anyhow::Result<()> {
     let contract = plan.contract_toml();
     Contract::parse(&contract).map_err(|e| anyhow!("generated contract is invalid: {e}"))?;
     write_file(&dir.join("contract.toml"), &contract)?;
+    write_private(&dir.join("secret.key"), &new_secret()?.to_text())?;
     for node in &plan.nodes {
         let nd = node_dir(dir, &node.ident.name);
         std::fs::create_dir_all(nd.join("data"))
@@ -517,6 +519,14 @@ pub fn generate(plan: &LabPlan, dir: &Path) -> anyhow::Result<()> {
         write_file(&nd.join("config.toml"), &plan.config_toml(node))?;
     }
     Ok(())
+}
+
+/// A fresh random cluster secret for a lab.
+fn new_secret() -> anyhow::Result<clusterctl_core::secret::Secret> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow!("the system random number generator failed"))?;
+    clusterctl_core::secret::Secret::from_bytes(&bytes).map_err(|e| anyhow!("{e}"))
 }
 
 fn node_dir(dir: &Path, name: &NodeName) -> PathBuf {

@@ -15,6 +15,7 @@ mod forget;
 mod lab;
 mod members;
 mod ping;
+mod secret;
 mod topology;
 
 use std::io::Write;
@@ -71,6 +72,9 @@ enum Cmd {
     Forget(forget::Args),
     /// Measure a lab on this machine and print a Markdown table (BENCHMARKS.md).
     Bench(bench::Args),
+    /// Manage the cluster secret keyring (rotation without refused links).
+    #[command(subcommand)]
+    Secret(secret::SecretCmd),
     /// Build and run a cluster on this machine.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         Cmd::Forget(a) => forget::run(a, &cli.agent),
         Cmd::Lab(c) => lab::run(c),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Secret(c) => secret::run(c, &cli.agent),
     };
     match result {
         Ok(code) => code,
