@@ -23,11 +23,11 @@ fn pretty<T: serde::Serialize>(v: &T) -> String {
 /// Generates a secret file in the lab directory and returns its path and key id.
 fn new_secret(lab: &Lab, name: &str) -> (String, String) {
     let path = lab.dir().join(name);
-    let out = lab.cli(&["secret", "generate", path.to_str().unwrap()]);
+    let out = lab.cli(&["secret", "generate", &path.to_string_lossy()]);
     out.assert_success();
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = std::fs::read_to_string(&path).expect("the secret file was written");
     let id = clusterctl_core::secret::Secret::from_text(&text)
-        .unwrap()
+        .expect("a generated secret parses")
         .id()
         .to_string();
     (path.to_string_lossy().into_owned(), id)
