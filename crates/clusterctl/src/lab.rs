@@ -1312,6 +1312,7 @@ mod tests {
             protocol: None,
             reason: None,
             expected,
+            secret_key: None,
         };
         let mut t = Topology {
             cluster: CLUSTER.into(),
