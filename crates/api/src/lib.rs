@@ -305,6 +305,8 @@ pub enum EventKind {
     ClockRaised,
     /// This node's cluster-secret keyring changed (install, use, remove).
     SecretChanged,
+    /// This node's certificate, key or CA bundle was reloaded (or a reload was refused).
+    TlsReloaded,
     /// Anything else worth an operator's eye (bad frames, caps hit).
     Warning,
 }
@@ -325,6 +327,7 @@ impl EventKind {
             EventKind::Drift => "drift",
             EventKind::ClockRaised => "clock-raised",
             EventKind::SecretChanged => "secret-changed",
+            EventKind::TlsReloaded => "tls-reloaded",
             EventKind::Warning => "warning",
         }
     }
@@ -486,6 +489,63 @@ pub struct SecretKeyView {
     pub in_use_by: u32,
     /// Nodes that do not hold it.
     pub missing_on: Vec<String>,
+}
+
+/// The certificate a node presents, as published in its record (`GET /v1/certs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertSummaryView {
+    /// SHA-256 fingerprint of the node's certificate (DER), first 16 hex characters.
+    pub leaf: String,
+    /// Fingerprint (same form) of the CA certificate in its bundle that issued it.
+    pub issuer: String,
+    /// Fingerprints of every CA certificate in the node's bundle (what it trusts).
+    pub trusts: Vec<String>,
+    pub not_before: String,
+    pub not_after: String,
+    /// Whole days until `not_after` (negative once expired).
+    pub days_left: i64,
+}
+
+/// One node of `GET /v1/certs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeCertView {
+    pub name: String,
+    pub site: String,
+    pub role: Role,
+    /// Null for nodes running `insecure`, or not yet known.
+    pub cert: Option<CertSummaryView>,
+}
+
+/// One CA seen in the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaView {
+    pub fingerprint: String,
+    /// Nodes whose bundle holds it.
+    pub trusted_by: u32,
+    /// Nodes whose certificate it issued.
+    pub issued_for: u32,
+}
+
+/// `GET /v1/certs`: which CA and certificate every node presents, from the node table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertsReport {
+    pub observer: String,
+    /// Live nodes counted.
+    pub nodes: u32,
+    pub node_certs: Vec<NodeCertView>,
+    pub cas: Vec<CaView>,
+}
+
+/// `POST /v1/reload`: re-read the certificate, key and CA bundle files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub node: String,
+    /// True when the new files were taken into use; false when they were refused (the old
+    /// material stays in use) — `reason` says why.
+    pub reloaded: bool,
+    pub reason: Option<String>,
+    /// The certificate in use after the request.
+    pub cert: Option<CertSummaryView>,
 }
 
 /// Body of every non-2xx answer.
