@@ -185,6 +185,9 @@ pub struct Topology {
     /// Present when the report was made with `--probe`: one result per expected link.
     #[serde(default)]
     pub probes: Option<Vec<ProbeResult>>,
+    /// Things to act on before they break: certificates close to expiry.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub generated_at: String,
 }
 
@@ -250,6 +253,9 @@ pub struct LinkView {
     /// Fingerprint of the cluster secret both ends proved on this link (null when not up).
     #[serde(default)]
     pub secret_key: Option<String>,
+    /// Days until the first of the two ends' certificates expires (null when unknown).
+    #[serde(default)]
+    pub cert_days_left: Option<i64>,
 }
 
 /// `GET /v1/members`: every node in the table.

@@ -36,6 +36,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .with_ansi(false)
         .with_target(false)
         .try_init();
+    // The local preflight checks (no network, no ports: the agent binds those itself). Warnings
+    // are logged; a failure the loader let through stops the agent here.
+    for c in crate::preflight::local_checks(&a.config) {
+        match c.status {
+            crate::preflight::Status::Pass => {}
+            // `--secret` replaces the persisted keyring, so its state does not matter.
+            crate::preflight::Status::Fail if c.name == "keyring" && a.secret.is_some() => {}
+            crate::preflight::Status::Warn => tracing::warn!("preflight: {}", c.line()),
+            crate::preflight::Status::Fail => {
+                eprintln!("clusterctl agent: preflight: {}", c.line());
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

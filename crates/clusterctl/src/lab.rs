@@ -8,6 +8,14 @@
 //! The processes started are recorded in `DIR/lab.json` ([`LabState`]) after each start, and a
 //! process counts as this lab's only while its pid, its start time and its command line all
 //! match the record: `down` never signals a process it did not start.
+//!
+//! Submodules: [`netns`] (`up --netns`: namespaces, bridges, veths; its teardown), [`fault`]
+//! (`lab fault`: nftables rules and signals against a netns lab), [`drill`] (`lab drill`:
+//! scripted failure drills with a verdict and figures).
+
+pub mod drill;
+pub mod fault;
+pub mod netns;
 
 use crate::client::Client;
 use anyhow::{anyhow, bail, Context};
@@ -45,6 +53,8 @@ pub const MAX_WAIT_SECS: u64 = 3600;
 
 const STATE_FILE: &str = "lab.json";
 const STATE_FORMAT: u32 = 1;
+/// Format of a netns lab's `lab.json` (it has a `netns` section an older clusterctl would ignore).
+const STATE_FORMAT_NETNS: u32 = 2;
 const MAX_STATE_BYTES: u64 = 4 << 20;
 /// Written into every directory `lab up` generates; `up` only ever deletes inside such a directory.
 const MARKER: &str = ".clusterctl-lab";
@@ -66,6 +76,11 @@ pub enum LabCmd {
     Down(DirArgs),
     /// One line per lab node and whether its agent runs (exit 1 if any is stopped, 2 if no lab).
     Status(DirArgs),
+    /// Inject or remove a fault in a netns lab (nftables rules, signals to agents).
+    #[command(subcommand)]
+    Fault(fault::FaultCmd),
+    /// Run a scripted failure drill against a fresh netns lab and print a verdict with figures.
+    Drill(drill::DrillArgs),
 }
 
 /// Arguments of `lab up`.
@@ -86,6 +101,11 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to converge (0: start the agents and return).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub wait: u64,
+    /// Real isolation (needs root, `ip` and `nft`): one network namespace per node, a bridge
+    /// per site, gateways dual-homed on a WAN bridge, no route between sites. --addr-prefix
+    /// does not apply.
+    #[arg(long)]
+    pub netns: bool,
 }
 
 /// Where the lab lives.
@@ -110,6 +130,8 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
         LabCmd::Up(args) => up(&args),
         LabCmd::Down(args) => down(&args.resolve()?),
         LabCmd::Status(args) => status(&args.resolve()?),
+        LabCmd::Fault(cmd) => fault::run(cmd),
+        LabCmd::Drill(args) => drill::run(&args),
     }
 }
 
@@ -143,6 +165,9 @@ pub struct LabState {
     pub dir: PathBuf,
     /// Nodes whose agent was started, in start order.
     pub nodes: Vec<LabNode>,
+    /// What `up --netns` created (namespaces, links, active faults); absent for a loopback lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<netns::NetnsState>,
 }
 
 /// One started agent.
@@ -187,12 +212,21 @@ impl LabState {
                 path.display()
             )
         })?;
-        if state.format != STATE_FORMAT {
+        let want = if state.netns.is_some() {
+            STATE_FORMAT_NETNS
+        } else {
+            STATE_FORMAT
+        };
+        if state.format != want {
             bail!(
-                "{} has format {}, this clusterctl reads format {STATE_FORMAT}: use the clusterctl that made the lab",
+                "{} has format {}, this clusterctl reads format {want}: use the clusterctl that made the lab",
                 path.display(),
                 state.format
             );
+        }
+        if let Some(ns) = &state.netns {
+            ns.validate()
+                .with_context(|| format!("{} is damaged", path.display()))?;
         }
         Ok(Some(state))
     }
@@ -247,8 +281,10 @@ fn cmdline_names(pid: u32, path: &Path) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodePlan {
     pub ident: Ident,
-    /// Cluster address (QUIC, UDP).
+    /// Cluster address (QUIC, UDP) other nodes dial (`advertise`).
     pub addr: SocketAddr,
+    /// Address the QUIC endpoint binds (`listen`); `addr` except for netns gateways.
+    pub listen: SocketAddr,
     /// Control API address (HTTP, TCP).
     pub control: SocketAddr,
     /// `NAME@IP:PORT` of each seed.
@@ -306,6 +342,7 @@ impl LabPlan {
                         role,
                     },
                     addr: SocketAddr::V4(SocketAddrV4::new(ip, QUIC_PORT)),
+                    listen: SocketAddr::V4(SocketAddrV4::new(ip, QUIC_PORT)),
                     control: SocketAddr::V4(SocketAddrV4::new(ip, CONTROL_PORT)),
                     seeds: Vec::new(),
                 });
@@ -321,30 +358,24 @@ impl LabPlan {
                 );
             }
         }
-        // Members seed their whole site; gateways also seed the gateways of every other site.
-        let seed = |n: &NodePlan| format!("{}@{}", n.ident.name, n.addr);
-        let seeds: Vec<Vec<String>> = nodes
-            .iter()
-            .map(|me| {
-                nodes
-                    .iter()
-                    .filter(|o| o.ident.name != me.ident.name)
-                    .filter(|o| {
-                        o.ident.site == me.ident.site
-                            || (me.ident.role == Role::Gateway && o.ident.role == Role::Gateway)
-                    })
-                    .map(seed)
-                    .collect()
-            })
-            .collect();
-        for (n, s) in nodes.iter_mut().zip(seeds) {
-            n.seeds = s;
-        }
+        assign_seeds(&mut nodes);
         Ok(LabPlan {
             cluster,
             sites: plan_sites,
             nodes,
         })
+    }
+
+    /// Renumbers the cluster and control addresses with `addrs(index, node) -> (advertise,
+    /// listen, control)` and seeds again from the new addresses.
+    pub fn readdress(
+        &mut self,
+        mut addrs: impl FnMut(usize, &NodePlan) -> (SocketAddr, SocketAddr, SocketAddr),
+    ) {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            (n.addr, n.listen, n.control) = addrs(i, n);
+        }
+        assign_seeds(&mut self.nodes);
     }
 
     /// The topology contract: every site with its gateways and nodes, a link between every pair.
@@ -385,7 +416,8 @@ impl LabPlan {
              name = \"{name}\"\n\
              site = \"{site}\"\n\
              role = \"{role}\"\n\
-             listen = \"{addr}\"\n\
+             listen = \"{listen}\"\n\
+             {advertise}\
              seeds = [{seeds}]\n\
              data-dir = \"data\"\n\
              control = \"{control}\"\n\
@@ -400,10 +432,38 @@ impl LabPlan {
             name = node.ident.name,
             site = node.ident.site,
             role = node.ident.role,
-            addr = node.addr,
+            listen = node.listen,
+            advertise = if node.listen == node.addr {
+                String::new()
+            } else {
+                format!("advertise = \"{}\"\n", node.addr)
+            },
             seeds = seeds.join(", "),
             control = node.control,
         )
+    }
+}
+
+/// Members seed their whole site; gateways also seed the gateways of every other site. Seeds
+/// name the address other nodes dial (`addr`).
+fn assign_seeds(nodes: &mut [NodePlan]) {
+    let seed = |n: &NodePlan| format!("{}@{}", n.ident.name, n.addr);
+    let seeds: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|me| {
+            nodes
+                .iter()
+                .filter(|o| o.ident.name != me.ident.name)
+                .filter(|o| {
+                    o.ident.site == me.ident.site
+                        || (me.ident.role == Role::Gateway && o.ident.role == Role::Gateway)
+                })
+                .map(seed)
+                .collect()
+        })
+        .collect();
+    for (n, s) in nodes.iter_mut().zip(seeds) {
+        n.seeds = s;
     }
 }
 
@@ -595,19 +655,14 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.resolve()?;
+    if args.netns {
+        return netns::up(args, &dir);
+    }
     let plan = LabPlan::new(&args.sites, args.gateways, &args.addr_prefix)?;
     if args.wait > MAX_WAIT_SECS {
         bail!("--wait {}: at most {MAX_WAIT_SECS} seconds", args.wait);
     }
-    if let Some(state) = LabState::load(&dir)? {
-        if !state.running_nodes().is_empty() {
-            bail!(
-                "a lab is already running in {}: run `clusterctl lab down{}` first",
-                dir.display(),
-                dir_flag(&dir)
-            );
-        }
-    }
+    refuse_running_lab(&dir)?;
     check_addresses_free(&plan)?;
     generate(&plan, &dir)?;
 
@@ -617,11 +672,49 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         cluster: plan.cluster.to_string(),
         dir: dir.clone(),
         nodes: Vec::with_capacity(plan.nodes.len()),
+        netns: None,
     };
     state.save(&dir)?;
+    start_agents(args, &plan, &dir, &exe, &mut state)
+}
+
+/// Exit 2 (an error) when a lab in `dir` still has running agents.
+fn refuse_running_lab(dir: &Path) -> anyhow::Result<()> {
+    if let Some(state) = LabState::load(dir)? {
+        if !state.running_nodes().is_empty() {
+            bail!(
+                "a lab is already running in {}: run `clusterctl lab down{}` first",
+                dir.display(),
+                dir_flag(dir)
+            );
+        }
+        if state.netns.is_some() {
+            bail!(
+                "{} still records the networks of a netns lab: remove them with `clusterctl lab down{}` first",
+                dir.display(),
+                dir_flag(dir)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts one agent per planned node (recording each in `state`), then waits per `--wait`.
+fn start_agents(
+    args: &UpArgs,
+    plan: &LabPlan,
+    dir: &Path,
+    exe: &Path,
+    state: &mut LabState,
+) -> anyhow::Result<ExitCode> {
+    let dir = dir.to_path_buf();
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(plan.nodes.len());
     for (i, node) in plan.nodes.iter().enumerate() {
-        let (child, record) = spawn_agent(&exe, &dir, node).with_context(|| {
+        let netns = state
+            .netns
+            .as_ref()
+            .map(|s| s.node_netns(node.ident.name.as_str()));
+        let (child, record) = spawn_agent(exe, &dir, node, netns.as_deref()).with_context(|| {
             format!(
                 "starting the agent of {} (agents already started: clean up with `clusterctl lab down{}`)",
                 node.ident.name,
@@ -640,7 +733,7 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    wait_for_convergence(&plan, &dir, &mut children, Duration::from_secs(args.wait))
+    wait_for_convergence(plan, &dir, &mut children, Duration::from_secs(args.wait))
 }
 
 /// ` --dir DIR` when `dir` is not the default, so printed commands work as typed.
@@ -675,30 +768,16 @@ fn check_addresses_free(plan: &LabPlan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_agent(exe: &Path, dir: &Path, node: &NodePlan) -> anyhow::Result<(Child, LabNode)> {
+/// Starts the agent of `node` (inside network namespace `netns` when given).
+fn spawn_agent(
+    exe: &Path,
+    dir: &Path,
+    node: &NodePlan,
+    netns: Option<&str>,
+) -> anyhow::Result<(Child, LabNode)> {
     let nd = node_dir(dir, &node.ident.name);
     let config = nd.join("config.toml");
-    let log_path = nd.join("agent.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let log2 = log.try_clone()?;
-    let child = Command::new(exe)
-        .arg("agent")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        // Its own process group: a Ctrl-C in this terminal does not reach the agents.
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot run {}", exe.display()))?;
-    let pid = child.id();
-    let pid_start = proc_start_time(pid)
-        .ok_or_else(|| anyhow!("cannot read /proc/{pid}/stat of the agent just started"))?;
+    let (pid, pid_start, child) = spawn_process(exe, &nd, &config, netns)?;
     let record = LabNode {
         name: node.ident.name.to_string(),
         site: node.ident.site.to_string(),
@@ -710,6 +789,47 @@ fn spawn_agent(exe: &Path, dir: &Path, node: &NodePlan) -> anyhow::Result<(Child
         pid_start,
     };
     Ok((child, record))
+}
+
+/// Runs `clusterctl agent --config CONFIG` (through `ip netns exec NS` when `netns` is given,
+/// which execs into the agent, so the pid is the agent's) with its output appended to
+/// `NODE_DIR/agent.log`, in its own process group. Returns the pid and its start time.
+fn spawn_process(
+    exe: &Path,
+    nd: &Path,
+    config: &Path,
+    netns: Option<&str>,
+) -> anyhow::Result<(u32, u64, Child)> {
+    let log_path = nd.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let log2 = log.try_clone()?;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = cmd
+        .arg("agent")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own process group: a Ctrl-C in this terminal does not reach the agents.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let pid = child.id();
+    let pid_start = proc_start_time(pid)
+        .ok_or_else(|| anyhow!("cannot read /proc/{pid}/stat of the agent just started"))?;
+    Ok((pid, pid_start, child))
 }
 
 /// How far the cluster is, as seen by one node.
@@ -905,6 +1025,10 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
     let mut stopping: Vec<&LabNode> = state.running_nodes();
     let count = stopping.len();
     for n in &stopping {
+        if state.netns.is_some() {
+            // A paused agent (`lab fault pause`) handles SIGTERM only once continued.
+            signal("CONT", n.pid);
+        }
         signal("TERM", n.pid);
     }
     let deadline = Instant::now() + STOP_GRACE;
@@ -940,10 +1064,14 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
             dir.join(STATE_FILE).display()
         );
     }
+    let removed = match &state.netns {
+        Some(ns) => format!("; {}", netns::teardown(dir, ns)?),
+        None => String::new(),
+    };
     let path = dir.join(STATE_FILE);
     std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
     println!(
-        "stopped {count} agent{} of the lab in {}; files and logs are kept (agent logs: {})",
+        "stopped {count} agent{} of the lab in {}{removed}; files and logs are kept (agent logs: {})",
         if count == 1 { "" } else { "s" },
         dir.display(),
         dir.join("nodes/*/agent.log").display()
@@ -993,6 +1121,9 @@ fn status(dir: &Path) -> anyhow::Result<ExitCode> {
             &rows
         )
     );
+    if let Some(ns) = &state.netns {
+        println!("{}", ns.status_line());
+    }
     let stopped = rows.iter().filter(|r| r[6] == "stopped").count();
     if stopped == 0 && !rows.is_empty() {
         Ok(ExitCode::SUCCESS)
@@ -1215,6 +1346,7 @@ mod tests {
                 pid: u32::MAX,
                 pid_start: 1,
             }],
+            netns: None,
         };
         state.save(tmp.path()).unwrap();
         let back = LabState::load(tmp.path()).unwrap().unwrap();
@@ -1313,6 +1445,7 @@ mod tests {
             reason: None,
             expected,
             secret_key: None,
+            cert_days_left: None,
         };
         let mut t = Topology {
             cluster: CLUSTER.into(),
@@ -1331,6 +1464,7 @@ mod tests {
             }],
             links: vec![link(LinkState::Down, true), link(LinkState::Refused, false)],
             probes: None,
+            warnings: Vec::new(),
             generated_at: String::new(),
         };
         let p = Progress::of(&t, &plan.nodes);

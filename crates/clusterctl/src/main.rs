@@ -9,12 +9,15 @@
 
 mod agent;
 mod bench;
+mod certs;
 mod client;
 mod events;
 mod forget;
 mod lab;
 mod members;
 mod ping;
+mod preflight;
+mod reload;
 mod secret;
 mod topology;
 
@@ -72,9 +75,16 @@ enum Cmd {
     Forget(forget::Args),
     /// Measure a lab on this machine and print a Markdown table (BENCHMARKS.md).
     Bench(bench::Args),
+    /// Re-read a node's certificate, key and CA bundle without a restart.
+    Reload(reload::Args),
     /// Manage the cluster secret keyring (rotation without refused links).
     #[command(subcommand)]
     Secret(secret::SecretCmd),
+    /// Cluster CA and node certificates: init, issue, inspect, status.
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
+    /// Check a node's config, files, ports and seeds before starting it (exit 1 on any FAIL).
+    Preflight(preflight::Args),
     /// Build and run a cluster on this machine.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -92,6 +102,9 @@ fn main() -> ExitCode {
         Cmd::Lab(c) => lab::run(c),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Secret(c) => secret::run(c, &cli.agent),
+        Cmd::Certs(c) => certs::run(c, &cli.agent),
+        Cmd::Preflight(a) => preflight::run(a),
+        Cmd::Reload(a) => reload::run(a, &cli.agent),
     };
     match result {
         Ok(code) => code,

@@ -117,12 +117,21 @@ pub fn render_text(t: &Topology) -> String {
         if !l.expected {
             let _ = write!(s, "  (not in the contract)");
         }
+        if let Some(k) = &l.secret_key {
+            let _ = write!(s, "  secret {k}");
+        }
+        if let Some(d) = l.cert_days_left {
+            let _ = write!(s, "  cert {d}d");
+        }
         if let Some(r) = &l.reason {
             if l.state != LinkState::Up {
                 let _ = write!(s, "  {r}");
             }
         }
         s.push('\n');
+    }
+    for w in &t.warnings {
+        let _ = writeln!(s, "WARNING: {w}");
     }
     if let Some(probes) = &t.probes {
         let ok = probes.iter().filter(|p| p.ok).count();

@@ -26,7 +26,7 @@ use crate::health::{LocalHealth, DEFAULT_MAX_SCORE};
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::{KeyId, Keyring, ProofRole, Secret, SecretError};
 use crate::swim::{RingTiming, Swim, SwimId};
-use crate::table::{LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
+use crate::table::{CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
     Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
@@ -110,6 +110,10 @@ pub struct EngineConfig {
     pub seed: u64,
     /// The cluster secrets this node holds.
     pub keyring: Keyring,
+    /// The certificate this node presents (None when insecure).
+    pub cert: Option<CertSummary>,
+    /// Warn when a certificate has less than this fraction of its lifetime left (e.g. 1/3).
+    pub cert_warn_fraction: f64,
 }
 
 /// Why an engine cannot start.
@@ -379,6 +383,7 @@ pub struct Engine {
     leaving: bool,
     forgotten: bool,
     keyring: Keyring,
+    cert: Option<CertSummary>,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -485,6 +490,7 @@ impl Engine {
             )
         });
         let cfg_keyring = cfg.keyring.clone();
+        let cfg_cert = cfg.cert.clone();
         let mut e = Engine {
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -509,6 +515,7 @@ impl Engine {
             leaving: false,
             forgotten: false,
             keyring: cfg_keyring,
+            cert: cfg_cert,
             counters: Counters::default(),
         };
         e.outbox.push_back(Output::Persist);
@@ -1475,6 +1482,7 @@ impl Engine {
         };
         let keys = self.keyring.ids();
         let structural = own.keys != keys
+            || own.cert != self.cert
             || strip(&own.links) != strip(&links)
             || own.reach != reach
             || own.view != view
@@ -1490,6 +1498,7 @@ impl Engine {
         }
         own.links = links;
         own.keys = keys;
+        own.cert = self.cert.clone();
         own.reach = reach;
         own.view = view;
         own.state = state;
@@ -2594,6 +2603,104 @@ impl Engine {
         }
     }
 
+    // ----- certificates -----------------------------------------------------------------------
+
+    /// The certificate now in use changed (hot reload): publish it.
+    pub fn set_cert(&mut self, now: Time, cert: Option<CertSummary>) {
+        self.cert = cert;
+        self.refresh_own(now, false);
+    }
+
+    fn days_left(&self, now: Time, not_after_ms: u64) -> i64 {
+        let wall = self.wall_ms(now) as i64;
+        (not_after_ms as i64 - wall).div_euclid(86_400_000)
+    }
+
+    /// Which certificate and CA every node presents, from the table.
+    pub fn certs(&self, now: Time) -> clusterctl_api::CertsReport {
+        let nodes: Vec<&NodeRecord> = self
+            .table
+            .live()
+            .filter(|r| r.clock > 0 && r.state == RecordState::Alive)
+            .collect();
+        let view = |c: &CertSummary| clusterctl_api::CertSummaryView {
+            leaf: c.leaf.clone(),
+            issuer: c.issuer.clone(),
+            trusts: c.trusts.clone(),
+            not_before: format_rfc3339_ms(c.not_before_ms),
+            not_after: format_rfc3339_ms(c.not_after_ms),
+            days_left: self.days_left(now, c.not_after_ms),
+        };
+        let mut cas: BTreeSet<String> = BTreeSet::new();
+        for r in &nodes {
+            if let Some(c) = &r.cert {
+                cas.extend(c.trusts.iter().cloned());
+                cas.insert(c.issuer.clone());
+            }
+        }
+        cas.remove("");
+        clusterctl_api::CertsReport {
+            observer: self.cfg.me.name.to_string(),
+            nodes: nodes.len() as u32,
+            node_certs: nodes
+                .iter()
+                .map(|r| clusterctl_api::NodeCertView {
+                    name: r.name.to_string(),
+                    site: r.site.to_string(),
+                    role: r.role,
+                    cert: r.cert.as_ref().map(view),
+                })
+                .collect(),
+            cas: cas
+                .into_iter()
+                .map(|fp| clusterctl_api::CaView {
+                    trusted_by: nodes
+                        .iter()
+                        .filter(|r| r.cert.as_ref().is_some_and(|c| c.trusts.contains(&fp)))
+                        .count() as u32,
+                    issued_for: nodes
+                        .iter()
+                        .filter(|r| r.cert.as_ref().is_some_and(|c| c.issuer == fp))
+                        .count() as u32,
+                    fingerprint: fp,
+                })
+                .collect(),
+        }
+    }
+
+    /// Certificates in use that expire within the warning fraction of their lifetime, and
+    /// those already expired.
+    fn cert_warnings(&self, now: Time) -> (Vec<String>, Vec<String>) {
+        let wall = self.wall_ms(now);
+        let (mut warn, mut expired) = (Vec::new(), Vec::new());
+        for r in self
+            .table
+            .live()
+            .filter(|r| r.clock > 0 && r.state == RecordState::Alive)
+        {
+            let Some(c) = &r.cert else { continue };
+            let life = c.not_after_ms.saturating_sub(c.not_before_ms);
+            let left = c.not_after_ms.saturating_sub(wall);
+            if c.not_after_ms <= wall {
+                expired.push(format!(
+                    "the certificate of {} expired on {}",
+                    r.name,
+                    format_rfc3339_ms(c.not_after_ms)
+                ));
+            } else if (left as f64) < life as f64 * self.cfg.cert_warn_fraction {
+                warn.push(format!(
+                    "the certificate of {} expires in {} days ({}), less than {:.0}% of its {}-day lifetime: issue a new one",
+                    r.name,
+                    self.days_left(now, c.not_after_ms),
+                    format_rfc3339_ms(c.not_after_ms),
+                    self.cfg.cert_warn_fraction * 100.0,
+                    life / 86_400_000
+                ));
+            }
+        }
+        (warn, expired)
+    }
+
     // ----- cluster secret ---------------------------------------------------------------------
 
     /// The secrets this node holds.
@@ -2729,7 +2836,14 @@ impl Engine {
         format_rfc3339_ms(ms)
     }
 
-    fn link_view(&self, a: &NodeName, b: &NodeName, kind: LinkKind, expected: bool) -> LinkView {
+    fn link_view(
+        &self,
+        now: Time,
+        a: &NodeName,
+        b: &NodeName,
+        kind: LinkKind,
+        expected: bool,
+    ) -> LinkView {
         let ra = self.report_of(a, b);
         let rb = self.report_of(b, a);
         let sa = self.status_of(a);
@@ -2846,6 +2960,11 @@ impl Engine {
             protocol,
             reason,
             expected,
+            cert_days_left: [a, b]
+                .iter()
+                .filter_map(|n| self.table.get(n.as_str()).and_then(|r| r.cert.as_ref()))
+                .map(|c| self.days_left(now, c.not_after_ms))
+                .min(),
             secret_key: matches!(state, LinkState::Up | LinkState::Drift | LinkState::OneWay)
                 .then(|| mine.and_then(|l| l.key).or_else(|| any.and_then(|r| r.key)))
                 .flatten()
@@ -2894,7 +3013,7 @@ impl Engine {
         let expected = self.expected_links();
         let mut links: Vec<LinkView> = expected
             .iter()
-            .map(|(a, b, k)| self.link_view(a, b, *k, true))
+            .map(|(a, b, k)| self.link_view(now, a, b, *k, true))
             .collect();
         // Refused links the contract does not expect are shown too: they are what an operator
         // needs to see (a member dialing another site, a node of another cluster).
@@ -2922,7 +3041,7 @@ impl Engine {
                 (Some(x), Some(y)) if x.site != y.site => LinkKind::Wan,
                 _ => LinkKind::Site,
             };
-            links.push(self.link_view(&a, &b, kind, false));
+            links.push(self.link_view(now, &a, &b, kind, false));
         }
         let healthy = links
             .iter()
@@ -2938,9 +3057,15 @@ impl Engine {
             .iter()
             .filter(|l| l.state == LinkState::Up && !l.secure)
             .count();
-        let secure = self.cfg.secure && insecure_nodes.is_empty() && insecure_links == 0;
+        let (mut warnings, expired) = self.cert_warnings(now);
+        let secure = self.cfg.secure
+            && insecure_nodes.is_empty()
+            && insecure_links == 0
+            && expired.is_empty();
         let insecure_reason = (!secure).then(|| {
-            if !self.cfg.secure {
+            if !expired.is_empty() {
+                expired.join("; ")
+            } else if !self.cfg.secure {
                 format!(
                     "{} runs with insecure = true (no authentication)",
                     self.cfg.me.name
@@ -2961,6 +3086,7 @@ impl Engine {
             sites: sites.into_values().collect(),
             links,
             probes: None,
+            warnings: std::mem::take(&mut warnings),
             generated_at: self.format_ms(self.wall_ms(now)),
         }
     }

@@ -50,6 +50,22 @@ pub enum Liveness {
     Dead,
 }
 
+/// The certificate a node presents: short fingerprints (16 hex characters of a SHA-256) and
+/// validity, published so that `certs status` and expiry warnings work cluster-wide.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertSummary {
+    pub leaf: String,
+    /// The CA of the node's bundle that issued its certificate.
+    pub issuer: String,
+    /// Every CA of the node's bundle.
+    pub trusts: Vec<String>,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+/// Most CAs listed in a [`CertSummary`].
+pub const MAX_TRUSTS: usize = 16;
+
 /// One link as its reporting end sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkReport {
@@ -91,6 +107,8 @@ pub struct NodeRecord {
     pub view: Vec<(NodeName, Liveness)>,
     /// Fingerprints of the cluster secrets the node holds, the one in use first.
     pub keys: Vec<KeyId>,
+    /// The certificate the node presents (None when insecure).
+    pub cert: Option<CertSummary>,
 }
 
 /// A record that breaks a bound.
@@ -136,6 +154,7 @@ impl NodeRecord {
             reach: Vec::new(),
             view: Vec::new(),
             keys: Vec::new(),
+            cert: None,
         }
     }
 
@@ -170,6 +189,12 @@ impl NodeRecord {
         cap("reach", self.reach.len(), MAX_VIEW)?;
         cap("view", self.view.len(), MAX_VIEW)?;
         cap("keys", self.keys.len(), crate::secret::MAX_KEYS)?;
+        if let Some(c) = &self.cert {
+            cap("cert.trusts", c.trusts.len(), MAX_TRUSTS)?;
+            for t in c.trusts.iter().chain([&c.leaf, &c.issuer]) {
+                cap("cert fingerprint", t.len(), 64)?;
+            }
+        }
         for l in &self.links {
             if let Some(r) = &l.reason {
                 cap("links[].reason", r.len(), MAX_TEXT_LEN)?;

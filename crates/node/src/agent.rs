@@ -15,16 +15,19 @@
 //! of [`Engine::check_hello`] / [`Engine::check_ack`]: a refused peer never gets an application
 //! frame processed.
 
+use crate::config::TlsFiles;
 use crate::config::{AgentConfig, ConfigError};
 use crate::control::{self, Command, EventLog};
 use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
 use bytes::Bytes;
-use clusterctl_api::{KeyringReport, SecretRequest};
+use clusterctl_api::{EventKind, KeyringReport, ReloadReport, SecretRequest};
+use clusterctl_core::engine::EventOut;
 use clusterctl_core::engine::{
     Engine, EngineConfig, EngineError, HelloMaker, LinkInfo, Output, Reply, Timing,
 };
+use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
@@ -49,8 +52,12 @@ const MAX_HANDSHAKES: usize = 256;
 const WRITE_QUEUE: usize = 4096;
 /// Most frame writes / reads in flight per connection.
 const STREAMS_IN_FLIGHT: usize = 64;
+/// Two connections of one pair established within this window are a crossing dial.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
 /// Application close code for the losing connection of a simultaneous dial.
 const CLOSE_DUPLICATE: u32 = 3;
+/// How often the certificate files are checked for changes.
+const TLS_FILES_POLL: Duration = Duration::from_secs(2);
 /// Capacity of the channel from connection tasks to the owner.
 const NET_QUEUE: usize = 8192;
 
@@ -182,8 +189,9 @@ impl RejectSink for ChannelSink {
 struct ConnEntry {
     id: u64,
     conn: quinn::Connection,
-    /// Who dialed: the connection dialed by the lower name wins a duplicate.
+    /// Who dialed: the connection dialed by the lower name wins a crossing dial.
     dialer: NodeName,
+    established: Instant,
     writer: mpsc::Sender<Vec<u8>>,
 }
 
@@ -295,6 +303,11 @@ pub async fn run_bound(
         wall_base_ms,
         seed: wall_base_ms ^ u64::from(std::process::id()),
         keyring,
+        cert: match &security {
+            Security::Mutual(m) => Some(m.summary()),
+            Security::Insecure { .. } => None,
+        },
+        cert_warn_fraction: cfg.cert_warn_fraction,
     };
     let epoch = Instant::now();
     let mut engine = Engine::new(ecfg, restored, Duration::ZERO)?;
@@ -307,11 +320,8 @@ pub async fn run_bound(
     })?;
 
     let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
-    let (server_cfg, client_cfg) = tls::endpoint_configs(
-        &security,
-        &cfg.cluster,
-        Arc::new(ChannelSink(net_tx.clone())),
-    )?;
+    let sink: Arc<dyn RejectSink> = Arc::new(ChannelSink(net_tx.clone()));
+    let (server_cfg, client_cfg) = tls::endpoint_configs(&security, &cfg.cluster, sink.clone())?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| AgentError::Io("no async runtime".into()))?;
     let endpoint = quinn::Endpoint::new(
@@ -359,6 +369,12 @@ pub async fn run_bound(
     let persist_task = tokio::spawn(persister(cfg.data_dir.clone(), persist_rx));
 
     let mut owner = Owner {
+        tls_files: cfg.tls.clone(),
+        tls_mtimes: cfg.tls.as_ref().map(tls_mtimes),
+        sink,
+        cluster: cfg.cluster.clone(),
+        ident: cfg.ident.clone(),
+        wall_base_ms,
         data_dir: cfg.data_dir.clone(),
         epoch,
         endpoint: endpoint.clone(),
@@ -387,6 +403,12 @@ pub async fn run_bound(
 }
 
 struct Owner {
+    tls_files: Option<TlsFiles>,
+    tls_mtimes: Option<Vec<Option<SystemTime>>>,
+    sink: Arc<dyn RejectSink>,
+    cluster: ClusterName,
+    ident: Ident,
+    wall_base_ms: u64,
     data_dir: std::path::PathBuf,
     epoch: Instant,
     endpoint: quinn::Endpoint,
@@ -417,6 +439,10 @@ impl Owner {
         tokio::pin!(shutdown);
         let mut rtt_every = tokio::time::interval(Duration::from_secs(1));
         rtt_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut files_every = tokio::time::interval(TLS_FILES_POLL);
+        files_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             let wake = self.epoch + engine.poll_timeout();
             tokio::select! {
@@ -428,6 +454,21 @@ impl Owner {
                     for (peer, c) in &self.conns {
                         engine.handle_rtt(peer, c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32);
                     }
+                }
+                _ = files_every.tick() => {
+                    let now_mtimes = self.tls_files.as_ref().map(tls_mtimes);
+                    if now_mtimes != self.tls_mtimes {
+                        self.tls_mtimes = now_mtimes;
+                        self.reload(engine, "the certificate files changed");
+                    }
+                }
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reload(engine, "SIGHUP");
                 }
             }
             self.drain(engine);
@@ -531,12 +572,17 @@ impl Owner {
     ) -> Option<u64> {
         let me = engine.me().name.clone();
         let preferred = |d: &NodeName| *d == std::cmp::min(me.clone(), peer.clone());
+        let mut refresh = false;
         if let Some(old) = self.conns.get(peer) {
-            if preferred(&old.dialer) && !preferred(&dialer) {
+            // Two dials crossing (both ends dialed within moments): keep the one the lower name
+            // dialed, at both ends. Anything later is a peer that came back (a restart, a network
+            // change) while we still hold its old, dead connection: the new one wins.
+            let crossing = old.established.elapsed() < DUPLICATE_WINDOW;
+            if crossing && preferred(&old.dialer) && !preferred(&dialer) {
                 conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
                 return None;
             }
-            // The new connection replaces the old one without a down/up in between.
+            refresh = !crossing;
             old.conn
                 .close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         }
@@ -554,12 +600,14 @@ impl Owner {
                     conn,
                     dialer,
                     writer: wtx,
+                    established: Instant::now(),
                 },
             )
             .is_some();
-        if replaced {
-            return None; // already up in the engine
+        if replaced && !refresh {
+            return None; // a crossing dial: already up in the engine, nothing new to learn
         }
+        // New, or a peer that came back: the engine takes the link (again), syncs and announces.
         Some(id)
     }
 
@@ -745,6 +793,12 @@ impl Owner {
                     .and_then(|n| engine.forget(now, &n));
                 let _ = reply.send(r);
             }
+            Command::Certs { reply } => {
+                let _ = reply.send(engine.certs(now));
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload(engine, "clusterctl reload"));
+            }
             Command::Secrets { reply } => {
                 let _ = reply.send(engine.secrets());
             }
@@ -813,6 +867,97 @@ impl Owner {
         })
     }
 
+    /// Re-reads the certificate, key and CA bundle. New handshakes use the new material; open
+    /// links stay up. Bad new files are refused (with an event) and the old material stays.
+    fn reload(&mut self, engine: &mut Engine, why: &str) -> ReloadReport {
+        let node = self.ident.name.to_string();
+        let Some(files) = self.tls_files.clone() else {
+            return ReloadReport {
+                node,
+                reloaded: false,
+                reason: Some(
+                    "this node runs insecure = true: there is no certificate to reload".into(),
+                ),
+                cert: None,
+            };
+        };
+        let attempt = || -> Result<(Security, quinn::ServerConfig, quinn::ClientConfig), String> {
+            let m =
+                TlsMaterial::load(&files.ca, &files.cert, &files.key).map_err(|e| e.to_string())?;
+            let id = &m.identity;
+            if id.ident != self.ident || id.cluster != self.cluster {
+                return Err(format!(
+                    "the new certificate names {} ({}) of site {} in cluster {}, not this node",
+                    id.ident.name, id.ident.role, id.ident.site, id.cluster
+                ));
+            }
+            let wall = SystemTime::now();
+            if id.not_after <= wall {
+                return Err("the new certificate has expired".into());
+            }
+            if id.not_before > wall {
+                return Err("the new certificate is not valid yet".into());
+            }
+            let security = Security::Mutual(Arc::new(m));
+            let (server, client) =
+                tls::endpoint_configs(&security, &self.cluster, self.sink.clone())
+                    .map_err(|e| e.to_string())?;
+            Ok((security, server, client))
+        };
+        let now = self.now();
+        let at_ms = self.wall_base_ms + now.as_millis() as u64;
+        let (reloaded, reason) = match attempt() {
+            Ok((security, server, client)) => {
+                self.endpoint.set_server_config(Some(server));
+                self.client_cfg = client;
+                let summary = match &security {
+                    Security::Mutual(m) => Some(m.summary()),
+                    Security::Insecure { .. } => None,
+                };
+                self.security = security;
+                if let Some(c) = &summary {
+                    self.events.record(EventOut {
+                        kind: EventKind::TlsReloaded,
+                        node: Some(self.ident.name.clone()),
+                        peer: None,
+                        reason: format!(
+                            "reloaded ({why}): certificate {} issued by CA {}, trusting CAs {}; open links stay up",
+                            c.leaf,
+                            c.issuer,
+                            c.trusts.join(",")
+                        ),
+                        at_ms,
+                    });
+                }
+                engine.set_cert(now, summary);
+                (true, None)
+            }
+            Err(reason) => {
+                self.events.record(EventOut {
+                    kind: EventKind::TlsReloaded,
+                    node: Some(self.ident.name.clone()),
+                    peer: None,
+                    reason: format!(
+                        "refused a reload ({why}): {reason}; the material in use stays"
+                    ),
+                    at_ms,
+                });
+                (false, Some(reason))
+            }
+        };
+        ReloadReport {
+            node,
+            reloaded,
+            reason,
+            cert: engine
+                .certs(now)
+                .node_certs
+                .into_iter()
+                .find(|n| n.name == self.ident.name.as_str())
+                .and_then(|n| n.cert),
+        }
+    }
+
     fn token(&mut self, reply: oneshot::Sender<Reply>) -> u64 {
         let t = self.next_token;
         self.next_token += 1;
@@ -835,6 +980,14 @@ fn session_binding(conn: &quinn::Connection) -> Vec<u8> {
     // ever did, the all-zero binding makes the peer's proof check fail (a refusal, not a hole).
     let _ = conn.export_keying_material(&mut out, EXPORTER_LABEL, b"");
     out
+}
+
+/// Modification times of the certificate, key and CA files (None where unreadable).
+fn tls_mtimes(f: &TlsFiles) -> Vec<Option<SystemTime>> {
+    [&f.ca, &f.cert, &f.key]
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {

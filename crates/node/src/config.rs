@@ -50,7 +50,9 @@ const KEYS: &[&str] = &[
     "tls",
 ];
 /// Keys of the `[tls]` table.
-const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
+const TLS_KEYS: &[&str] = &["ca", "cert", "key", "warn-fraction"];
+/// Default of `tls.warn-fraction`: warn when a certificate has a third of its lifetime left.
+pub const DEFAULT_WARN_FRACTION: f64 = 1.0 / 3.0;
 
 /// A checked agent configuration.
 #[derive(Debug, Clone)]
@@ -80,6 +82,9 @@ pub struct AgentConfig {
     pub secret_path: PathBuf,
     /// The cluster secret it holds: the first key of a new node's keyring.
     pub secret: Secret,
+    /// `tls.warn-fraction`: reports warn when a certificate has less than this fraction of its
+    /// lifetime left (default a third).
+    pub cert_warn_fraction: f64,
 }
 
 /// The `[tls]` table: where the CA bundle, the node certificate and its key are.
@@ -190,6 +195,7 @@ struct RawTls {
     ca: Option<String>,
     cert: Option<String>,
     key: Option<String>,
+    warn_fraction: Option<f64>,
 }
 
 impl RawConfig {
@@ -222,7 +228,19 @@ impl RawConfig {
                         return Err(unknown_key(key, &format!("tls.{key}"), TLS_KEYS));
                     }
                 }
+                let warn_fraction = match t.remove("warn-fraction") {
+                    None => None,
+                    Some(toml::Value::Float(f)) if f > 0.0 && f < 1.0 => Some(f),
+                    Some(other) => {
+                        return Err(ConfigError::new(
+                            "tls.warn-fraction",
+                            format!("must be a number between 0 and 1, found {}", describe(&other)),
+                            "write e.g. warn-fraction = 0.33 (warn when a third of a certificate's lifetime is left)",
+                        ))
+                    }
+                };
                 Some(RawTls {
+                    warn_fraction,
                     ca: take_str(&mut t, "tls.ca", "ca", "\"/etc/clusterctl/ca.pem\"")?,
                     cert: take_str(&mut t, "tls.cert", "cert", "\"/etc/clusterctl/node.pem\"")?,
                     key: take_str(&mut t, "tls.key", "key", "\"/etc/clusterctl/node.key\"")?,
@@ -444,6 +462,10 @@ impl RawConfig {
         check_contract(&contract, &contract_path, &cluster, &ident)?;
         check_seed_sites(&contract, &ident, &seeds)?;
 
+        let cert_warn_fraction = tls
+            .as_ref()
+            .and_then(|t| t.warn_fraction)
+            .unwrap_or(DEFAULT_WARN_FRACTION);
         let tls = match tls {
             None => None,
             Some(raw) => Some(check_tls(raw, base_dir, &cluster, &ident)?),
@@ -480,6 +502,7 @@ impl RawConfig {
             insecure,
             secret_path,
             secret,
+            cert_warn_fraction,
         })
     }
 }

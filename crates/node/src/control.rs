@@ -10,6 +10,8 @@
 //! | POST | `/v1/forget` | [`ForgetRequest`] -> [`ForgetReport`] |
 //! | POST | `/v1/secret` | [`SecretRequest`] -> [`KeyringReport`] |
 //! | GET | `/v1/secrets` | [`Secrets`] (who holds which cluster secret) |
+//! | GET | `/v1/certs` | [`CertsReport`] (which CA and certificate every node presents) |
+//! | POST | `/v1/reload` | [`ReloadReport`] (re-read certificate, key and CA bundle) |
 //! | GET | `/metrics` | Prometheus text format |
 //!
 //! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
@@ -22,8 +24,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clusterctl_api::{
-    ApiError, Event, ForgetReport, ForgetRequest, KeyringReport, Members, NodeInfo, PingRequest,
-    Role, SecretRequest, Secrets, Topology, API_VERSION,
+    ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, Members, NodeInfo,
+    PingRequest, ReloadReport, Role, SecretRequest, Secrets, Topology, API_VERSION,
 };
 use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
 use futures_util::StreamExt;
@@ -69,6 +71,12 @@ pub enum Command {
     },
     Secrets {
         reply: oneshot::Sender<Secrets>,
+    },
+    Certs {
+        reply: oneshot::Sender<CertsReport>,
+    },
+    Reload {
+        reply: oneshot::Sender<ReloadReport>,
     },
 }
 
@@ -207,6 +215,8 @@ pub async fn serve(
         .route("/v1/forget", post(forget))
         .route("/v1/secret", post(secret))
         .route("/v1/secrets", get(secrets))
+        .route("/v1/certs", get(certs))
+        .route("/v1/reload", post(reload))
         .route("/metrics", get(metrics))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
@@ -334,6 +344,28 @@ async fn secret(
         Ok(r) => Ok(Json(r)),
         Err(e) => Err(err(StatusCode::BAD_REQUEST, e)),
     }
+}
+
+async fn certs(State(ctx): State<Ctx>) -> ApiResult<Json<CertsReport>> {
+    Ok(Json(
+        ask(
+            &ctx,
+            |reply| Command::Certs { reply },
+            Duration::from_secs(5),
+        )
+        .await?,
+    ))
+}
+
+async fn reload(State(ctx): State<Ctx>) -> ApiResult<Json<ReloadReport>> {
+    Ok(Json(
+        ask(
+            &ctx,
+            |reply| Command::Reload { reply },
+            Duration::from_secs(10),
+        )
+        .await?,
+    ))
 }
 
 async fn secrets(State(ctx): State<Ctx>) -> ApiResult<Json<Secrets>> {

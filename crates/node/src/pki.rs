@@ -47,6 +47,10 @@ pub enum PkiError {
     NoIdentity,
     #[error("certificate identity is malformed: {0}")]
     BadIdentity(String),
+    #[error("cannot read {0}")]
+    Read(String),
+    #[error("cannot issue from this CA: {0}")]
+    NotACa(String),
 }
 
 /// Validity window of a certificate.
@@ -76,7 +80,13 @@ pub fn generate_ca(cluster: &ClusterName, validity: Validity) -> Result<CertPair
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("clusterctl CA for {cluster}"));
+    // The creation time tells two CAs of one cluster apart (during a rotation both are trusted).
+    let created = clusterctl_core::engine::format_rfc3339_ms(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    );
+    dn.push(DnType::CommonName, format!("clusterctl CA for {cluster} ({created})"));
     dn.push(DnType::OrganizationName, cluster.as_str());
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -140,6 +150,16 @@ pub fn identity_uri(cluster: &ClusterName, ident: &Ident) -> String {
         "{URI_PREFIX}{cluster}:{}:{}:{}",
         ident.site, ident.name, ident.role
     )
+}
+
+/// Short fingerprint shown in reports: the first 16 hex characters of the SHA-256 of the DER.
+pub fn short_fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// What a node certificate says about its holder.
@@ -216,6 +236,146 @@ impl CertIdentity {
             Err(e) => -((e.duration().as_secs() / 86_400) as i64) - 1,
         }
     }
+}
+
+/// What any certificate says, CA or node: for `clusterctl certs inspect` and checks that must
+/// read a CA as well as a node certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertDetails {
+    /// Distinguished name of the subject, e.g. `CN=clusterctl CA for lab, O=lab`.
+    pub subject: String,
+    /// Distinguished name of the issuer.
+    pub issuer: String,
+    /// The subject's organization (`O`): the cluster name, in certificates made here.
+    pub organization: Option<String>,
+    /// Whether the certificate may issue others (basic constraints `CA:TRUE`).
+    pub is_ca: bool,
+    pub dns_sans: Vec<String>,
+    pub uri_sans: Vec<String>,
+    /// The clusterctl node identity, when the certificate carries one.
+    pub identity: Option<CertIdentity>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// SHA-256 of the DER, hex (64 characters).
+    pub fingerprint: String,
+    /// [`short_fingerprint`] of the DER.
+    pub short_fingerprint: String,
+}
+
+impl CertDetails {
+    /// Reads a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<CertDetails, PkiError> {
+        use sha2::Digest;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+        let mut dns_sans = Vec::new();
+        let mut uri_sans = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for gn in &san.value.general_names {
+                match gn {
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        dns_sans.push((*d).to_string())
+                    }
+                    x509_parser::extensions::GeneralName::URI(u) => uri_sans.push((*u).to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let organization = cert
+            .subject()
+            .iter_organization()
+            .next()
+            .and_then(|o| o.as_str().ok())
+            .map(str::to_string);
+        let to_sys = |t: x509_parser::time::ASN1Time| {
+            let secs = t.timestamp();
+            if secs >= 0 {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+            } else {
+                SystemTime::UNIX_EPOCH
+            }
+        };
+        Ok(CertDetails {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            organization,
+            is_ca: cert.is_ca(),
+            dns_sans,
+            uri_sans,
+            identity: CertIdentity::from_der(der).ok(),
+            not_before: to_sys(cert.validity().not_before),
+            not_after: to_sys(cert.validity().not_after),
+            fingerprint: sha2::Sha256::digest(der)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            short_fingerprint: short_fingerprint(der),
+        })
+    }
+
+    /// Reads every certificate of a PEM file's contents (a CA bundle may hold several).
+    pub fn all_from_pem(pem: &str) -> Result<Vec<CertDetails>, PkiError> {
+        let ders = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::Pem(e.to_string()))?;
+        if ders.is_empty() {
+            return Err(PkiError::Pem(
+                "no `-----BEGIN CERTIFICATE-----` block".to_string(),
+            ));
+        }
+        ders.iter().map(|d| CertDetails::from_der(d)).collect()
+    }
+
+    /// Whole days until `not_after` (negative once expired), as [`CertIdentity::days_left`].
+    pub fn days_left(&self, now: SystemTime) -> i64 {
+        days_until(self.not_after, now)
+    }
+}
+
+fn days_until(t: SystemTime, now: SystemTime) -> i64 {
+    match t.duration_since(now) {
+        Ok(d) => (d.as_secs() / 86_400) as i64,
+        Err(e) => -((e.duration().as_secs() / 86_400) as i64) - 1,
+    }
+}
+
+/// Reads a CA made by [`generate_ca`] from its PEM files (`ca.pem`, `ca.key`) and checks that it
+/// can issue: the certificate is a CA and the key is its key.
+pub fn read_ca(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<CertPair, PkiError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| PkiError::Read(format!("{}: {e}", p.display())))
+    };
+    let pair = CertPair {
+        cert_pem: read(cert_path)?,
+        key_pem: read(key_path)?,
+    };
+    let details = CertDetails::all_from_pem(&pair.cert_pem)?;
+    let Some(first) = details.first() else {
+        return Err(PkiError::Pem("no certificate".to_string()));
+    };
+    if !first.is_ca {
+        return Err(PkiError::NotACa(format!(
+            "{} ({}) is not a CA certificate",
+            cert_path.display(),
+            first.subject
+        )));
+    }
+    let key = KeyPair::from_pem(&pair.key_pem)?;
+    let der = CertificateDer::from_pem_slice(pair.cert_pem.as_bytes())
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    if key.public_key_raw() != &parsed.public_key().subject_public_key.data[..] {
+        return Err(PkiError::NotACa(format!(
+            "{} is not the key of {}",
+            key_path.display(),
+            cert_path.display()
+        )));
+    }
+    Ok(pair)
 }
 
 #[cfg(test)]

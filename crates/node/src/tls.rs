@@ -37,6 +37,7 @@
 
 use crate::pki::{self, CertIdentity};
 use clusterctl_core::name::{ClusterName, NodeName};
+use clusterctl_core::table::CertSummary;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -163,6 +164,8 @@ pub enum TlsError {
 /// Loaded, validated TLS material of one node: the cluster CA, our certificate chain and key.
 pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
+    /// The CA certificates of the bundle, in file order.
+    ca_certs: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     /// Who our certificate says we are.
@@ -210,6 +213,7 @@ impl TlsMaterial {
 
         let ca_certs = read_certs(KEY_CA, ca_pem, "point tls.ca at the cluster CA certificate")?;
         let mut roots = RootCertStore::empty();
+        let bundle = ca_certs.clone();
         for (i, der) in ca_certs.into_iter().enumerate() {
             let n = i + 1;
             let (_, parsed) =
@@ -280,10 +284,44 @@ impl TlsMaterial {
 
         Ok(TlsMaterial {
             roots,
+            ca_certs: bundle,
             chain,
             key,
             identity,
         })
+    }
+
+    /// What this node publishes about its certificate: short fingerprints of the certificate,
+    /// of the bundle CA that issued it and of every bundle CA, and the validity window.
+    pub fn summary(&self) -> CertSummary {
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let leaf = self.chain.first().map(|c| c.as_ref()).unwrap_or_default();
+        // The issuer is the bundle CA whose key verifies the certificate's signature: two CAs
+        // of one cluster may well carry the same subject (during a rotation they do).
+        let issuer = x509_parser::parse_x509_certificate(leaf)
+            .ok()
+            .and_then(|(_, leaf)| {
+                self.ca_certs.iter().find(|ca| {
+                    x509_parser::parse_x509_certificate(ca.as_ref())
+                        .is_ok_and(|(_, ca)| leaf.verify_signature(Some(ca.public_key())).is_ok())
+                })
+            })
+            .map(|ca| crate::pki::short_fingerprint(ca.as_ref()))
+            .unwrap_or_default();
+        CertSummary {
+            leaf: crate::pki::short_fingerprint(leaf),
+            issuer,
+            trusts: self
+                .ca_certs
+                .iter()
+                .map(|c| crate::pki::short_fingerprint(c.as_ref()))
+                .collect(),
+            not_before_ms: ms(self.identity.not_before),
+            not_after_ms: ms(self.identity.not_after),
+        }
     }
 }
 

@@ -279,6 +279,8 @@ impl Sim {
                 wall_base_ms: 0,
                 seed: cfg.seed.wrapping_mul(31).wrapping_add(i as u64),
                 keyring: Keyring::new(sim_secret(1)),
+                cert: None,
+                cert_warn_fraction: 1.0 / 3.0,
             };
             index.insert(id.name.clone(), i);
             nodes.push(SimNode {

@@ -6,6 +6,8 @@
 //!   `Lab` runs `lab down`, stops every agent the harness itself started and removes the
 //!   directory.
 //! - [`CliOutput`]: one finished CLI run, with helpers to check its exit code and read its JSON.
+//! - [`netns`]: labs on real network namespaces (`lab up --netns`) and [`netns::require_netns`],
+//!   which fails a test in CI when the machine cannot build them.
 //!
 //! The harness only ever signals processes it can prove are its own: agents recorded in the
 //! lab's `lab.json` (pid *and* start time must match) and children it spawned itself.
@@ -13,6 +15,8 @@
 //! Set `CLUSTERCTL_TEST_KEEP=1` to keep lab directories (configs, data, agent logs) after a run.
 
 #![forbid(unsafe_code)]
+
+pub mod netns;
 
 use clusterctl_api::{Event, Members, NodeStatus, Role, Topology};
 use serde::de::DeserializeOwned;
@@ -704,4 +708,13 @@ pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
         .iter()
         .map(|l| l.to_string())
         .collect()
+}
+
+/// `GET http://ADDR/PATH` on an agent's control API, decoded as JSON.
+pub fn http_get_json<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, String> {
+    let url = format!("http://{addr}{path}");
+    let mut resp = ureq::get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+    resp.body_mut()
+        .read_json::<T>()
+        .map_err(|e| format!("{url}: {e}"))
 }

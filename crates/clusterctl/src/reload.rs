@@ -1,0 +1,71 @@
+//! `clusterctl reload [--all]`: re-read a node's certificate, key and CA bundle without a
+//! restart (the same as SIGHUP, or changing the files: the agent checks them every 2 s).
+
+use crate::client::Client;
+use crate::{out, out_json, AgentArgs};
+use clusterctl_api::ReloadReport;
+use std::process::ExitCode;
+
+/// Re-read certificate, key and CA bundle; open links stay up, new handshakes use the new files.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Every node of the lab (otherwise: the agent chosen by --agent).
+    #[arg(long)]
+    all: bool,
+    /// Print the answers as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
+    let clients: Vec<Client> = if a.all {
+        let dir = crate::lab::default_dir();
+        let state = crate::lab::LabState::load(&dir)?
+            .ok_or_else(|| anyhow::anyhow!("--all needs a lab: no lab in {}", dir.display()))?;
+        state.nodes.iter().map(|n| Client::at(&n.control)).collect()
+    } else {
+        vec![Client::resolve(agent)?]
+    };
+    let mut failed = 0;
+    let mut reports = Vec::new();
+    for c in &clients {
+        match c.post::<_, ReloadReport>("/v1/reload", &serde_json::json!({})) {
+            Ok(r) => {
+                if !r.reloaded {
+                    failed += 1;
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("clusterctl: {e:#}");
+            }
+        }
+    }
+    if a.json {
+        out_json(&reports)?;
+    } else {
+        for r in &reports {
+            match (&r.cert, r.reloaded) {
+                (Some(c), true) => out(format!(
+                    "{:12} reloaded  certificate {} issued by {}  trusts {}  {} days left",
+                    r.node,
+                    c.leaf,
+                    c.issuer,
+                    c.trusts.join(","),
+                    c.days_left
+                )),
+                _ => out(format!(
+                    "{:12} REFUSED   {} (the material in use stays)",
+                    r.node,
+                    r.reason.as_deref().unwrap_or("unknown reason")
+                )),
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
