@@ -8,14 +8,14 @@ use clusterctl_api::{
     Event, EventKind, LinkKind, LinkState, Members, NodeStatus, PingReport, Role, Topology,
 };
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
-use clusterctl_core::wire::{Handshake, Hello, RefusalCode, MAX_HANDSHAKE};
+use clusterctl_core::wire::{Handshake, RefusalCode};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, Validity};
-use clusterctl_node::tls::{endpoint_configs, RejectSink, Security, TlsMaterial};
+use clusterctl_node::tls::TlsMaterial;
+use clusterctl_testkit::handshake::{hello_with, send_hello, Outcome};
 use clusterctl_testkit::{process_is_running, Lab, LabOptions, DEFAULT_WAIT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 const ALL_NODES: [&str; 6] = [
@@ -296,70 +296,6 @@ fn certificate_from_another_ca_is_refused_and_reported() {
     );
 }
 
-/// Ignores refusals: the test checks the answer on the wire instead.
-#[derive(Debug)]
-struct IgnoreRejects;
-
-impl RejectSink for IgnoreRejects {
-    fn rejected(
-        &self,
-        _side: clusterctl_node::tls::RejectSide,
-        _claimed_name: Option<String>,
-        _reason: String,
-    ) {
-    }
-}
-
-/// Dials `to` as the holder of `cert`/`key`, sends the hello `make` builds for this session
-/// (the cluster-secret proof is bound to it) and returns the decoded answer.
-fn send_hello(
-    bind: SocketAddr,
-    to: SocketAddr,
-    server_name: &str,
-    material: TlsMaterial,
-    make: impl FnOnce(&[u8]) -> Hello + Send + 'static,
-) -> Handshake {
-    let cluster = material.identity.cluster.clone();
-    let security = Security::Mutual(Arc::new(material));
-    let (_server, client) = endpoint_configs(&security, &cluster, Arc::new(IgnoreRejects))
-        .expect("TLS configs build from lab material");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime starts");
-    rt.block_on(async move {
-        let exchange = async {
-            let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind: {e}"))?;
-            let conn = endpoint
-                .connect_with(client, to, server_name)
-                .map_err(|e| format!("connect: {e}"))?
-                .await
-                .map_err(|e| format!("QUIC/TLS handshake: {e}"))?;
-            let mut binding = [0u8; clusterctl_core::secret::BINDING_LEN];
-            conn.export_keying_material(&mut binding, clusterctl_core::secret::EXPORTER_LABEL, b"")
-                .map_err(|e| format!("exporter: {e:?}"))?;
-            let hello = make(&binding);
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open: {e}"))?;
-            send.write_all(&Handshake::Hello(hello).encode())
-                .await
-                .map_err(|e| format!("write: {e}"))?;
-            send.finish().map_err(|e| format!("finish: {e}"))?;
-            let bytes = recv
-                .read_to_end(MAX_HANDSHAKE)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            conn.close(0u32.into(), b"done");
-            endpoint.wait_idle().await;
-            Handshake::decode(&bytes).map_err(|e| format!("decode: {e}"))
-        };
-        match tokio::time::timeout(Duration::from_secs(30), exchange).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => panic!("hello exchange with {server_name} at {to} failed: {e}"),
-            Err(_) => panic!("no answer to the hello from {server_name} at {to} within 30 s"),
-        }
-    })
-}
-
 #[test]
 fn member_dialing_another_site_is_refused_by_contract() {
     let lab = converged_lab();
@@ -376,35 +312,32 @@ fn member_dialing_another_site_is_refused_by_contract() {
     .expect("edge-us-1's TLS material loads");
     // ... and the lab's real cluster secret.
     let secret = clusterctl_core::secret::Secret::from_text(
-        &std::fs::read_to_string(lab.dir().join("secret.key")).unwrap(),
+        &std::fs::read_to_string(lab.dir().join("secret.key")).expect("lab secret"),
     )
-    .unwrap();
-    let keyring = clusterctl_core::secret::Keyring::new(secret);
-    let (hash, addr) = (t.contract_hash.clone(), edge.addr.clone());
-    let hello = move |binding: &[u8]| {
-        let name = NodeName::new("edge-us-1").unwrap();
-        Hello {
-            cluster: ClusterName::new("lab").unwrap(),
-            ident: Ident {
-                name: name.clone(),
-                site: SiteName::new("us-east").unwrap(),
-                role: Role::Member,
-            },
-            contract_hash: hash,
-            clock: 1,
-            addr,
-            rejoin: false,
-            version: "test".into(),
-            secret: keyring.prove_primary(
-                clusterctl_core::secret::ProofRole::Hello,
-                &name,
-                binding,
-            ),
-        }
-    };
+    .expect("lab secret parses");
+    let hello = hello_with(
+        clusterctl_core::secret::Keyring::new(secret),
+        Ident {
+            name: NodeName::new("edge-us-1").expect("name"),
+            site: SiteName::new("us-east").expect("site"),
+            role: Role::Member,
+        },
+        t.contract_hash.clone(),
+        edge.addr.clone(),
+    );
     // From edge-us-1's own loopback address, on a port of its own.
     let bind: SocketAddr = format!("{}.1.2:0", lab.prefix()).parse().unwrap();
-    let answer = send_hello(bind, gw.addr.parse().unwrap(), "gw-eu-1", material, hello);
+    let answer = match send_hello(
+        bind,
+        gw.addr.parse().unwrap(),
+        "gw-eu-1",
+        material,
+        hello,
+        None,
+    ) {
+        Outcome::Answer(a) => a,
+        Outcome::Failed(e) => panic!("hello exchange with gw-eu-1 failed: {e}"),
+    };
     match &answer {
         Handshake::Refuse(r) => {
             assert_eq!(r.code, RefusalCode::Contract, "{answer:?}");

@@ -6,6 +6,8 @@
 //!   `Lab` runs `lab down`, stops every agent the harness itself started and removes the
 //!   directory.
 //! - [`CliOutput`]: one finished CLI run, with helpers to check its exit code and read its JSON.
+//! - [`handshake`]: a raw peer that dials an agent with chosen credentials and a hand-made
+//!   hello, for the negative security tests.
 //! - [`netns`]: labs on real network namespaces (`lab up --netns`) and [`netns::require_netns`],
 //!   which fails a test in CI when the machine cannot build them.
 //!
@@ -16,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod handshake;
 pub mod netns;
 
 use clusterctl_api::{Event, Members, NodeStatus, Role, Topology};

@@ -1,0 +1,123 @@
+//! A raw peer for negative tests: dial a real agent with chosen credentials, send a hand-made
+//! hello (or garbage), read the answer, and optionally try to push an application frame anyway.
+
+use clusterctl_core::secret::{Keyring, ProofRole, BINDING_LEN, EXPORTER_LABEL};
+use clusterctl_core::wire::{Frame, Handshake, Hello, MAX_HANDSHAKE};
+use clusterctl_node::tls::{
+    describe_connection_error, endpoint_configs, RejectSide, RejectSink, Security, TlsMaterial,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Ignores refusals: tests check the answer on the wire instead.
+#[derive(Debug)]
+struct IgnoreRejects;
+
+impl RejectSink for IgnoreRejects {
+    fn rejected(&self, _side: RejectSide, _claimed: Option<String>, _reason: String) {}
+}
+
+/// What happened to a raw handshake.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The agent answered the hello.
+    Answer(Handshake),
+    /// QUIC/TLS or the stream failed before an answer (the reason, as text).
+    Failed(String),
+}
+
+/// Dials `to` (expecting node `server_name`) with `material`, sends the hello `make` builds for
+/// this TLS session, reads the answer; then, if `frame` is given, pushes it on a
+/// unidirectional stream as a linked peer would (a refused peer must never get it processed).
+pub fn send_hello(
+    bind: SocketAddr,
+    to: SocketAddr,
+    server_name: &str,
+    material: TlsMaterial,
+    make: impl FnOnce(&[u8]) -> Hello + Send + 'static,
+    frame: Option<Frame>,
+) -> Outcome {
+    let cluster = material.identity.cluster.clone();
+    let security = Security::Mutual(Arc::new(material));
+    let (_server, client) = match endpoint_configs(&security, &cluster, Arc::new(IgnoreRejects)) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("TLS configs: {e}")),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Outcome::Failed(format!("runtime: {e}")),
+    };
+    let server_name = server_name.to_string();
+    rt.block_on(async move {
+        let exchange = async {
+            let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind: {e}"))?;
+            let conn = endpoint
+                .connect_with(client, to, &server_name)
+                .map_err(|e| format!("connect: {e}"))?
+                .await
+                .map_err(|e| format!("QUIC/TLS handshake: {e}"))?;
+            // The dialer's TLS handshake completes before the acceptor has checked our
+            // certificate: a refusal then shows as the connection closing, with the reason.
+            let why = |what: &str, e: String| match conn.close_reason() {
+                Some(reason) => format!("{what}: {}", describe_connection_error(&reason)),
+                None => format!("{what}: {e}"),
+            };
+            let mut binding = [0u8; BINDING_LEN];
+            conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+                .map_err(|e| format!("exporter: {e:?}"))?;
+            let hello = make(&binding);
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| why("open", e.to_string()))?;
+            send.write_all(&Handshake::Hello(hello).encode())
+                .await
+                .map_err(|e| why("write", e.to_string()))?;
+            send.finish().map_err(|e| why("finish", e.to_string()))?;
+            let bytes = recv
+                .read_to_end(MAX_HANDSHAKE)
+                .await
+                .map_err(|e| why("read", e.to_string()))?;
+            let answer = Handshake::decode(&bytes).map_err(|e| format!("decode: {e}"))?;
+            if let Some(f) = frame {
+                // Best effort: the agent may already have closed the connection.
+                if let Ok(mut s) = conn.open_uni().await {
+                    let _ = s.write_all(&f.encode()).await;
+                    let _ = s.finish();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            conn.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+            Ok::<_, String>(answer)
+        };
+        match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+            Ok(Ok(answer)) => Outcome::Answer(answer),
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(_) => Outcome::Failed(format!("no answer from {server_name} at {to} within 30 s")),
+        }
+    })
+}
+
+/// A hello from `ident` with a valid proof of `keyring`'s key in use.
+pub fn hello_with(
+    keyring: Keyring,
+    ident: clusterctl_core::name::Ident,
+    contract_hash: String,
+    addr: String,
+) -> impl FnOnce(&[u8]) -> Hello + Send + 'static {
+    move |binding: &[u8]| Hello {
+        cluster: clusterctl_core::name::ClusterName::new("lab").expect("valid cluster name"),
+        secret: keyring.prove_primary(ProofRole::Hello, &ident.name, binding),
+        ident,
+        contract_hash,
+        clock: 1,
+        addr,
+        rejoin: false,
+        version: "test".into(),
+    }
+}
