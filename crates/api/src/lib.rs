@@ -256,6 +256,13 @@ pub struct LinkView {
     /// Days until the first of the two ends' certificates expires (null when unknown).
     #[serde(default)]
     pub cert_days_left: Option<i64>,
+    /// TLS cipher suite of the link (null when not up or insecure).
+    #[serde(default)]
+    pub cipher_suite: Option<String>,
+    /// The identity each end's certificate proves, `from` first: `NAME.SITE.CLUSTER (ROLE,
+    /// cert FINGERPRINT)`, as published in the node table.
+    #[serde(default)]
+    pub identities: Vec<String>,
 }
 
 /// `GET /v1/members`: every node in the table.

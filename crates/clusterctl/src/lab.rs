@@ -1446,6 +1446,8 @@ mod tests {
             expected,
             secret_key: None,
             cert_days_left: None,
+            cipher_suite: None,
+            identities: Vec::new(),
         };
         let mut t = Topology {
             cluster: CLUSTER.into(),

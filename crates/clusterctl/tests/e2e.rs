@@ -95,6 +95,17 @@ fn default_lab_comes_up_with_every_expected_link_up_and_secure() {
         assert!(l.expected, "{} <-> {} is not expected\n{all}", l.from, l.to);
         assert_eq!(l.state, LinkState::Up, "{} <-> {}\n{all}", l.from, l.to);
         assert!(l.secure, "{} <-> {} is not secure\n{all}", l.from, l.to);
+        assert_eq!(l.protocol.as_deref(), Some("tls1.3"), "{all}");
+        assert_eq!(
+            l.cipher_suite.as_deref(),
+            Some("TLS13_AES_128_GCM_SHA256"),
+            "{all}"
+        );
+        assert_eq!(l.identities.len(), 2, "{all}");
+        assert!(
+            l.secret_key.is_some() && l.cert_days_left.is_some_and(|d| d > 20),
+            "{all}"
+        );
     }
     let kind = |k| t.links.iter().filter(|l| l.kind == k).count();
     assert_eq!(kind(LinkKind::Site), 6, "{all}");

@@ -2960,6 +2960,21 @@ impl Engine {
             protocol,
             reason,
             expected,
+            cipher_suite: (secure
+                && matches!(state, LinkState::Up | LinkState::Drift | LinkState::OneWay))
+            .then(|| CIPHER_SUITE.to_string()),
+            identities: [a, b]
+                .iter()
+                .filter_map(|n| self.table.get(n.as_str()))
+                .filter_map(|r| {
+                    r.cert.as_ref().map(|c| {
+                        format!(
+                            "{}.{}.{} ({}, cert {})",
+                            r.name, r.site, self.cfg.cluster, r.role, c.leaf
+                        )
+                    })
+                })
+                .collect(),
             cert_days_left: [a, b]
                 .iter()
                 .filter_map(|n| self.table.get(n.as_str()).and_then(|r| r.cert.as_ref()))
@@ -3122,6 +3137,9 @@ impl Engine {
         }
     }
 }
+
+/// The TLS cipher suite every secure link uses (the transport allows no other).
+pub const CIPHER_SUITE: &str = "TLS13_AES_128_GCM_SHA256";
 
 /// Formats wall-clock milliseconds as RFC 3339 UTC (`2026-11-22T05:43:39.123Z`).
 pub fn format_rfc3339_ms(ms: u64) -> String {

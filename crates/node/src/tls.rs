@@ -463,8 +463,15 @@ pub fn endpoint_configs(
 
 /// The one crypto provider: ring. Never rustls' process default (aws-lc-rs is not built in).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    // One suite, the one every QUIC implementation must support: a link that is up is known to
+    // use it (quinn does not expose the negotiated suite), and reports can say so.
+    p.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    Arc::new(p)
 }
+
+/// The only cipher suite links negotiate (see `provider`); reports name it.
+pub use clusterctl_core::engine::CIPHER_SUITE;
 
 /// Settings both modes share: ALPN, no 0-RTT, no resumption, no SNI.
 fn harden(server: &mut rustls::ServerConfig, client: &mut rustls::ClientConfig) {

@@ -299,7 +299,7 @@ pub fn restart(dir: &Path, name: &str) -> anyhow::Result<String> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("nodes").join(name));
     let netns = ns.node_netns(name);
-    let (pid, pid_start, _child) = spawn_process(&exe, &nd, &n.config, Some(&netns))?;
+    let (pid, pid_start, mut child) = spawn_process(&exe, &nd, &n.config, Some(&netns))?;
     if let Some(rec) = state.nodes.iter_mut().find(|r| r.name == name) {
         rec.pid = pid;
         rec.pid_start = pid_start;
@@ -312,19 +312,16 @@ pub fn restart(dir: &Path, name: &str) -> anyhow::Result<String> {
     state.save(dir)?;
     let client = Client::with_timeout(&n.control, Duration::from_secs(2));
     let deadline = Instant::now() + RESTART_WAIT;
-    let record = LabNode {
-        pid,
-        pid_start,
-        ..n.clone()
-    };
     while client.get::<Topology>("/v1/topology").is_err() {
-        let exited = !record.is_running();
-        if exited || Instant::now() >= deadline {
+        // The child handle, not /proc: right after the spawn `ip netns exec` is still
+        // exec'ing into the agent.
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() >= deadline {
             let log = nd.join("agent.log");
             bail!(
                 "restarted {name} (pid {pid}) but {}; last lines of {}:\n{}",
-                if exited {
-                    "the agent exited".to_string()
+                if let Some(status) = exited {
+                    format!("the agent exited ({status})")
                 } else {
                     format!(
                         "its control API at {} did not answer within {} s",
