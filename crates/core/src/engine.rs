@@ -2862,9 +2862,20 @@ impl Engine {
             )
         };
         let stale = |s: NodeStatus| s == NodeStatus::Unreachable;
+        // The report of an end we cannot reach is old news: when the other end is reachable,
+        // its report alone decides (a cut WAN is `down`, not `one-way` against a stale `up`).
+        let (ra, rb) = match (stale(sa), stale(sb)) {
+            (true, false) => (None, rb),
+            (false, true) => (ra, None),
+            _ => (ra, rb),
+        };
         let is = |r: &Option<LinkReport>, st: LinkState| r.as_ref().is_some_and(|x| x.state == st);
         let mut reason = None;
-        let state = if let Some(r) = [&ra, &rb]
+        let state = if (stale(sa) != stale(sb)) && ra.is_none() && rb.is_none() {
+            let far = if stale(sa) { a } else { b };
+            reason = Some(format!("{far} is unreachable from {}", self.cfg.me.name));
+            LinkState::Down
+        } else if let Some(r) = [&ra, &rb]
             .into_iter()
             .flatten()
             .find(|r| r.state == LinkState::Refused)
