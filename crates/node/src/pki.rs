@@ -86,7 +86,10 @@ pub fn generate_ca(cluster: &ClusterName, validity: Validity) -> Result<CertPair
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
     );
-    dn.push(DnType::CommonName, format!("clusterctl CA for {cluster} ({created})"));
+    dn.push(
+        DnType::CommonName,
+        format!("clusterctl CA for {cluster} ({created})"),
+    );
     dn.push(DnType::OrganizationName, cluster.as_str());
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
