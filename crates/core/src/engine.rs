@@ -238,6 +238,16 @@ struct Link {
     key: Option<KeyId>,
 }
 
+/// How long a stalled inbound handshake or a timed-out dial counts as evidence.
+pub const ONE_WAY_EVIDENCE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Default)]
+struct Direction {
+    inbound_stalled: Option<Time>,
+    dial_failed: Option<Time>,
+    one_way_since: Option<Time>,
+}
+
 #[derive(Debug, Clone)]
 struct Refused {
     reason: String,
@@ -365,6 +375,8 @@ pub struct Engine {
     refused: BTreeMap<NodeName, Refused>,
     dialing: BTreeMap<NodeName, Dialing>,
     announced: BTreeMap<NodeName, Time>,
+    /// Evidence about each direction of links that do not come up (one-way detection).
+    direction: BTreeMap<NodeName, Direction>,
     /// Peers that told us they are leaving (until they come back with a newer alive record).
     left_peers: BTreeSet<NodeName>,
     site_ring: Swim,
@@ -499,6 +511,7 @@ impl Engine {
             refused: BTreeMap::new(),
             dialing: BTreeMap::new(),
             announced: BTreeMap::new(),
+            direction: BTreeMap::new(),
             left_peers: BTreeSet::new(),
             site_ring,
             wan_ring,
@@ -662,6 +675,7 @@ impl Engine {
             return;
         }
         self.expire_requests(now);
+        self.expire_directions(now);
         self.refresh_own(now, false);
         self.diff_statuses(now);
         if self.leaving {
@@ -798,8 +812,73 @@ impl Engine {
         if refused {
             self.counters.refused_out += 1;
             self.note_refusal(now, peer.clone(), reason.to_string(), false);
-        } else if let Some(l) = self.links.get_mut(peer) {
+            return;
+        }
+        if let Some(l) = self.links.get_mut(peer) {
             l.reason = Some(short(reason));
+        }
+        let e = self.direction.entry(peer.clone()).or_default();
+        e.dial_failed = Some(now);
+        self.judge_direction(now, peer);
+    }
+
+    /// A handshake from `addr` reached us and then stalled (our answers never got through):
+    /// evidence that packets flow from that peer to us but not back.
+    pub fn handle_inbound_stalled(&mut self, now: Time, addr: &str) {
+        let Some(peer) = self
+            .table
+            .live()
+            .find(|r| r.addr == addr && r.name != self.cfg.me.name)
+            .map(|r| r.name.clone())
+        else {
+            return;
+        };
+        let e = self.direction.entry(peer.clone()).or_default();
+        e.inbound_stalled = Some(now);
+        self.judge_direction(now, &peer);
+    }
+
+    /// One-way verdict for `peer`: its handshakes reach us and stall, and ours time out.
+    fn judge_direction(&mut self, now: Time, peer: &NodeName) {
+        let window = ONE_WAY_EVIDENCE;
+        let fresh = |t: Option<Time>| t.is_some_and(|t| now.saturating_sub(t) <= window);
+        let Some(e) = self.direction.get(peer) else {
+            return;
+        };
+        let one_way = fresh(e.inbound_stalled) && fresh(e.dial_failed);
+        let was = e.one_way_since.is_some();
+        if one_way && !was {
+            if let Some(e) = self.direction.get_mut(peer) {
+                e.one_way_since = Some(now);
+            }
+            let me = self.cfg.me.name.clone();
+            self.event(
+                now,
+                EventKind::LinkDown,
+                Some(me.clone()),
+                Some(peer.clone()),
+                format!("one-way: {peer} -> {me} gets through, {me} -> {peer} does not ({peer}'s handshakes reach {me} and stall; {me}'s dials time out)"),
+            );
+            self.refresh_own(now, false);
+        }
+    }
+
+    fn expire_directions(&mut self, now: Time) {
+        let window = ONE_WAY_EVIDENCE;
+        let mut changed = false;
+        self.direction.retain(|peer, e| {
+            let fresh = |t: Option<Time>| t.is_some_and(|t| now.saturating_sub(t) <= window);
+            let linked = self.links.get(peer).is_some_and(|l| l.up);
+            if e.one_way_since.is_some()
+                && (linked || !(fresh(e.inbound_stalled) && fresh(e.dial_failed)))
+            {
+                e.one_way_since = None;
+                changed = true;
+            }
+            !linked && (fresh(e.inbound_stalled) || fresh(e.dial_failed))
+        });
+        if changed {
+            self.refresh_own(now, false);
         }
     }
 
@@ -1417,6 +1496,27 @@ impl Engine {
                 secure: l.secure,
                 reason: l.reason.clone(),
                 key: l.key,
+            });
+        }
+        for (name, d) in &self.direction {
+            let Some(since) = d.one_way_since else {
+                continue;
+            };
+            if self.links.get(name).is_some_and(|l| l.up) || self.refused.contains_key(name) {
+                continue;
+            }
+            links.retain(|x| &x.peer != name);
+            links.push(LinkReport {
+                peer: name.clone(),
+                state: LinkState::OneWay,
+                rtt_us: 0,
+                since_ms: wall(since),
+                secure: self.cfg.secure,
+                reason: Some(format!(
+                    "one-way: {name} -> {me} gets through, {me} -> {name} does not",
+                    me = self.cfg.me.name
+                )),
+                key: None,
             });
         }
         for (name, r) in &self.refused {
@@ -2882,6 +2982,13 @@ impl Engine {
         {
             reason = r.reason.clone();
             LinkState::Refused
+        } else if let Some(r) = [&ra, &rb]
+            .into_iter()
+            .flatten()
+            .find(|r| r.state == LinkState::OneWay)
+        {
+            reason = r.reason.clone();
+            LinkState::OneWay
         } else if gone(sa) || gone(sb) {
             let who = if gone(sa) { (a, sa) } else { (b, sb) };
             reason = Some(format!("{} is {}", who.0, who.1));
@@ -2944,16 +3051,22 @@ impl Engine {
         } else {
             None
         };
-        let rtt_us = match (state, mine) {
-            (LinkState::Up | LinkState::Drift | LinkState::OneWay, Some(l)) => Some(l.rtt_us),
-            (LinkState::Up | LinkState::Drift | LinkState::OneWay, None) => any.map(|r| r.rtt_us),
+        // Transport details only while a connection exists (an end reports it up); a one-way
+        // link found from stalled handshakes has none.
+        let connected = [&ra, &rb]
+            .into_iter()
+            .flatten()
+            .any(|r| matches!(r.state, LinkState::Up | LinkState::Drift))
+            && matches!(state, LinkState::Up | LinkState::Drift | LinkState::OneWay);
+        let mine = mine.filter(|l| l.up);
+        let rtt_us = match (connected, mine) {
+            (true, Some(l)) => Some(l.rtt_us),
+            (true, None) => any.map(|r| r.rtt_us),
             _ => None,
         };
-        let protocol = match (state, mine) {
-            (LinkState::Up | LinkState::Drift | LinkState::OneWay, Some(l)) => {
-                Some(l.protocol.clone())
-            }
-            (LinkState::Up | LinkState::Drift | LinkState::OneWay, None) => Some(if secure {
+        let protocol = match (connected, mine) {
+            (true, Some(l)) => Some(l.protocol.clone()),
+            (true, None) => Some(if secure {
                 "tls1.3".to_string()
             } else {
                 "insecure".to_string()
@@ -2971,9 +3084,7 @@ impl Engine {
             protocol,
             reason,
             expected,
-            cipher_suite: (secure
-                && matches!(state, LinkState::Up | LinkState::Drift | LinkState::OneWay))
-            .then(|| CIPHER_SUITE.to_string()),
+            cipher_suite: (secure && connected).then(|| CIPHER_SUITE.to_string()),
             identities: [a, b]
                 .iter()
                 .filter_map(|n| self.table.get(n.as_str()))
@@ -2991,7 +3102,7 @@ impl Engine {
                 .filter_map(|n| self.table.get(n.as_str()).and_then(|r| r.cert.as_ref()))
                 .map(|c| self.days_left(now, c.not_after_ms))
                 .min(),
-            secret_key: matches!(state, LinkState::Up | LinkState::Drift | LinkState::OneWay)
+            secret_key: connected
                 .then(|| mine.and_then(|l| l.key).or_else(|| any.and_then(|r| r.key)))
                 .flatten()
                 .map(|k| k.to_string()),

@@ -137,6 +137,8 @@ enum Net {
         reason: String,
         kind: DialFail,
     },
+    /// A handshake from this address reached us and stalled.
+    InboundStalled { from: SocketAddr },
     /// The TLS layer rejected a certificate.
     TlsRejected {
         claimed: Option<String>,
@@ -707,6 +709,9 @@ impl Owner {
                     }
                 }
             }
+            Net::InboundStalled { from } => {
+                engine.handle_inbound_stalled(now, &from.to_string());
+            }
             Net::TlsRejected { claimed, reason } => {
                 let name = claimed.and_then(|c| NodeName::new(c).ok());
                 engine.handle_refused(now, name, None, &format!("TLS: {reason}"), true);
@@ -1124,11 +1129,26 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
     let remote = incoming.remote_address();
     let conn = match timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
+        // Either it times out here, or the dialer gives up first and its close (which still
+        // gets through) says so: an application close during the handshake.
+        Ok(Err(quinn::ConnectionError::TimedOut)) | Err(_) => {
+            debug!(%remote, "incoming handshake stalled");
+            let _ = net.send(Net::InboundStalled { from: remote }).await;
+            return;
+        }
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+            if c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+        {
+            // The peer's packets reach us but the handshake never completes: our answers do
+            // not reach it. One half of the evidence for a one-way link.
+            debug!(%remote, "incoming handshake stalled");
+            let _ = net.send(Net::InboundStalled { from: remote }).await;
+            return;
+        }
         Ok(Err(e)) => {
             debug!(%remote, "incoming handshake failed: {}", tls::describe_connection_error(&e));
             return;
         }
-        Err(_) => return,
     };
     let hello = async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;

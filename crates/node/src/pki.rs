@@ -80,15 +80,20 @@ pub fn generate_ca(cluster: &ClusterName, validity: Validity) -> Result<CertPair
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    // The creation time tells two CAs of one cluster apart (during a rotation both are trusted).
+    // Two CAs of one cluster must be told apart (during a rotation both are trusted, and a
+    // verifier picks its anchor by subject): the subject names the CA's own key and its date.
     let created = clusterctl_core::engine::format_rfc3339_ms(
         SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
     );
+    let key_id = short_fingerprint(key.public_key_raw());
     dn.push(
         DnType::CommonName,
-        format!("clusterctl CA for {cluster} ({created})"),
+        format!(
+            "clusterctl CA for {cluster} (key {key_id}, {})",
+            created.get(..10).unwrap_or(&created)
+        ),
     );
     dn.push(DnType::OrganizationName, cluster.as_str());
     params.distinguished_name = dn;

@@ -135,6 +135,10 @@ enum Ev {
         dialer: usize,
         acceptor: usize,
     },
+    InboundStalled {
+        at: usize,
+        addr: String,
+    },
     DialFailed {
         dialer: usize,
         peer: NodeName,
@@ -177,6 +181,8 @@ pub struct Sim {
     conns: BTreeMap<(usize, usize), u64>,
     conn_keys: BTreeMap<(usize, usize), KeyId>,
     cuts: BTreeSet<(SiteName, SiteName)>,
+    /// Directions dropped between sites: `(from, to)`.
+    one_way: BTreeSet<(SiteName, SiteName)>,
     rng: StdRng,
     contract: Contract,
     next_token: u64,
@@ -308,6 +314,7 @@ impl Sim {
             conns: BTreeMap::new(),
             conn_keys: BTreeMap::new(),
             cuts: BTreeSet::new(),
+            one_way: BTreeSet::new(),
             contract,
             next_token: 1,
             lost_datagrams: 0,
@@ -395,8 +402,18 @@ impl Sim {
         }
     }
 
-    /// Whether packets can flow between `a` and `b` right now.
+    /// Whether packets from `a` reach `b` right now (one direction).
+    pub fn direction_open(&self, a: usize, b: usize) -> bool {
+        let (sa, sb) = (&self.nodes[a].ident.site, &self.nodes[b].ident.site);
+        self.path_both(a, b) && !self.one_way.contains(&(sa.clone(), sb.clone()))
+    }
+
+    /// Whether packets can flow both ways between `a` and `b` right now (what a connection needs).
     pub fn path_open(&self, a: usize, b: usize) -> bool {
+        self.direction_open(a, b) && self.direction_open(b, a)
+    }
+
+    fn path_both(&self, a: usize, b: usize) -> bool {
         let (na, nb) = (&self.nodes[a], &self.nodes[b]);
         if na.engine.is_none() || nb.engine.is_none() || na.isolated || nb.isolated {
             return false;
@@ -471,6 +488,15 @@ impl Sim {
                         },
                     );
                 } else {
+                    if self.direction_open(i, j) && self.nodes[j].engine.is_some() {
+                        // Our packets reach the acceptor, its answers do not come back: it sees
+                        // a handshake that stalls.
+                        let addr = self.nodes[i].addr.clone();
+                        self.schedule(
+                            now + self.cfg.connect_timeout,
+                            Ev::InboundStalled { at: j, addr },
+                        );
+                    }
                     let reason = "timed out".to_string();
                     self.schedule(
                         now + self.cfg.connect_timeout,
@@ -611,6 +637,12 @@ impl Sim {
                 }
             }
             Ev::Handshake { dialer, acceptor } => self.handshake(dialer, acceptor),
+            Ev::InboundStalled { at, addr } => {
+                if let Some(e) = self.nodes[at].engine.as_mut() {
+                    e.handle_inbound_stalled(now, &addr);
+                }
+                self.pump(at);
+            }
             Ev::DialFailed {
                 dialer,
                 peer,
@@ -846,9 +878,19 @@ impl Sim {
         self.schedule_idle_checks();
     }
 
+    /// Drops the packets from site `from` to site `to` only.
+    pub fn cut_one_way(&mut self, from: &str, to: &str) {
+        self.one_way.insert((
+            SiteName::new(from).expect("site"),
+            SiteName::new(to).expect("site"),
+        ));
+        self.schedule_idle_checks();
+    }
+
     /// Removes every WAN cut and isolation.
     pub fn heal(&mut self) {
         self.cuts.clear();
+        self.one_way.clear();
         for n in &mut self.nodes {
             n.isolated = false;
         }

@@ -493,3 +493,82 @@ fn install_use_remove_rotates_the_secret_with_zero_refused_links() {
         "seed {seed}"
     );
 }
+
+#[test]
+fn one_way_wan_is_reported_with_its_direction_and_nobody_flaps() {
+    let seed = seed_from_env(31);
+    let mut sim = converged(seed, 1);
+    let us = sim.site_nodes("us-east");
+    let eu = sim.site_nodes("eu-west");
+    let start_ms = sim.now().as_millis() as u64;
+    sim.cut_one_way("us-east", "eu-west");
+    let mut last: std::collections::BTreeMap<(String, String), NodeStatus> = Default::default();
+    let mut flips = 0;
+    for _ in 0..60 {
+        sim.run_for(Duration::from_secs(1));
+        for (mine, far) in [(&us, &eu), (&eu, &us)] {
+            for o in mine.iter() {
+                for n in mine.iter().filter(|n| *n != o) {
+                    assert_eq!(
+                        sim.status(o, n),
+                        NodeStatus::Alive,
+                        "{o} sees {n} (seed {seed})"
+                    );
+                }
+                for n in far.iter() {
+                    let s = sim.status(o, n);
+                    assert!(
+                        matches!(s, NodeStatus::Alive | NodeStatus::Unreachable),
+                        "{o} sees {n} {s} (seed {seed})"
+                    );
+                    if let Some(prev) = last.insert((o.clone(), n.clone()), s) {
+                        if prev != s {
+                            flips += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Each observer turns the far site unreachable once and stays there: no flapping.
+    assert!(
+        flips <= us.len() * eu.len() * 2,
+        "{flips} status flips (seed {seed})"
+    );
+    for observer in ["gw-us-1", "edge-us-1"] {
+        let t = sim.topology(observer);
+        let wan = t
+            .links
+            .iter()
+            .find(|l| l.kind == clusterctl_api::LinkKind::Wan)
+            .expect("wan");
+        assert_eq!(
+            wan.state,
+            LinkState::OneWay,
+            "{observer}: {wan:#?} (seed {seed})"
+        );
+        let why = wan.reason.as_deref().unwrap_or("");
+        assert!(
+            why.contains("gw-eu-1 -> gw-us-1 gets through, gw-us-1 -> gw-eu-1 does not"),
+            "{why}"
+        );
+    }
+    for o in sim.names() {
+        let i = sim.idx(&o);
+        assert!(
+            !sim.nodes[i]
+                .events
+                .iter()
+                .any(|e| e.at_ms >= start_ms && e.kind == EventKind::NodeDead),
+            "{o} declared a node dead during a one-way cut (seed {seed})"
+        );
+    }
+    sim.heal();
+    sim.run_until(Duration::from_secs(90), Sim::converged)
+        .unwrap_or_else(|| panic!("no reconvergence after heal (seed {seed})"));
+    let t = sim.topology("edge-us-1");
+    assert!(
+        t.links.iter().all(|l| l.state == LinkState::Up),
+        "seed {seed}"
+    );
+}
