@@ -95,6 +95,8 @@ pub struct EngineConfig {
     pub me: Ident,
     /// Our advertised cluster address.
     pub addr: String,
+    /// Gateways on two networks: the address other sites' gateways dial (`advertise-wan`).
+    pub wan_addr: Option<String>,
     pub contract: Contract,
     /// False when running `insecure`.
     pub secure: bool,
@@ -463,7 +465,7 @@ impl Engine {
             }
             None => 1,
         };
-        let own = NodeRecord::new(
+        let mut own = NodeRecord::new(
             &cfg.me,
             clock,
             cfg.addr.clone(),
@@ -471,6 +473,7 @@ impl Engine {
             cfg.version.clone(),
             cfg.secure,
         );
+        own.wan_addr = cfg.wan_addr.clone();
         table.put_own(own);
         let health = LocalHealth::new(DEFAULT_MAX_SCORE, cfg.timing.late_timer);
         let site_size = table
@@ -745,8 +748,15 @@ impl Engine {
             if r.name == me.name || r.state != RecordState::Alive || r.addr.is_empty() {
                 continue;
             }
-            if self.cfg.contract.check_link(me, &r.ident()).is_ok() {
-                out.insert(r.name.clone(), r.addr.clone());
+            match self.cfg.contract.check_link(me, &r.ident()) {
+                Ok(LinkKind::Wan) => {
+                    let addr = r.wan_addr.clone().unwrap_or_else(|| r.addr.clone());
+                    out.insert(r.name.clone(), addr);
+                }
+                Ok(LinkKind::Site) => {
+                    out.insert(r.name.clone(), r.addr.clone());
+                }
+                Err(_) => {}
             }
         }
         // Seeds we have not learned a record for yet (their site is unknown until they answer).
@@ -828,7 +838,10 @@ impl Engine {
         let Some(peer) = self
             .table
             .live()
-            .find(|r| r.addr == addr && r.name != self.cfg.me.name)
+            .find(|r| {
+                (r.addr == addr || r.wan_addr.as_deref() == Some(addr))
+                    && r.name != self.cfg.me.name
+            })
             .map(|r| r.name.clone())
         else {
             return;
@@ -3298,6 +3311,68 @@ mod tests {
         assert_eq!(
             format_rfc3339_ms(951_782_400_000),
             "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn gateways_dial_each_other_at_their_wan_address_and_members_at_the_site_address() {
+        use crate::contract::Contract;
+        use crate::name::{ClusterName, Ident, SiteName};
+        use crate::secret::{Keyring, Secret};
+        let contract = Contract::parse(
+            "cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n[[site]]\nname = \"eu\"\ngateways = [\"gw-eu\"]\n[[link]]\nbetween = [\"us\", \"eu\"]\n",
+        )
+        .unwrap();
+        let id = |n: &str, s: &str, r: Role| Ident {
+            name: NodeName::new(n).unwrap(),
+            site: SiteName::new(s).unwrap(),
+            role: r,
+        };
+        let cfg = |me: Ident| EngineConfig {
+            cluster: ClusterName::new("c").unwrap(),
+            me,
+            addr: "10.0.0.1:7400".into(),
+            wan_addr: None,
+            contract: contract.clone(),
+            secure: true,
+            version: "t".into(),
+            seeds: vec![],
+            rejoin: false,
+            timing: Timing::lan(),
+            wall_base_ms: 0,
+            seed: 1,
+            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
+            cert: None,
+            cert_warn_fraction: 0.33,
+        };
+        let mut gw_us = NodeRecord::new(
+            &id("gw-us", "us", Role::Gateway),
+            3,
+            "10.1.0.1:7400".into(),
+            contract.hash().into(),
+            "t".into(),
+            true,
+        );
+        gw_us.wan_addr = Some("198.51.100.1:7400".into());
+        let far = Engine::new(
+            cfg(id("gw-eu", "eu", Role::Gateway)),
+            vec![gw_us.clone()],
+            Time::ZERO,
+        )
+        .unwrap();
+        assert_eq!(
+            far.wanted_links(),
+            vec![(gw_us.name.clone(), "198.51.100.1:7400".to_string())]
+        );
+        let near = Engine::new(
+            cfg(id("edge-us", "us", Role::Member)),
+            vec![gw_us.clone()],
+            Time::ZERO,
+        )
+        .unwrap();
+        assert_eq!(
+            near.wanted_links(),
+            vec![(gw_us.name.clone(), "10.1.0.1:7400".to_string())]
         );
     }
 

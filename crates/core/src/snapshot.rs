@@ -12,7 +12,7 @@ use crate::table::NodeRecord;
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"CCTLTBL\0";
 /// The format this build writes and reads.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// Largest payload accepted (a full table of large records fits well below this).
 pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 const HEADER_LEN: usize = 8 + 2 + 4 + 4;

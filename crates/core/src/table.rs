@@ -109,6 +109,9 @@ pub struct NodeRecord {
     pub keys: Vec<KeyId>,
     /// The certificate the node presents (None when insecure).
     pub cert: Option<CertSummary>,
+    /// Gateways on two networks: the address gateways of other sites dial (`advertise-wan`);
+    /// `addr` is then the one its own site dials.
+    pub wan_addr: Option<String>,
 }
 
 /// A record that breaks a bound.
@@ -155,6 +158,7 @@ impl NodeRecord {
             view: Vec::new(),
             keys: Vec::new(),
             cert: None,
+            wan_addr: None,
         }
     }
 
@@ -183,6 +187,11 @@ impl NodeRecord {
     /// Checks every bound; names were already validated while decoding.
     pub fn validate(&self) -> Result<(), RecordError> {
         cap("addr", self.addr.len(), MAX_ADDR_LEN)?;
+        cap(
+            "wan_addr",
+            self.wan_addr.as_ref().map_or(0, String::len),
+            MAX_ADDR_LEN,
+        )?;
         cap("contract_hash", self.contract_hash.len(), MAX_TEXT_LEN)?;
         cap("version", self.version.len(), MAX_TEXT_LEN)?;
         cap("links", self.links.len(), MAX_LINKS)?;

@@ -292,6 +292,7 @@ pub async fn run_bound(
         cluster: cfg.cluster.clone(),
         me: cfg.ident.clone(),
         addr: cfg.advertise.to_string(),
+        wan_addr: cfg.advertise_wan.map(|a| a.to_string()),
         contract: cfg.contract.clone(),
         secure: matches!(security, Security::Mutual(_)),
         version: VERSION.to_string(),

@@ -41,6 +41,7 @@ const KEYS: &[&str] = &[
     "role",
     "listen",
     "advertise",
+    "advertise-wan",
     "seeds",
     "data-dir",
     "control",
@@ -66,6 +67,9 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Address peers dial; `listen` unless set. Never a wildcard.
     pub advertise: SocketAddr,
+    /// Gateways on two networks: the address gateways of other sites dial (`advertise-wan`);
+    /// `advertise` is then the one its own site dials.
+    pub advertise_wan: Option<SocketAddr>,
     /// Nodes to introduce ourselves to, hostnames already resolved.
     pub seeds: Vec<Seed>,
     /// Directory of the persisted node table (created if missing).
@@ -181,6 +185,7 @@ struct RawConfig {
     role: Option<String>,
     listen: Option<String>,
     advertise: Option<String>,
+    advertise_wan: Option<String>,
     seeds: Option<Vec<String>>,
     data_dir: Option<String>,
     control: Option<String>,
@@ -306,6 +311,7 @@ impl RawConfig {
             role: take_str(t, "role", "role", "\"member\"")?,
             listen: take_str(t, "listen", "listen", "\"0.0.0.0:7400\"")?,
             advertise: take_str(t, "advertise", "advertise", "\"10.0.1.11:7400\"")?,
+            advertise_wan: take_str(t, "advertise-wan", "advertise-wan", "\"198.51.100.7:7400\"")?,
             seeds,
             data_dir: take_str(t, "data-dir", "data-dir", "\"/var/lib/clusterctl\"")?,
             control: take_str(t, "control", "control", "\"127.0.0.1:7401\"")?,
@@ -433,6 +439,34 @@ impl RawConfig {
             })?,
         };
 
+        let advertise_wan = match self.advertise_wan {
+            None => None,
+            Some(_) if ident.role != Role::Gateway => {
+                return Err(ConfigError::new(
+                    "advertise-wan",
+                    "is set on a member; only gateways link to other sites",
+                    "remove advertise-wan, or make this node a gateway (role = \"gateway\", listed in the contract)",
+                ))
+            }
+            Some(text) => {
+                let addr: SocketAddr = text.parse().map_err(|_| {
+                    ConfigError::new(
+                        "advertise-wan",
+                        format!("{text:?} is not an IP:PORT address"),
+                        "write the address gateways of other sites dial, e.g. advertise-wan = \"198.51.100.7:7400\"",
+                    )
+                })?;
+                if addr.ip().is_unspecified() || addr.port() == 0 {
+                    return Err(ConfigError::new(
+                        "advertise-wan",
+                        format!("{addr} cannot be dialed (wildcard address or port 0)"),
+                        "write the address and port gateways of other sites dial, e.g. advertise-wan = \"198.51.100.7:7400\"",
+                    ));
+                }
+                Some(addr)
+            }
+        };
+
         let seeds = parse_seeds(self.seeds.unwrap_or_default(), &ident, listen)?;
 
         let insecure = self.insecure.unwrap_or(false);
@@ -493,6 +527,7 @@ impl RawConfig {
             ident,
             listen,
             advertise,
+            advertise_wan,
             seeds,
             data_dir,
             control,
@@ -1577,6 +1612,14 @@ key = "node.key"
         let table: toml::Table = toml::from_str(EXAMPLE).unwrap();
         let keys: Vec<&str> = table.keys().map(String::as_str).collect();
         for k in KEYS {
+            if *k == "advertise-wan" {
+                // Gateway-only: the member example documents it in a comment.
+                assert!(
+                    EXAMPLE.contains("# advertise-wan = "),
+                    "config.example.toml lacks `{k}`"
+                );
+                continue;
+            }
             assert!(keys.contains(k), "config.example.toml lacks `{k}`");
         }
         for k in &keys {
@@ -1586,6 +1629,13 @@ key = "node.key"
         for k in TLS_KEYS {
             assert!(tls.contains_key(*k), "config.example.toml lacks `tls.{k}`");
         }
+    }
+
+    #[test]
+    fn advertise_wan_is_for_gateways_only() {
+        let f = Fixture::new();
+        let e = f.err(&format!("advertise-wan = \"10.9.0.1:7400\"\n{GOOD}"));
+        assert_key(&e, "advertise-wan", "only gateways");
     }
 
     #[test]

@@ -276,6 +276,7 @@ impl Sim {
                 cluster: cluster.clone(),
                 me: id.clone(),
                 addr: addr.clone(),
+                wan_addr: None,
                 contract: contract.clone(),
                 secure: true,
                 version: "sim".into(),
