@@ -295,10 +295,38 @@ impl Frame {
                         HOP_LIMIT as usize + 1,
                     ));
                 }
+                if !numbers_are_finite(&e.body) {
+                    return Err(WireError::Decode(
+                        "a non-finite number (NaN or infinity)".into(),
+                    ));
+                }
             }
             Frame::Leaving => {}
         }
         Ok(f)
+    }
+}
+
+/// Reports carried between nodes hold only finite numbers: a NaN or infinity from a peer would
+/// turn into `null` in the control API's JSON and break every client reading it.
+fn numbers_are_finite(body: &Body) -> bool {
+    let ok = |v: &[f64]| v.iter().all(|x| x.is_finite());
+    let opt = |v: &Option<f64>| v.is_none_or(f64::is_finite);
+    match body {
+        Body::CallReply {
+            reply: CallReply::Ping(r),
+        } => {
+            opt(&r.min_ms)
+                && opt(&r.p50_ms)
+                && opt(&r.max_ms)
+                && r.attempts
+                    .iter()
+                    .all(|a| a.total_ms.is_finite() && ok(&a.hops_ms))
+        }
+        Body::CallReply {
+            reply: CallReply::Probe(p),
+        } => opt(&p.rtt_ms),
+        _ => true,
     }
 }
 
