@@ -800,6 +800,18 @@ fn spawn_process(
     config: &Path,
     netns: Option<&str>,
 ) -> anyhow::Result<(u32, u64, Child)> {
+    spawn_process_with_secret(exe, nd, config, netns, None)
+}
+
+/// Starts an agent as [`spawn_process`] does; with `secret`, as `agent --secret FILE` (only
+/// that cluster secret, replacing the node's keyring).
+fn spawn_process_with_secret(
+    exe: &Path,
+    nd: &Path,
+    config: &Path,
+    netns: Option<&str>,
+    secret: Option<&Path>,
+) -> anyhow::Result<(u32, u64, Child)> {
     let log_path = nd.join("agent.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -819,6 +831,12 @@ fn spawn_process(
         .arg("agent")
         .arg("--config")
         .arg(config)
+        .args(
+            secret
+                .map(|f| [std::ffi::OsStr::new("--secret"), f.as_os_str()])
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

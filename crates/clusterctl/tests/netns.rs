@@ -308,6 +308,50 @@ fn lab_faults_cut_heal_and_restart_what_they_name() {
     let state = stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap();
     assert_ne!(state, 'T', "the agent is still stopped");
     lab.cli(&["lab", "status"]).assert_success();
+
+    // restart --secret: the agent runs as `agent --secret FILE` (here the lab's own secret).
+    let secret = lab.dir().join("secret.key");
+    let out = lab.cli(&[
+        "lab",
+        "fault",
+        "restart",
+        "edge-us-2",
+        "--secret",
+        &secret.display().to_string(),
+    ]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("with only the secret in"),
+        "{}",
+        out.stdout
+    );
+    let n = lab
+        .nodes()
+        .into_iter()
+        .find(|n| n.name == "edge-us-2")
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", n.pid)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("--secret"),
+        "the agent was not started with --secret"
+    );
+    wait_for(
+        "edge-us-2 alive after restart --secret",
+        limit,
+        || match status_seen_by(&lab, "edge-us-1", "edge-us-2")? {
+            NodeStatus::Alive => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    lab.cli(&[
+        "lab",
+        "fault",
+        "restart",
+        "edge-us-2",
+        "--secret",
+        "/nonexistent/next.secret",
+    ])
+    .assert_code(2);
 }
 
 fn drill(name: &str, duration: &str) {
@@ -368,5 +412,36 @@ fn drill_gateway_failover_passes() {
 fn drill_lossy_wan_passes() {
     if require_netns("drill_lossy_wan_passes") {
         drill("lossy-wan", "20");
+    }
+}
+
+#[test]
+fn drill_rolling_restart_secret_passes() {
+    if require_netns("drill_rolling_restart_secret_passes") {
+        drill("rolling-restart-secret", "10");
+    }
+}
+
+#[test]
+fn drill_slow_node_passes() {
+    // 25 s: two bursts (at 0 s and 20 s).
+    if require_netns("drill_slow_node_passes") {
+        drill("slow-node", "25");
+    }
+}
+
+#[test]
+fn drill_dns_drift_passes() {
+    if require_netns("drill_dns_drift_passes") {
+        drill("dns-drift", "10");
+    }
+}
+
+#[test]
+fn drill_one_way_passes() {
+    // 45 s: the old connection idles out (10 s), then a few dials on each side give the
+    // evidence (each waits 5 s); detection was 26-28 s in runs on a 2-core machine.
+    if require_netns("drill_one_way_passes") {
+        drill("one-way", "45");
     }
 }

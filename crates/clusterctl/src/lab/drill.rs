@@ -16,12 +16,14 @@ use super::{DirArgs, LabNode, LabState, UpArgs};
 use crate::client::Client;
 use anyhow::{bail, Context};
 use clusterctl_api::{
-    Event, EventKind, LinkState, Members, NodeStatus, PingReport, PingRequest, Role, Topology,
+    Event, EventKind, LinkState, Members, NodeStatus, PingReport, PingRequest, Role, Secrets,
+    Topology,
 };
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Longest `--duration`, in seconds.
@@ -42,6 +44,17 @@ pub enum DrillName {
     GatewayFailover,
     /// 5% loss on the WAN (120 s): no node declared dead anywhere, lost probes counted.
     LossyWan,
+    /// Restart a node with only a new secret (refused, 20 s), then rotate with the keyring
+    /// procedure and a rolling restart: zero refused links, zero lost probes.
+    RollingRestartSecret,
+    /// Pause one member 3 s every 20 s (60 s): nobody declared dead, its accusations counted.
+    SlowNode,
+    /// Re-point a seed's host name to another node (20 s): preflight reports DNS drift, the
+    /// agent's refusals are shown as they are.
+    DnsDrift,
+    /// Drop gw-us -> gw-eu only (30 s): the link is reported one-way with its direction, and no
+    /// node flaps between alive and dead.
+    OneWay,
 }
 
 impl DrillName {
@@ -51,6 +64,10 @@ impl DrillName {
             DrillName::WanPartition => "wan-partition",
             DrillName::GatewayFailover => "gateway-failover",
             DrillName::LossyWan => "lossy-wan",
+            DrillName::RollingRestartSecret => "rolling-restart-secret",
+            DrillName::SlowNode => "slow-node",
+            DrillName::DnsDrift => "dns-drift",
+            DrillName::OneWay => "one-way",
         }
     }
 
@@ -58,7 +75,12 @@ impl DrillName {
     fn default_duration(self) -> u64 {
         match self {
             DrillName::GoldenPath => 10,
-            DrillName::WanPartition | DrillName::GatewayFailover => 20,
+            DrillName::WanPartition
+            | DrillName::GatewayFailover
+            | DrillName::RollingRestartSecret
+            | DrillName::DnsDrift => 20,
+            DrillName::SlowNode => 60,
+            DrillName::OneWay => 30,
             DrillName::LossyWan => 120,
         }
     }
@@ -93,6 +115,9 @@ struct Verdict {
     false_suspicions: usize,
     lost: u32,
     probes: u32,
+    /// Figures of one drill only, printed after the common ones and appended to the
+    /// `figures:` line as `key=value`.
+    extra: Vec<(&'static str, String)>,
     notes: Vec<String>,
 }
 
@@ -123,6 +148,9 @@ impl Verdict {
         let _ = writeln!(s, "  recovery          {} s", secs(self.recovery));
         let _ = writeln!(s, "  false suspicions  {}", self.false_suspicions);
         let _ = writeln!(s, "  lost probes       {}/{}", self.lost, self.probes);
+        for (k, val) in &self.extra {
+            let _ = writeln!(s, "  {:<17} {val}", k.replace('_', " "));
+        }
         for (ok, what) in &self.checks {
             let _ = writeln!(s, "  {}  {what}", if *ok { "ok  " } else { "FAIL" });
         }
@@ -142,6 +170,9 @@ impl Verdict {
             self.lost,
             self.probes
         );
+        for (k, val) in &self.extra {
+            let _ = write!(s, " {k}={val}");
+        }
         s
     }
 }
@@ -244,6 +275,10 @@ pub fn run(args: &DrillArgs) -> anyhow::Result<ExitCode> {
             DrillName::WanPartition => wan_partition(&ctx, held_for, &mut v),
             DrillName::GatewayFailover => gateway_failover(&ctx, held_for, &mut v),
             DrillName::LossyWan => lossy_wan(&ctx, held_for, &mut v),
+            DrillName::RollingRestartSecret => rolling_restart_secret(&ctx, held_for, &mut v),
+            DrillName::SlowNode => slow_node(&ctx, held_for, &mut v),
+            DrillName::DnsDrift => dns_drift(&ctx, &state, held_for, &mut v),
+            DrillName::OneWay => one_way(&ctx, held_for, &mut v),
         };
         if let Err(e) = result {
             v.check(false, format!("the drill ran to its end: {e:#}"));
@@ -639,6 +674,125 @@ fn wan_partition(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<(
     ctx.heal_and_recover(v)
 }
 
+/// Drops the first site's gateway -> the second site's gateway only. The detecting gateway (the
+/// one whose packets are dropped) must report the WAN link `one-way` with the direction that
+/// still works; statuses must settle once (alive -> unreachable across the WAN) and never flap
+/// or turn dead.
+fn one_way(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
+    let sites = ctx.sites();
+    let (Some(here), Some(there)) = (sites.first(), sites.get(1)) else {
+        bail!("the drill needs two sites");
+    };
+    let gw = |site: &str| {
+        ctx.members_of(site, Some(Role::Gateway))
+            .first()
+            .map(|n| n.name.clone())
+    };
+    let (Some(from), Some(to)) = (gw(here), gw(there)) else {
+        bail!("the drill needs a gateway in each site");
+    };
+    let seqs = ctx.seqs();
+    let t_fault = Instant::now();
+    fault::inject(
+        &ctx.dir,
+        Fault::Oneway {
+            from: from.clone(),
+            to: to.clone(),
+        },
+    )?;
+    let expect = format!("{to} -> {from} gets through, {from} -> {to} does not");
+    let mut last: BTreeMap<(String, String), NodeStatus> = BTreeMap::new();
+    let mut flips: Vec<String> = Vec::new();
+    let mut dead_seen = Vec::new();
+    let mut reported = None;
+    while t_fault.elapsed() < held {
+        for o in &ctx.nodes {
+            let Some(s) = ctx.statuses(&o.name) else {
+                continue;
+            };
+            for (n, st) in s {
+                if st == NodeStatus::Dead {
+                    dead_seen.push(format!("{} sees {n} dead", o.name));
+                }
+                if let Some(prev) = last.insert((o.name.clone(), n.clone()), st) {
+                    if prev != st {
+                        flips.push(format!(
+                            "{} saw {n} {} -> {}",
+                            o.name,
+                            prev.as_str(),
+                            st.as_str()
+                        ));
+                    }
+                }
+            }
+        }
+        if v.detection.is_none() {
+            if let Some(t) = ctx.topology(&from) {
+                if let Some(l) = t.links.iter().find(|l| {
+                    l.state == clusterctl_api::LinkState::OneWay
+                        && l.reason.as_deref().is_some_and(|r| r.contains(&expect))
+                }) {
+                    v.detection = Some(t_fault.elapsed());
+                    reported = Some(format!(
+                        "{} <=> {}: {}",
+                        l.from,
+                        l.to,
+                        l.reason.clone().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    v.check(
+        v.detection.is_some(),
+        format!("{from} reports the WAN link one-way, {to} -> {from} only"),
+    );
+    if let Some(r) = reported {
+        v.notes.push(r);
+    }
+    // Each observer changes its view of a far node once (alive -> unreachable); more is a flap.
+    let mut per_pair: BTreeMap<String, usize> = BTreeMap::new();
+    for f in &flips {
+        let key = f
+            .split(" -> ")
+            .next()
+            .unwrap_or(f)
+            .rsplit_once(' ')
+            .map_or(f.clone(), |(k, _)| k.to_string());
+        *per_pair.entry(key).or_default() += 1;
+    }
+    let flapping: Vec<&String> = per_pair
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| k)
+        .collect();
+    v.check(
+        flapping.is_empty(),
+        if flapping.is_empty() {
+            format!("no status flapped ({} single changes)", flips.len())
+        } else {
+            format!("statuses flapped: {flapping:?}")
+        },
+    );
+    dead_seen.dedup();
+    let sus = ctx.suspicions(&seqs);
+    let dead_events = sus.iter().filter(|e| e.kind == EventKind::NodeDead).count();
+    v.false_suspicions = sus.len();
+    v.check(
+        dead_seen.is_empty() && dead_events == 0,
+        if dead_seen.is_empty() && dead_events == 0 {
+            "no node declared dead".to_string()
+        } else {
+            format!(
+                "declared dead: {} ({dead_events} node-dead events)",
+                dead_seen.join("; ")
+            )
+        },
+    );
+    ctx.heal_and_recover(v)
+}
+
 fn gateway_failover(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
     let sites = ctx.sites();
     let (Some(here), Some(there)) = (sites.first(), sites.get(1)) else {
@@ -826,6 +980,843 @@ fn lossy_wan(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
     ctx.heal_and_recover(v)
 }
 
+impl Ctx {
+    /// Runs `clusterctl ARGS` against the drill's lab, as an operator would; its exit code and
+    /// output (stdout, then stderr).
+    fn cli(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
+        let exe = std::env::current_exe().context("cannot find the clusterctl executable")?;
+        let out = std::process::Command::new(exe)
+            .args(args)
+            .env("CLUSTERCTL_LAB_DIR", &self.dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running clusterctl {}", args.join(" ")))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+
+    fn secrets(&self, observer: &str) -> Option<Secrets> {
+        self.client(observer).get("/v1/secrets").ok()
+    }
+
+    fn topology(&self, observer: &str) -> Option<Topology> {
+        self.client(observer).get("/v1/topology").ok()
+    }
+
+    /// `link-refused` events recorded by any node since `seqs`.
+    fn refusals(&self, seqs: &BTreeMap<String, u64>) -> Vec<Event> {
+        self.nodes
+            .iter()
+            .flat_map(|n| self.events(&n.name, seqs.get(&n.name).copied().unwrap_or(0)))
+            .filter(|e| e.kind == EventKind::LinkRefused)
+            .collect()
+    }
+}
+
+fn show_event(e: &Event) -> String {
+    format!(
+        "{} {} {}{}",
+        e.observer,
+        e.kind.as_str(),
+        e.node.as_deref().or(e.peer.as_deref()).unwrap_or("-"),
+        if e.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", e.reason)
+        }
+    )
+}
+
+/// Probes from `from` to `to` every 500 ms until `stop`; a probe sent or answered while
+/// `excused` is set (a node is restarting) is counted apart. Returns (sent, lost, excused
+/// sent, excused lost).
+fn probe_loop(
+    ctx: &Ctx,
+    from: &str,
+    to: &str,
+    stop: &AtomicBool,
+    excused: &AtomicBool,
+) -> (u32, u32, u32, u32) {
+    let (mut sent, mut lost, mut ex_sent, mut ex_lost) = (0, 0, 0, 0);
+    while !stop.load(Ordering::SeqCst) {
+        let before = excused.load(Ordering::SeqCst);
+        let ok = ctx.ping(from, to, 2000).is_some_and(|r| r.ok);
+        if before || excused.load(Ordering::SeqCst) {
+            ex_sent += 1;
+            ex_lost += u32::from(!ok);
+        } else {
+            sent += 1;
+            lost += u32::from(!ok);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    (sent, lost, ex_sent, ex_lost)
+}
+
+fn rolling_restart_secret(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
+    let sites = ctx.sites();
+    let (Some(here), Some(there)) = (sites.first(), sites.get(1)) else {
+        bail!("the drill needs two sites");
+    };
+    let here_members = ctx.members_of(here, Some(Role::Member));
+    let victim = here_members
+        .last()
+        .map(|n| n.name.clone())
+        .context("a member in the first site")?;
+    // An observer that keeps the old secret: a gateway of the victim's site.
+    let observer = ctx
+        .members_of(here, Some(Role::Gateway))
+        .first()
+        .map(|n| n.name.clone())
+        .context("a gateway in the first site")?;
+    let first = ctx.nodes[0].name.clone();
+    let old_file = ctx.dir.join("secret.key");
+    let new_file = ctx.dir.join("next.secret");
+    let old_id = ctx
+        .secrets(&first)
+        .and_then(|s| s.keys.into_iter().find(|k| k.in_use_by == s.nodes))
+        .map(|k| k.id)
+        .context("no secret in use by every node before the drill")?;
+    let (ok, out) = ctx.cli(&["secret", "generate", &new_file.display().to_string()])?;
+    if !ok {
+        bail!("secret generate: {out}");
+    }
+
+    // (a) Without the procedure: the victim restarts with only the new secret.
+    let victim_links: Vec<(String, String)> = ctx
+        .topology(&observer)
+        .map(|t| {
+            t.links
+                .into_iter()
+                .filter(|l| l.expected && (l.from == victim || l.to == victim))
+                .map(|l| (l.from, l.to))
+                .collect()
+        })
+        .unwrap_or_default();
+    if victim_links.is_empty() {
+        bail!("{observer}'s topology lists no link of {victim}");
+    }
+    let seqs = ctx.seqs();
+    fault::restart_with(&ctx.dir, &victim, Some(&new_file))?;
+    let t_up = Instant::now();
+    let mut refused_links: Vec<String> = Vec::new();
+    let mut wrong_links: Vec<String> = Vec::new();
+    while t_up.elapsed() < held {
+        if let Some(t) = ctx.topology(&observer) {
+            let refused: Vec<&clusterctl_api::LinkView> = t
+                .links
+                .iter()
+                .filter(|l| {
+                    l.state == LinkState::Refused
+                        && l.reason
+                            .as_deref()
+                            .is_some_and(|r| r.contains("secret mismatch"))
+                })
+                .collect();
+            for l in &refused {
+                if l.from != victim && l.to != victim {
+                    let w = format!("{} <-> {}", l.from, l.to);
+                    if !wrong_links.contains(&w) {
+                        wrong_links.push(w);
+                    }
+                }
+            }
+            let all_refused = victim_links
+                .iter()
+                .all(|(a, b)| refused.iter().any(|l| &l.from == a && &l.to == b));
+            if all_refused && v.detection.is_none() {
+                v.detection = Some(t_up.elapsed());
+                refused_links = refused
+                    .iter()
+                    .map(|l| format!("{} <-> {}", l.from, l.to))
+                    .collect();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(t) = ctx.topology(&observer) {
+        for l in t
+            .links
+            .iter()
+            .filter(|l| l.from == victim || l.to == victim)
+        {
+            v.notes.push(format!(
+                "(a) {observer}'s topology after {} s: {} <-> {} {}{}",
+                held.as_secs(),
+                l.from,
+                l.to,
+                l.state.as_str(),
+                l.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    let refused_events: Vec<Event> = ctx
+        .refusals(&seqs)
+        .into_iter()
+        .filter(|e| e.reason.contains("secret mismatch"))
+        .collect();
+    let on_observer = refused_events
+        .iter()
+        .filter(|e| e.observer == observer)
+        .count();
+    v.extra
+        .push(("refused_links", refused_links.len().to_string()));
+    v.extra
+        .push(("refused_events", refused_events.len().to_string()));
+    v.check(
+        v.detection.is_some(),
+        format!(
+            "(a) {observer} shows every link of {victim} refused for secret mismatch ({} links)",
+            refused_links.len()
+        ),
+    );
+    v.check(
+        wrong_links.is_empty(),
+        if wrong_links.is_empty() {
+            "(a) no other link refused".to_string()
+        } else {
+            format!(
+                "(a) links refused that do not touch {victim}: {}",
+                wrong_links.join(", ")
+            )
+        },
+    );
+    v.check(
+        on_observer > 0,
+        format!(
+            "(a) link-refused events with reason `secret mismatch`: {} ({on_observer} on {observer})",
+            refused_events.len()
+        ),
+    );
+    let t_restore = Instant::now();
+    fault::restart_with(&ctx.dir, &victim, Some(&old_file))?;
+    v.recovery = ctx.wait(CONVERGE_LIMIT, || ctx.converged() && ctx.tables_agree());
+    v.recovery = v.recovery.map(|_| t_restore.elapsed());
+    v.check(
+        v.recovery.is_some(),
+        format!("(a) {victim} restarted with the old secret: every link up, tables agree"),
+    );
+    if v.recovery.is_none() {
+        return Ok(());
+    }
+
+    // (b) With the procedure: install, use, rolling restart, remove; probes all along.
+    let seqs = ctx.seqs();
+    let src = ctx
+        .members_of(here, Some(Role::Member))
+        .first()
+        .map(|n| n.name.clone())
+        .context("a member in the first site")?;
+    let dst = ctx
+        .members_of(there, Some(Role::Member))
+        .first()
+        .map(|n| n.name.clone())
+        .context("a member in the second site")?;
+    let stop = AtomicBool::new(false);
+    let restarting = AtomicBool::new(false);
+    let t_b = Instant::now();
+    let (steps, probes) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| probe_loop(ctx, &src, &dst, &stop, &restarting));
+        let steps = rotate(ctx, &new_file, &old_id, &restarting);
+        // A few more probes once the old secret is gone.
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, Ordering::SeqCst);
+        (steps, prober.join())
+    });
+    let (sent, lost, ex_sent, ex_lost) = probes.unwrap_or((0, 0, 0, 0));
+    v.probes = sent;
+    v.lost = lost;
+    v.extra
+        .push(("rotation_s", format!("{:.2}", t_b.elapsed().as_secs_f64())));
+    match steps {
+        Ok(new_id) => {
+            v.check(
+                true,
+                format!(
+                    "(b) install, use, rolling restart of {} nodes, remove: done",
+                    ctx.nodes.len()
+                ),
+            );
+            let only_new = ctx.secrets(&first).is_some_and(|s| {
+                s.keys.len() == 1
+                    && s.keys[0].id == new_id
+                    && s.keys[0].holders == s.nodes
+                    && s.keys[0].in_use_by == s.nodes
+            });
+            v.check(
+                only_new,
+                format!("(b) every node holds and uses only the new secret {new_id}"),
+            );
+        }
+        Err(e) => v.check(false, format!("(b) the rotation: {e:#}")),
+    }
+    let refusals = ctx.refusals(&seqs);
+    v.extra.push(("refusals_b", refusals.len().to_string()));
+    v.check(
+        refusals.is_empty(),
+        if refusals.is_empty() {
+            "(b) no link-refused event on any node".to_string()
+        } else {
+            format!(
+                "(b) link-refused events: {}",
+                refusals
+                    .iter()
+                    .map(show_event)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        },
+    );
+    v.check(
+        lost == 0 && sent > 0,
+        format!(
+            "(b) cross-site pings {src} -> {dst} answered between restarts ({}/{sent})",
+            sent - lost
+        ),
+    );
+    v.notes.push(format!(
+        "(b) pings sent while a node was restarting (not counted): {ex_sent}, of which {ex_lost} failed"
+    ));
+    let sus = ctx.suspicions(&seqs);
+    let dead: Vec<String> = sus
+        .iter()
+        .filter(|e| e.kind == EventKind::NodeDead)
+        .map(show_event)
+        .collect();
+    v.false_suspicions = sus.len();
+    v.check(
+        dead.is_empty(),
+        if dead.is_empty() {
+            "(b) no node declared dead during the rolling restart".to_string()
+        } else {
+            format!("(b) declared dead: {}", dead.join("; "))
+        },
+    );
+    if !sus.is_empty() {
+        v.notes.push(format!(
+            "(b) suspicions during the restarts: {}",
+            sus.iter().map(show_event).collect::<Vec<_>>().join("; ")
+        ));
+    }
+    Ok(())
+}
+
+/// The rotation procedure of docs/security.md, with a rolling restart between `use` and
+/// `remove`; returns the new key id.
+fn rotate(
+    ctx: &Ctx,
+    new_file: &std::path::Path,
+    old_id: &str,
+    restarting: &AtomicBool,
+) -> anyhow::Result<String> {
+    let first = ctx.nodes[0].name.clone();
+    let file = new_file.display().to_string();
+    let (ok, out) = ctx.cli(&["secret", "install", &file, "--all"])?;
+    if !ok {
+        bail!("secret install --all: {out}");
+    }
+    let mut new_id = None;
+    ctx.wait(Duration::from_secs(30), || {
+        new_id = ctx.secrets(&first).and_then(|s| {
+            s.keys
+                .into_iter()
+                .find(|k| k.id != old_id && k.holders == s.nodes)
+                .map(|k| k.id)
+        });
+        new_id.is_some()
+    })
+    .context("secret list never showed the new secret held by every node")?;
+    let new_id = new_id.context("the new key id")?;
+    let (ok, out) = ctx.cli(&["secret", "use", &new_id, "--all"])?;
+    if !ok {
+        bail!("secret use {new_id} --all: {out}");
+    }
+    ctx.wait(Duration::from_secs(30), || {
+        ctx.secrets(&first).is_some_and(|s| {
+            s.keys
+                .iter()
+                .any(|k| k.id == new_id && k.in_use_by == s.nodes)
+        })
+    })
+    .context("secret list never showed the new secret in use by every node")?;
+    for n in &ctx.nodes {
+        restarting.store(true, Ordering::SeqCst);
+        fault::restart(&ctx.dir, &n.name)?;
+        let back = ctx.wait(CONVERGE_LIMIT, || ctx.converged() && ctx.tables_agree());
+        restarting.store(false, Ordering::SeqCst);
+        if back.is_none() {
+            bail!("the cluster did not converge after restarting {}", n.name);
+        }
+    }
+    let (ok, out) = ctx.cli(&["secret", "remove", old_id, "--all"])?;
+    if !ok {
+        bail!("secret remove {old_id} --all: {out}");
+    }
+    ctx.wait(Duration::from_secs(30), || {
+        ctx.secrets(&first)
+            .is_some_and(|s| s.keys.iter().all(|k| k.id != old_id))
+    })
+    .context("secret list still shows the old secret")?;
+    Ok(new_id)
+}
+
+/// Length of each pause of `slow-node`, and the period of the bursts.
+const SLOW_PAUSE_SECS: u64 = 3;
+const SLOW_PERIOD: Duration = Duration::from_secs(20);
+/// Most accusations the paused node may make per burst (see docs/lab.md).
+const SLOW_ACCUSATIONS_PER_BURST: usize = 1;
+
+fn slow_node(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
+    let sites = ctx.sites();
+    let (Some(here), Some(there)) = (sites.first(), sites.get(1)) else {
+        bail!("the drill needs two sites");
+    };
+    // The paused node: the last member of the second site; probes run between the other sites'
+    // members and a member of its own site that is not paused.
+    let there_members = ctx.members_of(there, Some(Role::Member));
+    let victim = there_members
+        .last()
+        .map(|n| n.name.clone())
+        .context("a member in the second site")?;
+    let src = ctx
+        .members_of(here, Some(Role::Member))
+        .first()
+        .map(|n| n.name.clone())
+        .context("a member in the first site")?;
+    let dst = there_members
+        .iter()
+        .find(|n| n.name != victim)
+        .map(|n| n.name.clone())
+        .context("two members in the second site")?;
+    let seqs = ctx.seqs();
+    let bursts = held.as_secs().div_ceil(SLOW_PERIOD.as_secs()).max(1);
+    let stop = AtomicBool::new(false);
+    let never = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let wall0 = std::time::SystemTime::now();
+    let mut dead_seen: Vec<String> = Vec::new();
+    let (paused, probes) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| probe_loop(ctx, &src, &dst, &stop, &never));
+        let pauser = scope.spawn(|| -> anyhow::Result<Vec<Duration>> {
+            let mut starts = Vec::new();
+            for k in 0..bursts {
+                let at = SLOW_PERIOD * u32::try_from(k).unwrap_or(u32::MAX);
+                if let Some(wait) = at.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                starts.push(t0.elapsed());
+                fault::inject(
+                    &ctx.dir,
+                    Fault::Pause {
+                        node: victim.clone(),
+                        seconds: SLOW_PAUSE_SECS,
+                    },
+                )?;
+            }
+            Ok(starts)
+        });
+        // Everyone's member list, once a second, until the fault time is over and the last
+        // burst has ended.
+        while t0.elapsed() < held || !pauser.is_finished() {
+            for o in &ctx.nodes {
+                if o.name == victim {
+                    continue;
+                }
+                if let Some(s) = ctx.statuses(&o.name) {
+                    for (n, st) in s {
+                        let w = format!("{} sees {n} dead", o.name);
+                        if st == NodeStatus::Dead && !dead_seen.contains(&w) {
+                            dead_seen.push(w);
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let paused = pauser.join();
+        stop.store(true, Ordering::SeqCst);
+        (paused, prober.join())
+    });
+    let t_last = Instant::now();
+    let starts = match paused {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => bail!("pausing {victim}: {e:#}"),
+        Err(_) => bail!("the thread pausing {victim} panicked"),
+    };
+    let (sent, lost, _, _) = probes.unwrap_or((0, 0, 0, 0));
+    v.probes = sent;
+    v.lost = lost;
+    v.notes.push(format!(
+        "{victim} paused {SLOW_PAUSE_SECS} s at {} s",
+        starts
+            .iter()
+            .map(|d| format!("{:.1}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    // Let the last burst's consequences land before the events are read.
+    v.recovery = ctx
+        .wait(CONVERGE_LIMIT, || ctx.converged() && ctx.tables_agree())
+        .map(|_| t_last.elapsed());
+    let sus = ctx.suspicions(&seqs);
+    let about_victim: Vec<&Event> = sus
+        .iter()
+        .filter(|e| e.observer != victim && e.node.as_deref() == Some(victim.as_str()))
+        .collect();
+    let by_healthy_about_healthy: Vec<String> = sus
+        .iter()
+        .filter(|e| e.observer != victim && e.node.as_deref() != Some(victim.as_str()))
+        .map(show_event)
+        .collect();
+    let accusations: Vec<String> = sus
+        .iter()
+        .filter(|e| e.observer == victim && e.node.as_deref() != Some(victim.as_str()))
+        .map(show_event)
+        .collect();
+    let dead: Vec<String> = sus
+        .iter()
+        .filter(|e| e.kind == EventKind::NodeDead && e.node.as_deref() != Some(victim.as_str()))
+        .map(show_event)
+        .collect();
+    let victim_dead = sus
+        .iter()
+        .filter(|e| e.kind == EventKind::NodeDead && e.node.as_deref() == Some(victim.as_str()))
+        .count();
+    dead_seen.retain(|w| !w.ends_with(&format!(" {victim} dead")));
+    // Detection: a burst's start -> the first suspicion of the victim by a peer after it; the
+    // shortest over the bursts.
+    v.detection = about_victim
+        .iter()
+        .filter(|e| e.kind == EventKind::NodeSuspect)
+        .filter_map(|e| humantime::parse_rfc3339_weak(&e.at).ok())
+        .filter_map(|t| t.duration_since(wall0).ok())
+        .filter_map(|d| {
+            starts
+                .iter()
+                .rev()
+                .find(|s| **s <= d)
+                .and_then(|s| d.checked_sub(*s))
+        })
+        .min();
+    v.false_suspicions = by_healthy_about_healthy.len() + accusations.len();
+    v.extra.push(("bursts", starts.len().to_string()));
+    v.extra
+        .push(("suspected_paused", about_victim.len().to_string()));
+    v.extra
+        .push(("paused_accusations", accusations.len().to_string()));
+    v.extra
+        .push(("paused_declared_dead", victim_dead.to_string()));
+    if victim_dead > 0 {
+        v.notes.push(format!(
+            "{victim} itself was declared dead {victim_dead} time(s) by nodes of its site during or right after its {SLOW_PAUSE_SECS} s pauses"
+        ));
+    }
+    v.check(
+        dead.is_empty() && dead_seen.is_empty(),
+        if dead.is_empty() && dead_seen.is_empty() {
+            "no healthy node declared dead by anyone (events and member lists)".to_string()
+        } else {
+            format!("declared dead: {}", [dead, dead_seen].concat().join("; "))
+        },
+    );
+    v.check(
+        by_healthy_about_healthy.is_empty(),
+        if by_healthy_about_healthy.is_empty() {
+            "no healthy node suspected a healthy node".to_string()
+        } else {
+            format!(
+                "healthy nodes suspected: {}",
+                by_healthy_about_healthy.join("; ")
+            )
+        },
+    );
+    let limit = SLOW_ACCUSATIONS_PER_BURST * starts.len();
+    v.check(
+        accusations.len() <= limit,
+        format!(
+            "{victim}'s own accusations after its pauses: {} (at most {limit}: {SLOW_ACCUSATIONS_PER_BURST} per burst){}",
+            accusations.len(),
+            if accusations.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", accusations.join("; "))
+            }
+        ),
+    );
+    v.notes.push(format!(
+        "suspect events about {victim} by its peers (expected): {}",
+        about_victim.len()
+    ));
+    v.check(
+        lost == 0 && sent > 0,
+        format!(
+            "cross-site pings {src} -> {dst} between healthy members answered ({}/{sent})",
+            sent - lost
+        ),
+    );
+    v.check(
+        v.recovery.is_some(),
+        "after the last burst every expected link is up, every node alive everywhere, node tables agree",
+    );
+    Ok(())
+}
+
+/// The host name `dns-drift` gives the seed.
+const DRIFT_HOST: &str = "lab.test";
+
+/// A namespace's own hosts file, `/etc/netns/NS/hosts` (bind-mounted over `/etc/hosts` by
+/// `ip netns exec NS`); removed, with the directories it created, however the drill ends.
+struct NetnsHosts {
+    file: PathBuf,
+    created: Vec<PathBuf>,
+}
+
+impl NetnsHosts {
+    fn new(netns: &str) -> anyhow::Result<NetnsHosts> {
+        let top = PathBuf::from("/etc/netns");
+        let dir = top.join(netns);
+        let mut created = Vec::new();
+        for d in [&top, &dir] {
+            if !d.exists() {
+                std::fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
+                created.push(d.clone());
+            }
+        }
+        Ok(NetnsHosts {
+            file: dir.join("hosts"),
+            created,
+        })
+    }
+
+    fn point(&self, host: &str, addr: std::net::Ipv4Addr) -> anyhow::Result<()> {
+        std::fs::write(
+            &self.file,
+            format!("127.0.0.1\tlocalhost\n{addr}\t{host}\n"),
+        )
+        .with_context(|| format!("writing {}", self.file.display()))
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+        for d in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Puts a node's config back however the drill ends.
+struct ConfigBackup {
+    path: PathBuf,
+    text: String,
+}
+
+impl Drop for ConfigBackup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.text);
+    }
+}
+
+/// `preflight --config FILE --json` inside `netns`; the check named `check`.
+fn preflight_check(
+    netns: &str,
+    config: &std::path::Path,
+    check: &str,
+) -> anyhow::Result<(crate::preflight::Status, String)> {
+    let exe = std::env::current_exe().context("cannot find the clusterctl executable")?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(exe)
+        .args(["preflight", "--json", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running preflight in the node's namespace")?;
+    let report: crate::preflight::PreflightReport = serde_json::from_slice(&out.stdout)
+        .with_context(|| {
+            format!(
+                "preflight printed no report: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let c = report
+        .checks
+        .into_iter()
+        .find(|c| c.name == check)
+        .with_context(|| format!("preflight has no check {check:?}"))?;
+    Ok((c.status, c.detail))
+}
+
+fn dns_drift(ctx: &Ctx, state: &LabState, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
+    let ns = state.netns.as_ref().context("a netns lab")?;
+    let sites = ctx.sites();
+    let here = sites.first().context("a site")?;
+    // The node whose seed is named: the first member of the first site; the seed: its site's
+    // gateway; the name is re-pointed to the other member of the site.
+    let members = ctx.members_of(here, Some(Role::Member));
+    let (Some(node), Some(wrong)) = (members.first(), members.get(1)) else {
+        bail!("the drill needs two members in the first site");
+    };
+    let (node, wrong) = (node.name.clone(), wrong.name.clone());
+    let seed = ctx
+        .members_of(here, Some(Role::Gateway))
+        .first()
+        .map(|n| n.name.clone())
+        .context("a gateway in the first site")?;
+    let seed_addr = ns
+        .node(&seed)
+        .and_then(|n| n.wan_addr)
+        .context("the gateway's address")?;
+    let wrong_addr = ns
+        .node(&wrong)
+        .map(|n| n.site_addr)
+        .context("the other member's address")?;
+    let host = format!("{seed}.{DRIFT_HOST}");
+    let netns_name = ns.node_netns(&node);
+    let config = ctx.node(&node).config.clone();
+    let original = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let by_ip = format!("\"{seed}@{seed_addr}:");
+    if !original.contains(&by_ip) {
+        bail!("{} has no seed {by_ip}...", config.display());
+    }
+    let by_name = original.replace(&by_ip, &format!("\"{seed}@{host}:"));
+    let drift_config = config.with_file_name("config-dns.toml");
+    std::fs::write(&drift_config, &by_name)
+        .with_context(|| format!("writing {}", drift_config.display()))?;
+    let hosts = NetnsHosts::new(&netns_name)?;
+    let check = format!("seed {seed}");
+
+    // The name resolves right: the seed check passes.
+    hosts.point(&host, seed_addr)?;
+    let (st, detail) = preflight_check(&netns_name, &drift_config, &check)?;
+    v.check(
+        st == crate::preflight::Status::Pass,
+        format!(
+            "{host} -> {seed_addr}: preflight `{check}` {}: {detail}",
+            st.as_str()
+        ),
+    );
+
+    // Re-pointed: preflight reports the drift.
+    hosts.point(&host, wrong_addr)?;
+    let t_fault = Instant::now();
+    let (st, detail) = preflight_check(&netns_name, &drift_config, &check)?;
+    let reported = st != crate::preflight::Status::Pass && detail.contains("DNS drift");
+    if reported {
+        v.detection = Some(t_fault.elapsed());
+    }
+    v.check(
+        reported,
+        format!(
+            "{host} -> {wrong_addr}: preflight `{check}` {}: {detail}",
+            st.as_str()
+        ),
+    );
+
+    // The agent restarted with that config: what the cluster shows.
+    let seqs = ctx.seqs();
+    let backup = ConfigBackup {
+        path: config.clone(),
+        text: original.clone(),
+    };
+    std::fs::write(&config, &by_name).with_context(|| format!("writing {}", config.display()))?;
+    fault::restart(&ctx.dir, &node)?;
+    let t_up = Instant::now();
+    let mut refused_seen: Vec<String> = Vec::new();
+    let mut t_refused = None;
+    let mut seed_link_up_at = None;
+    while t_up.elapsed() < held {
+        for o in [&node, &seed, &wrong] {
+            let Some(t) = ctx.topology(o) else { continue };
+            for l in t.links.iter().filter(|l| l.state == LinkState::Refused) {
+                let w = format!(
+                    "{o} shows {} <-> {} refused: {}",
+                    l.from,
+                    l.to,
+                    l.reason.as_deref().unwrap_or("-")
+                );
+                if t_refused.is_none() {
+                    t_refused = Some(t_up.elapsed());
+                }
+                if !refused_seen.contains(&w) {
+                    refused_seen.push(w);
+                }
+            }
+            if o == &node && seed_link_up_at.is_none() {
+                let up = t.links.iter().any(|l| {
+                    l.state == LinkState::Up
+                        && ((l.from == node && l.to == seed) || (l.from == seed && l.to == node))
+                });
+                if up {
+                    seed_link_up_at = Some(t_up.elapsed());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let refusals = ctx.refusals(&seqs);
+    v.extra
+        .push(("refused_links", refused_seen.len().to_string()));
+    v.extra.push(("refused_events", refusals.len().to_string()));
+    for w in &refused_seen {
+        v.notes.push(format!("topology: {w}"));
+    }
+    for e in &refusals {
+        v.notes.push(format!("event: {}", show_event(e)));
+    }
+    if refused_seen.is_empty() {
+        v.notes.push(format!(
+            "topology showed no refused link in {} s after {node} restarted with the drifted seed",
+            held.as_secs()
+        ));
+    }
+    if refusals.is_empty() {
+        v.notes
+            .push("no link-refused event was recorded".to_string());
+    }
+    v.check(
+        seed_link_up_at.is_some(),
+        match seed_link_up_at {
+            Some(d) => format!(
+                "{node} restarted with the drifted seed: {node} <-> {seed} up after {:.2} s",
+                d.as_secs_f64()
+            ),
+            None => {
+                format!("{node} restarted with the drifted seed: {node} <-> {seed} never came up")
+            }
+        },
+    );
+    if let Some(d) = t_refused {
+        v.extra
+            .push(("refused_after_s", format!("{:.2}", d.as_secs_f64())));
+    }
+
+    // Restore the config and the name, then recovery.
+    drop(backup);
+    hosts.point(&host, seed_addr)?;
+    let t_heal = Instant::now();
+    fault::restart(&ctx.dir, &node)?;
+    v.recovery = ctx
+        .wait(CONVERGE_LIMIT, || ctx.converged() && ctx.tables_agree())
+        .map(|_| t_heal.elapsed());
+    v.check(
+        v.recovery.is_some(),
+        "with the seed's address restored every expected link is up, every node alive everywhere, node tables agree",
+    );
+    let _ = std::fs::remove_file(&drift_config);
+    drop(hosts);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,6 +1835,10 @@ mod tests {
             text.ends_with("false_suspicions=0 lost_probes=0 probes=40"),
             "{text}"
         );
+        v.extra.push(("refused_links", "2".into()));
+        let text = v.render(DrillName::RollingRestartSecret, "", 10);
+        assert!(text.contains("  refused links     2\n"), "{text}");
+        assert!(text.ends_with("probes=40 refused_links=2"), "{text}");
         v.check(false, "b");
         assert!(!v.pass());
         assert!(v.render(DrillName::LossyWan, "", 1).contains("  FAIL  b"));

@@ -7,13 +7,13 @@
 //! lab started (checked by pid, start time and command line, as `down` does).
 
 use super::netns::{self, NetnsNode, NetnsState};
-use super::{signal, spawn_process, DirArgs, LabNode, LabState, STOP_GRACE};
+use super::{signal, spawn_process_with_secret, DirArgs, LabNode, LabState, STOP_GRACE};
 use crate::client::Client;
 use anyhow::{anyhow, bail, Context};
 use clusterctl_api::{Role, Topology};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ pub enum FaultCmd {
     /// same config and data directory.
     Restart {
         node: String,
+        /// Start it with only this cluster secret (`agent --secret FILE`), replacing its keyring.
+        #[arg(long, value_name = "FILE")]
+        secret: Option<PathBuf>,
         #[command(flatten)]
         dir: DirArgs,
     },
@@ -139,9 +142,10 @@ pub fn run(cmd: FaultCmd) -> anyhow::Result<ExitCode> {
         } => (Fault::Loss { target, percent }, dir),
         FaultCmd::Kill { node, dir } => (Fault::Kill { node }, dir),
         FaultCmd::Pause { node, seconds, dir } => (Fault::Pause { node, seconds }, dir),
-        FaultCmd::Restart { node, dir } => {
+        FaultCmd::Restart { node, secret, dir } => {
             let dir = dir.resolve()?;
-            println!("{}", restart(&dir, &node)?);
+            let secret = secret.map(std::path::absolute).transpose()?;
+            println!("{}", restart_with(&dir, &node, secret.as_deref())?);
             return Ok(ExitCode::SUCCESS);
         }
         FaultCmd::Heal { dir } => {
@@ -282,6 +286,17 @@ fn wait_stopped(n: &LabNode, limit: Duration) -> anyhow::Result<()> {
 /// Stops the agent of `name` if it runs, starts it again and waits until its control API
 /// answers.
 pub fn restart(dir: &Path, name: &str) -> anyhow::Result<String> {
+    restart_with(dir, name, None)
+}
+
+/// [`restart`]; with `secret`, the agent starts as `agent --secret FILE`: with only that
+/// cluster secret, replacing its persisted keyring.
+pub fn restart_with(dir: &Path, name: &str, secret: Option<&Path>) -> anyhow::Result<String> {
+    if let Some(f) = secret {
+        if !f.is_file() {
+            bail!("restart {name} --secret {}: no such file", f.display());
+        }
+    }
     let (mut state, ns) = load(dir)?;
     let n = lab_node(&state, name)?.clone();
     if n.is_running() {
@@ -299,7 +314,8 @@ pub fn restart(dir: &Path, name: &str) -> anyhow::Result<String> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| dir.join("nodes").join(name));
     let netns = ns.node_netns(name);
-    let (pid, pid_start, mut child) = spawn_process(&exe, &nd, &n.config, Some(&netns))?;
+    let (pid, pid_start, mut child) =
+        spawn_process_with_secret(&exe, &nd, &n.config, Some(&netns), secret)?;
     if let Some(rec) = state.nodes.iter_mut().find(|r| r.name == name) {
         rec.pid = pid;
         rec.pid_start = pid_start;
@@ -335,7 +351,13 @@ pub fn restart(dir: &Path, name: &str) -> anyhow::Result<String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(format!("restarted {name} (pid {pid})"))
+    Ok(match secret {
+        Some(f) => format!(
+            "restarted {name} (pid {pid}) with only the secret in {}",
+            f.display()
+        ),
+        None => format!("restarted {name} (pid {pid})"),
+    })
 }
 
 /// Removes every fault: rules flushed in one transaction, paused agents continued, killed
