@@ -2781,6 +2781,27 @@ impl Engine {
         }
     }
 
+    /// Seeds whose configured address is not where the cluster knows that node to be: DNS drift
+    /// (or a stale config). Nothing breaks while the table has the right address — links are
+    /// dialed at the record's address — but a node starting with an empty table would dial the
+    /// wrong host.
+    pub fn seed_drift(&self) -> Vec<String> {
+        self.cfg
+            .seeds
+            .iter()
+            .filter_map(|(name, addr)| {
+                let r = self.table.get(name.as_str()).filter(|r| r.clock > 0 && !r.is_tombstone())?;
+                let known = r.addr == *addr || r.wan_addr.as_deref() == Some(addr.as_str());
+                (!known).then(|| {
+                    format!(
+                        "DNS drift: seed {name} of {} resolves to {addr}, but the cluster knows {name} at {}: fix the name or the seed",
+                        self.cfg.me.name, r.addr
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Certificates in use that expire within the warning fraction of their lifetime, and
     /// those already expired.
     fn cert_warnings(&self, now: Time) -> (Vec<String>, Vec<String>) {
@@ -3208,6 +3229,7 @@ impl Engine {
             .filter(|l| l.state == LinkState::Up && !l.secure)
             .count();
         let (mut warnings, expired) = self.cert_warnings(now);
+        warnings.extend(self.seed_drift());
         let secure = self.cfg.secure
             && insecure_nodes.is_empty()
             && insecure_links == 0
@@ -3373,6 +3395,55 @@ mod tests {
         assert_eq!(
             near.wanted_links(),
             vec![(gw_us.name.clone(), "10.1.0.1:7400".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_seed_pointing_elsewhere_than_the_table_is_flagged_as_dns_drift() {
+        use crate::contract::Contract;
+        use crate::name::{ClusterName, Ident, SiteName};
+        use crate::secret::{Keyring, Secret};
+        let contract =
+            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
+                .unwrap();
+        let id = |n: &str, r: Role| Ident {
+            name: NodeName::new(n).unwrap(),
+            site: SiteName::new("us").unwrap(),
+            role: r,
+        };
+        let gw = NodeRecord::new(
+            &id("gw-us", Role::Gateway),
+            3,
+            "10.1.0.1:7400".into(),
+            contract.hash().into(),
+            "t".into(),
+            true,
+        );
+        let cfg = |seed: &str| EngineConfig {
+            cluster: ClusterName::new("c").unwrap(),
+            me: id("edge-us", Role::Member),
+            addr: "10.1.0.2:7400".into(),
+            wan_addr: None,
+            contract: contract.clone(),
+            secure: true,
+            version: "t".into(),
+            seeds: vec![(gw.name.clone(), seed.to_string())],
+            rejoin: false,
+            timing: Timing::lan(),
+            wall_base_ms: 0,
+            seed: 1,
+            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
+            cert: None,
+            cert_warn_fraction: 0.33,
+        };
+        let ok = Engine::new(cfg("10.1.0.1:7400"), vec![gw.clone()], Time::ZERO).unwrap();
+        assert!(ok.seed_drift().is_empty());
+        let drifted = Engine::new(cfg("10.1.0.9:7400"), vec![gw.clone()], Time::ZERO).unwrap();
+        let w = drifted.topology(Time::ZERO).warnings;
+        assert!(
+            w.iter()
+                .any(|w| w.contains("DNS drift: seed gw-us") && w.contains("10.1.0.1:7400")),
+            "{w:?}"
         );
     }
 

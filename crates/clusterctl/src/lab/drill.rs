@@ -1734,6 +1734,7 @@ fn dns_drift(ctx: &Ctx, state: &LabState, held: Duration, v: &mut Verdict) -> an
     let mut refused_seen: Vec<String> = Vec::new();
     let mut t_refused = None;
     let mut seed_link_up_at = None;
+    let mut flagged: Option<(Duration, String)> = None;
     while t_up.elapsed() < held {
         for o in [&node, &seed, &wrong] {
             let Some(t) = ctx.topology(o) else { continue };
@@ -1751,6 +1752,11 @@ fn dns_drift(ctx: &Ctx, state: &LabState, held: Duration, v: &mut Verdict) -> an
                     refused_seen.push(w);
                 }
             }
+            if o == &node && flagged.is_none() {
+                if let Some(w) = t.warnings.iter().find(|w| w.contains("DNS drift")) {
+                    flagged = Some((t_up.elapsed(), w.clone()));
+                }
+            }
             if o == &node && seed_link_up_at.is_none() {
                 let up = t.links.iter().any(|l| {
                     l.state == LinkState::Up
@@ -1764,6 +1770,16 @@ fn dns_drift(ctx: &Ctx, state: &LabState, held: Duration, v: &mut Verdict) -> an
         std::thread::sleep(Duration::from_millis(250));
     }
     let refusals = ctx.refusals(&seqs);
+    v.check(
+        flagged.is_some(),
+        match &flagged {
+            Some((d, w)) => format!(
+                "{node}'s topology flags it after {:.2} s: {w}",
+                d.as_secs_f64()
+            ),
+            None => format!("{node}'s topology never flagged the drifted seed"),
+        },
+    );
     v.extra
         .push(("refused_links", refused_seen.len().to_string()));
     v.extra.push(("refused_events", refusals.len().to_string()));
