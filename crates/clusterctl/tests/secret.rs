@@ -113,8 +113,15 @@ fn install_use_remove_rotates_the_secret_with_zero_refused_links() {
         (s.keys[0].id.as_str(), s.keys[0].in_use_by),
         (new_id.as_str(), 6)
     );
-    let (code, t) = lab.topology("gw-us-1");
-    assert_eq!(code, Some(0), "{}", pretty(&t));
+    // Records of the restarted node reach gw-us-1 a moment after it is seen alive.
+    let t = lab.wait_for("every expected link up", DEFAULT_WAIT, || {
+        let (code, t) = lab.topology("gw-us-1");
+        if code == Some(0) {
+            Ok(t)
+        } else {
+            Err(pretty(&t))
+        }
+    });
     // Links handshaken after the rotation carry the new key.
     assert!(
         t.links

@@ -369,6 +369,27 @@ pub struct Counters {
     pub outbox_dropped: u64,
 }
 
+/// Per-site facts shared by the statuses of that site's nodes.
+#[derive(Debug)]
+struct SiteFacts {
+    reachable: bool,
+    views: BTreeMap<NodeName, Liveness>,
+}
+
+/// Site facts computed during one pass over the table.
+#[derive(Debug, Default)]
+struct SiteCache(BTreeMap<SiteName, SiteFacts>);
+
+/// Generations of everything a status depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatusInputs {
+    table: u64,
+    links: u64,
+    site_ring: u64,
+    left_peers: u64,
+    leaving: bool,
+}
+
 /// One node.
 pub struct Engine {
     cfg: EngineConfig,
@@ -389,6 +410,12 @@ pub struct Engine {
     next_sync: Time,
     last_rtt_refresh: Time,
     statuses: BTreeMap<NodeName, NodeStatus>,
+    /// Rises whenever a link is added, goes up or down, or is removed.
+    links_generation: u64,
+    /// Rises whenever `left_peers` changes.
+    left_peers_generation: u64,
+    /// The status inputs of the last diff (None: never diffed).
+    diffed_inputs: Option<StatusInputs>,
     echoes: BTreeMap<u64, PendingEcho>,
     calls: BTreeMap<u64, PendingCall>,
     sessions: BTreeMap<u64, PingSession>,
@@ -523,6 +550,9 @@ impl Engine {
             next_sync: now,
             last_rtt_refresh: now,
             statuses: BTreeMap::new(),
+            links_generation: 0,
+            left_peers_generation: 0,
+            diffed_inputs: None,
             echoes: BTreeMap::new(),
             calls: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -574,6 +604,17 @@ impl Engine {
     /// Every record, for the snapshot.
     pub fn records(&self) -> Vec<NodeRecord> {
         self.table.iter().cloned().collect()
+    }
+
+    /// Whether a link to `peer` is up.
+    pub fn is_linked(&self, peer: &NodeName) -> bool {
+        self.links.get(peer).is_some_and(|l| l.up)
+    }
+
+    /// A number that rises whenever a link is added, goes up or down, or is removed: equal
+    /// numbers, same set of links.
+    pub fn links_generation(&self) -> u64 {
+        self.links_generation
     }
 
     /// Names of peers with a link up.
@@ -778,10 +819,15 @@ impl Engine {
             if self.links.get(&peer).is_some_and(|l| l.up) {
                 continue;
             }
-            // Both ends want the link; the lower name dials first and the higher one only after
-            // a grace period, so that simultaneous dials (and the duplicate connection one of
-            // them must close) are rare.
-            let grace = if me > peer { min * 4 } else { Duration::ZERO };
+            // Both ends want the link; on a redial the lower name dials first and the higher
+            // one only after a grace period, so that crossing dials (and the duplicate connection
+            // one of them must close) are rare. A first dial in this life goes at once: after a
+            // restart the peer may still hold our dead connection and would not dial us.
+            let grace = if me > peer && self.links.contains_key(&peer) {
+                min * 4
+            } else {
+                Duration::ZERO
+            };
             let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
                 next: now + grace,
                 backoff: min,
@@ -1147,7 +1193,10 @@ impl Engine {
         };
         self.dialing.remove(&peer);
         self.refused.remove(&peer);
-        self.left_peers.remove(&peer);
+        if self.left_peers.remove(&peer) {
+            self.left_peers_generation += 1;
+        }
+        self.links_generation += 1;
         let drift = info.contract_hash != self.cfg.contract.hash();
         let reason = drift.then(|| {
             format!(
@@ -1221,6 +1270,7 @@ impl Engine {
         if !l.up {
             return;
         }
+        self.links_generation += 1;
         l.up = false;
         l.since = now;
         l.reason = Some(short(reason));
@@ -1292,6 +1342,7 @@ impl Engine {
                 // follows; until then (and if it is lost) this keeps the failure detector's
                 // verdict from being reported as a death.
                 self.left_peers.insert(from.clone());
+                self.left_peers_generation += 1;
                 self.diff_statuses(now);
             }
         }
@@ -1334,7 +1385,9 @@ impl Engine {
                     self.counters.records_merged += 1;
                     if r.state == RecordState::Alive {
                         // A newer alive record: the node came back after leaving.
-                        self.left_peers.remove(&r.name);
+                        if self.left_peers.remove(&r.name) {
+                            self.left_peers_generation += 1;
+                        }
                     }
                     if r.is_tombstone() && !was_tomb {
                         self.on_forgotten(now, &r.name);
@@ -1432,7 +1485,9 @@ impl Engine {
                 reason: "forgotten".into(),
             });
         }
-        self.links.remove(name);
+        if self.links.remove(name).is_some() {
+            self.links_generation += 1;
+        }
         self.announced.remove(name);
     }
 
@@ -1694,6 +1749,22 @@ impl Engine {
 
     /// The status of `name` as this node sees it.
     pub fn status_of(&self, name: &NodeName) -> NodeStatus {
+        self.status_with(name, None)
+    }
+
+    /// The status of every node in the table (but this one) as this node sees it: the same
+    /// answers as [`Engine::status_of`], computed in one pass (each remote site's reachability
+    /// and gateway views are read once, not once per node).
+    pub fn statuses(&self) -> BTreeMap<NodeName, NodeStatus> {
+        let mut cache = SiteCache::default();
+        self.table
+            .iter()
+            .filter(|r| r.name != self.cfg.me.name)
+            .map(|r| (r.name.clone(), self.status_with(&r.name, Some(&mut cache))))
+            .collect()
+    }
+
+    fn status_with(&self, name: &NodeName, cache: Option<&mut SiteCache>) -> NodeStatus {
         if *name == self.cfg.me.name {
             return if self.leaving {
                 NodeStatus::Left
@@ -1718,10 +1789,25 @@ impl Engine {
                 None => NodeStatus::Unknown,
             };
         }
-        if !self.site_reachable(&r.site) {
-            return NodeStatus::Unreachable;
-        }
-        match self.remote_view(&r.site, name) {
+        let view = match cache {
+            Some(cache) => {
+                let site = cache
+                    .0
+                    .entry(r.site.clone())
+                    .or_insert_with(|| self.site_facts(&r.site));
+                if !site.reachable {
+                    return NodeStatus::Unreachable;
+                }
+                site.views.get(name).copied()
+            }
+            None => {
+                if !self.site_reachable(&r.site) {
+                    return NodeStatus::Unreachable;
+                }
+                self.remote_view(&r.site, name)
+            }
+        };
+        match view {
             Some(Liveness::Alive) => NodeStatus::Alive,
             Some(Liveness::Suspect) => NodeStatus::Suspect,
             Some(Liveness::Dead) => NodeStatus::Dead,
@@ -1732,10 +1818,23 @@ impl Engine {
     /// What the gateways of `site` report about `name`. Views of gateways that another gateway
     /// of the site reports dead are ignored (they are stale), unless that leaves none.
     fn remote_view(&self, site: &SiteName, name: &NodeName) -> Option<Liveness> {
+        self.trusted_gateways(site)
+            .iter()
+            .filter_map(|g| g.view.iter().find(|(n, _)| n == name).map(|(_, l)| *l))
+            .min()
+    }
+
+    /// The gateways of `site` whose views count (see [`Engine::remote_view`]).
+    fn trusted_gateways(&self, site: &SiteName) -> Vec<&NodeRecord> {
         let gws: Vec<&NodeRecord> = self
             .table
-            .live()
-            .filter(|g| g.site == *site && g.role == Role::Gateway && g.state == RecordState::Alive)
+            .gateways_of(site)
+            .filter(|g| {
+                !g.is_tombstone()
+                    && g.site == *site
+                    && g.role == Role::Gateway
+                    && g.state == RecordState::Alive
+            })
             .collect();
         let dead_by_peer = |g: &NodeRecord| {
             gws.iter().any(|o| {
@@ -1745,24 +1844,57 @@ impl Engine {
                         .any(|(n, l)| *n == g.name && *l == Liveness::Dead)
             })
         };
-        let trusted: Vec<&&NodeRecord> = gws.iter().filter(|g| !dead_by_peer(g)).collect();
-        let pool: Vec<&&NodeRecord> = if trusted.is_empty() {
-            gws.iter().collect()
+        let trusted: Vec<&NodeRecord> = gws.iter().copied().filter(|g| !dead_by_peer(g)).collect();
+        if trusted.is_empty() {
+            gws
         } else {
             trusted
-        };
-        pool.iter()
-            .filter_map(|g| g.view.iter().find(|(n, _)| n == name).map(|(_, l)| *l))
-            .min()
+        }
+    }
+
+    /// Reachability of `site` and what its trusted gateways report about each of its nodes (for
+    /// each node, the first entry of each gateway's view, the worst across gateways: exactly
+    /// what [`Engine::remote_view`] answers node by node).
+    fn site_facts(&self, site: &SiteName) -> SiteFacts {
+        let reachable = self.site_reachable(site);
+        let mut views: BTreeMap<NodeName, Liveness> = BTreeMap::new();
+        if reachable {
+            for g in self.trusted_gateways(site) {
+                let mut seen: BTreeSet<&NodeName> = BTreeSet::new();
+                for (n, l) in &g.view {
+                    if !seen.insert(n) {
+                        continue;
+                    }
+                    views
+                        .entry(n.clone())
+                        .and_modify(|cur| *cur = (*cur).min(*l))
+                        .or_insert(*l);
+                }
+            }
+        }
+        SiteFacts { reachable, views }
+    }
+
+    /// What statuses depend on, as generations: when none moved since the last diff, no status
+    /// can have changed.
+    fn status_inputs(&self) -> StatusInputs {
+        StatusInputs {
+            table: self.table.generation(),
+            links: self.links_generation,
+            site_ring: self.site_ring.generation(),
+            left_peers: self.left_peers_generation,
+            leaving: self.leaving,
+        }
     }
 
     fn diff_statuses(&mut self, now: Time) {
-        let names: Vec<NodeName> = self.table.iter().map(|r| r.name.clone()).collect();
-        for name in names {
-            if name == self.cfg.me.name {
-                continue;
-            }
-            let s = self.status_of(&name);
+        let inputs = self.status_inputs();
+        if self.diffed_inputs == Some(inputs) {
+            return;
+        }
+        self.diffed_inputs = Some(inputs);
+        let current = self.statuses();
+        for (name, s) in current {
             let prev = self.statuses.insert(name.clone(), s);
             if prev == Some(s) || (prev.is_none() && s == NodeStatus::Unknown) {
                 continue;
@@ -2161,27 +2293,14 @@ impl Engine {
         timeout: Duration,
     ) {
         if self.sessions.len() >= MAX_PING_SESSIONS {
-            let report = PingReport {
-                from: self.cfg.me.name.to_string(),
-                target: target.to_string(),
-                ok: false,
-                secure: self.cfg.secure,
-                sent: 0,
-                received: 0,
-                attempts: vec![PingAttempt {
-                    seq: 0,
-                    ok: false,
-                    path: vec![self.cfg.me.name.to_string()],
-                    hops_ms: vec![],
-                    total_ms: 0.0,
-                    failure: Some(PingFailure::NoRoute),
-                    broke_at: Some(self.cfg.me.name.to_string()),
-                    reason: Some("too many pings in progress on this node".into()),
-                }],
-                min_ms: None,
-                p50_ms: None,
-                max_ms: None,
-            };
+            let me = self.cfg.me.name.clone();
+            let report = self.failed_ping(
+                &me,
+                &target,
+                PingFailure::NoRoute,
+                me.to_string(),
+                "too many pings in progress on this node".into(),
+            );
             self.finish(now, from, CallReply::Ping(report));
             return;
         }
@@ -2429,6 +2548,38 @@ impl Engine {
         self.echo_done(now, p, attempt);
     }
 
+    /// A ping that never got to send a probe: one failed attempt saying where and why.
+    fn failed_ping(
+        &self,
+        from: &NodeName,
+        target: &NodeName,
+        failure: PingFailure,
+        broke_at: String,
+        reason: String,
+    ) -> PingReport {
+        PingReport {
+            from: from.to_string(),
+            target: target.to_string(),
+            ok: false,
+            secure: self.cfg.secure,
+            sent: 0,
+            received: 0,
+            attempts: vec![PingAttempt {
+                seq: 0,
+                ok: false,
+                path: vec![self.cfg.me.name.to_string()],
+                hops_ms: vec![],
+                total_ms: 0.0,
+                failure: Some(failure),
+                broke_at: Some(broke_at),
+                reason: Some(reason),
+            }],
+            min_ms: None,
+            p50_ms: None,
+            max_ms: None,
+        }
+    }
+
     fn ping_report(&self, s: &PingSession) -> PingReport {
         let mut rtts: Vec<f64> = s
             .attempts
@@ -2597,29 +2748,13 @@ impl Engine {
             return;
         };
         let reply = match c.what {
-            PendingWhat::Ping { from, target } => CallReply::Ping(PingReport {
-                from: from.to_string(),
-                target: target.to_string(),
-                ok: false,
-                secure: self.cfg.secure,
-                sent: 0,
-                received: 0,
-                attempts: vec![PingAttempt {
-                    seq: 0,
-                    ok: false,
-                    path: vec![self.cfg.me.name.to_string()],
-                    hops_ms: vec![],
-                    total_ms: 0.0,
-                    failure: Some(failure),
-                    broke_at: Some(at),
-                    reason: Some(format!(
-                        "could not reach {from} to start the ping: {reason}"
-                    )),
-                }],
-                min_ms: None,
-                p50_ms: None,
-                max_ms: None,
-            }),
+            PendingWhat::Ping { from, target } => CallReply::Ping(self.failed_ping(
+                &from,
+                &target,
+                failure,
+                at,
+                format!("could not reach {from} to start the ping: {reason}"),
+            )),
             PendingWhat::Probe { from, to, kind } => CallReply::Probe(ProbeResult {
                 from: from.to_string(),
                 to: to.to_string(),

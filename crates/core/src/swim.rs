@@ -119,6 +119,11 @@ pub struct Swim {
     states: BTreeMap<NodeName, Liveness>,
     outbox: Vec<(NodeName, Vec<u8>)>,
     changes: Vec<Change>,
+    /// Rises whenever a member's liveness changes.
+    generation: u64,
+    timing: RingTiming,
+    /// The ring size foca's dissemination is currently configured for.
+    sized_for: usize,
     /// Packets dropped: undecodable, or the ring is full.
     pub dropped: u64,
 }
@@ -152,9 +157,10 @@ impl Swim {
         seed: u64,
         health: LocalHealth,
     ) -> Swim {
+        let sized_for = expected_members;
         let foca = Foca::new(
             me,
-            timing.foca_config(expected_members),
+            timing.foca_config(sized_for),
             StdRng::seed_from_u64(seed),
             PostcardCodec,
         );
@@ -169,6 +175,9 @@ impl Swim {
             states: BTreeMap::new(),
             outbox: Vec::new(),
             changes: Vec::new(),
+            generation: 0,
+            timing: timing.clone(),
+            sized_for,
             dropped: 0,
         }
     }
@@ -250,6 +259,11 @@ impl Swim {
         self.states.iter().map(|(n, l)| (n, *l))
     }
 
+    /// A number that rises whenever a member's liveness changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Datagrams to send: `(peer, foca packet)`.
     pub fn take_sends(&mut self) -> Vec<(NodeName, Vec<u8>)> {
         std::mem::take(&mut self.outbox)
@@ -261,6 +275,7 @@ impl Swim {
     }
 
     fn drain(&mut self, now: Time) {
+        let changes_before = self.changes.len();
         while let Some((to, data)) = self.rt.to_send() {
             self.outbox.push((to.name, data.to_vec()));
         }
@@ -337,6 +352,20 @@ impl Swim {
         }
         for (name, l) in seen {
             self.states.insert(name, l);
+        }
+        if self.changes.len() != changes_before {
+            self.generation += 1;
+        }
+        // How many times foca retransmits an update grows with the log of the ring size; a node
+        // starting with an empty table does not know the size, so follow what the ring sees
+        // (only the retransmission count and the suspicion multiplier change, never the probe
+        // timing, which foca does not allow).
+        let size = self.states.len() + 1;
+        if size > self.sized_for {
+            self.sized_for = size.next_power_of_two();
+            let _ = self
+                .foca
+                .set_config(self.timing.foca_config(self.sized_for));
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::name::{Ident, NodeName, SiteName};
 use crate::secret::KeyId;
 use clusterctl_api::{LinkState, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Most records a table holds (tombstones included).
 pub const MAX_RECORDS: usize = 16_384;
@@ -255,11 +255,24 @@ impl Merge {
 }
 
 /// The table itself: bounded, ordered by name.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeTable {
     records: BTreeMap<NodeName, NodeRecord>,
+    /// Names of the records with the gateway role, by site (tombstones included): reading a
+    /// site's gateway views must not scan the whole table.
+    gateways: BTreeMap<SiteName, BTreeSet<NodeName>>,
+    /// Rises on every change of the table.
+    generation: u64,
+    /// The generation at which each record was last stored.
+    stamps: BTreeMap<NodeName, u64>,
     /// Records refused because they broke a bound or the table was full.
     pub refused: u64,
+}
+
+impl PartialEq for NodeTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.records == other.records && self.refused == other.refused
+    }
 }
 
 impl NodeTable {
@@ -283,10 +296,10 @@ impl NodeTable {
             self.refused += 1;
             return Merge::Invalid;
         }
-        match self.records.get_mut(&rec.name) {
+        match self.records.get(&rec.name) {
             Some(cur) => {
                 if rec.supersedes(cur) {
-                    *cur = rec;
+                    self.insert(rec);
                     Merge::Replaced
                 } else {
                     Merge::Stale
@@ -297,10 +310,57 @@ impl NodeTable {
                     self.refused += 1;
                     return Merge::Full;
                 }
-                self.records.insert(rec.name.clone(), rec);
+                self.insert(rec);
                 Merge::Inserted
             }
         }
+    }
+
+    /// Stores a record, keeping the gateway index and the generation up to date.
+    fn insert(&mut self, rec: NodeRecord) {
+        self.generation += 1;
+        self.stamps.insert(rec.name.clone(), self.generation);
+        if rec.role == Role::Gateway {
+            self.gateways
+                .entry(rec.site.clone())
+                .or_default()
+                .insert(rec.name.clone());
+        }
+        if let Some(old) = self.records.insert(rec.name.clone(), rec) {
+            let new = &self.records[&old.name];
+            if old.role == Role::Gateway && (new.role != Role::Gateway || new.site != old.site) {
+                if let Some(set) = self.gateways.get_mut(&old.site) {
+                    set.remove(&old.name);
+                    if set.is_empty() {
+                        self.gateways.remove(&old.site);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A number that rises on every change of the table: equal generations, same content.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Records stored after generation `generation`, in name order (what an incremental
+    /// snapshot must write).
+    pub fn changed_since(&self, generation: u64) -> impl Iterator<Item = &NodeRecord> {
+        self.records
+            .values()
+            .zip(self.stamps.values())
+            .filter(move |(_, g)| **g > generation)
+            .map(|(r, _)| r)
+    }
+
+    /// Records with the gateway role in `site` (tombstones included), in name order.
+    pub fn gateways_of<'a>(&'a self, site: &SiteName) -> impl Iterator<Item = &'a NodeRecord> {
+        self.gateways
+            .get(site)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.records.get(n))
     }
 
     /// Sets a record unconditionally (the owner writing its own record, which it has already
@@ -313,7 +373,7 @@ impl NodeTable {
         if !self.records.contains_key(&rec.name) && self.records.len() >= MAX_RECORDS {
             return false;
         }
-        self.records.insert(rec.name.clone(), rec);
+        self.insert(rec);
         true
     }
 

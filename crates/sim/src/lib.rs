@@ -20,6 +20,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod scale;
+
 use clusterctl_api::{NodeStatus, PingReport, Role, Topology};
 use clusterctl_core::contract::Contract;
 use clusterctl_core::engine::{Engine, EngineConfig, EventOut, LinkInfo, Output, Reply, Timing};
@@ -48,6 +50,9 @@ pub struct SimConfig {
     pub connect_timeout: Duration,
     /// Percentage of datagrams lost at random (0-100).
     pub datagram_loss: u8,
+    /// Keep every event each node emits in [`SimNode::events`] (turn off for large runs: the
+    /// lists grow with nodes times events).
+    pub record_events: bool,
 }
 
 impl SimConfig {
@@ -60,6 +65,7 @@ impl SimConfig {
             idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             datagram_loss: 0,
+            record_events: true,
         }
     }
 }
@@ -95,8 +101,12 @@ pub struct SimNode {
     pub addr: String,
     engine: Option<Engine>,
     cfg: EngineConfig,
-    /// Last persisted table (what survives a crash).
-    pub persisted: Vec<NodeRecord>,
+    /// Last persisted table (what survives a crash), kept up to date incrementally.
+    persisted: BTreeMap<NodeName, NodeRecord>,
+    /// Table generation of the running engine at its last persist.
+    persisted_gen: u64,
+    /// Links generation of the running engine at its last invariant check.
+    checked_links_gen: Option<u64>,
     /// Every event the node emitted.
     pub events: Vec<EventOut>,
     replies: BTreeMap<u64, Reply>,
@@ -104,6 +114,12 @@ pub struct SimNode {
     isolated: bool,
     /// Own clock observed over time (invariant: never falls within one life on disk).
     max_clock: u64,
+    /// Frames this node sent on a connection, and their encoded bytes.
+    pub frames_sent: u64,
+    pub frame_bytes_sent: u64,
+    /// Datagrams this node sent on a connection (after random loss), and their bytes.
+    pub datagrams_sent: u64,
+    pub datagram_bytes_sent: u64,
 }
 
 impl SimNode {
@@ -168,13 +184,43 @@ enum Ev {
     },
 }
 
+/// An event in the queue: ordered by time, then by scheduling order (ties run first-in,
+/// first-out, which keeps runs deterministic).
+#[derive(Debug)]
+struct Queued {
+    at: Time,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
 /// The simulator.
 pub struct Sim {
     cfg: SimConfig,
     now: Time,
     seq: u64,
-    queue: BinaryHeap<Reverse<(Time, u64)>>,
-    events: BTreeMap<u64, Ev>,
+    queue: BinaryHeap<Reverse<Queued>>,
+    /// Nodes handled since the last invariant check.
+    touched: Vec<usize>,
     pub nodes: Vec<SimNode>,
     index: BTreeMap<NodeName, usize>,
     /// Open connections and their generation.
@@ -295,12 +341,18 @@ impl Sim {
                 addr,
                 engine: None,
                 cfg: ecfg,
-                persisted: Vec::new(),
+                persisted: BTreeMap::new(),
+                persisted_gen: 0,
+                checked_links_gen: None,
                 events: Vec::new(),
                 replies: BTreeMap::new(),
                 wake: None,
                 isolated: false,
                 max_clock: 0,
+                frames_sent: 0,
+                frame_bytes_sent: 0,
+                datagrams_sent: 0,
+                datagram_bytes_sent: 0,
             });
         }
         let mut sim = Sim {
@@ -309,7 +361,7 @@ impl Sim {
             now: Duration::ZERO,
             seq: 0,
             queue: BinaryHeap::new(),
-            events: BTreeMap::new(),
+            touched: Vec::new(),
             nodes,
             index,
             conns: BTreeMap::new(),
@@ -374,7 +426,9 @@ impl Sim {
     }
 
     fn start(&mut self, i: usize) {
-        let restored = self.nodes[i].persisted.clone();
+        let restored: Vec<NodeRecord> = self.nodes[i].persisted.values().cloned().collect();
+        self.nodes[i].persisted_gen = 0;
+        self.nodes[i].checked_links_gen = None;
         let cfg = self.nodes[i].cfg.clone();
         match Engine::new(cfg, restored, self.now) {
             Ok(e) => {
@@ -391,8 +445,11 @@ impl Sim {
 
     fn schedule(&mut self, at: Time, ev: Ev) {
         self.seq += 1;
-        self.events.insert(self.seq, ev);
-        self.queue.push(Reverse((at, self.seq)));
+        self.queue.push(Reverse(Queued {
+            at,
+            seq: self.seq,
+            ev,
+        }));
     }
 
     fn latency(&self, a: usize, b: usize) -> Duration {
@@ -433,6 +490,7 @@ impl Sim {
 
     /// Drains a node's outputs into the event queue.
     fn pump(&mut self, i: usize) {
+        self.touched.push(i);
         while let Some(out) = self.nodes[i].engine.as_mut().and_then(Engine::poll_output) {
             self.apply(i, out);
         }
@@ -515,12 +573,15 @@ impl Sim {
                 };
                 if self.conns.contains_key(&pair(i, j)) && self.path_open(i, j) {
                     let lat = self.latency(i, j);
+                    let bytes = frame.encode();
+                    self.nodes[i].frames_sent += 1;
+                    self.nodes[i].frame_bytes_sent += bytes.len() as u64;
                     self.schedule(
                         now + lat,
                         Ev::Frame {
                             to: j,
                             from: i,
-                            bytes: frame.encode(),
+                            bytes,
                         },
                     );
                 }
@@ -537,6 +598,8 @@ impl Sim {
                 }
                 if self.conns.contains_key(&pair(i, j)) && self.path_open(i, j) {
                     let lat = self.latency(i, j);
+                    self.nodes[i].datagrams_sent += 1;
+                    self.nodes[i].datagram_bytes_sent += bytes.len() as u64;
                     self.schedule(
                         now + lat,
                         Ev::Datagram {
@@ -574,11 +637,24 @@ impl Sim {
                 }
             }
             Output::Persist => {
-                if let Some(e) = self.nodes[i].engine.as_ref() {
-                    self.nodes[i].persisted = e.records();
+                // The whole table as it stands, as if written now; only records stored since
+                // the last write are copied.
+                let node = &mut self.nodes[i];
+                if let Some(e) = node.engine.as_ref() {
+                    let gen = e.table().generation();
+                    if gen != node.persisted_gen {
+                        for r in e.table().changed_since(node.persisted_gen) {
+                            node.persisted.insert(r.name.clone(), r.clone());
+                        }
+                        node.persisted_gen = gen;
+                    }
                 }
             }
-            Output::Event(ev) => self.nodes[i].events.push(ev),
+            Output::Event(ev) => {
+                if self.cfg.record_events {
+                    self.nodes[i].events.push(ev);
+                }
+            }
             Output::Reply { token, reply } => {
                 self.nodes[i].replies.insert(token, reply);
             }
@@ -671,7 +747,7 @@ impl Sim {
                     let rtt = self.latency(at, peer) * 2;
                     let info = self.link_info(at, peer, rtt);
                     if let Some(e) = self.nodes[at].engine.as_mut() {
-                        if !e.linked_peers().contains(&info.peer.name) {
+                        if !e.is_linked(&info.peer.name) {
                             e.handle_link_up(now, info);
                         }
                     }
@@ -801,13 +877,11 @@ impl Sim {
 
     /// Runs one event. Returns false when nothing is queued.
     pub fn step(&mut self) -> bool {
-        let Some(Reverse((at, seq))) = self.queue.pop() else {
+        let Some(Reverse(Queued { at, ev, .. })) = self.queue.pop() else {
             return false;
         };
         self.now = self.now.max(at);
-        if let Some(ev) = self.events.remove(&seq) {
-            self.step_event(ev);
-        }
+        self.step_event(ev);
         self.steps += 1;
         self.check_invariants();
         true
@@ -816,8 +890,8 @@ impl Sim {
     /// Runs the simulation for `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
-        while let Some(Reverse((at, _))) = self.queue.peek() {
-            if *at > end {
+        while let Some(Reverse(q)) = self.queue.peek() {
+            if q.at > end {
                 break;
             }
             self.step();
@@ -842,9 +916,19 @@ impl Sim {
         pred(self).then(|| self.now - start)
     }
 
-    fn check_invariants(&self) {
-        for n in &self.nodes {
+    /// Checks the invariants of every node handled since the last check (a node's links change
+    /// only while it is handled).
+    fn check_invariants(&mut self) {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        for &i in &touched {
+            let n = &self.nodes[i];
             let Some(e) = n.engine.as_ref() else { continue };
+            // The links are the same as at the last check.
+            if n.checked_links_gen == Some(e.links_generation()) {
+                continue;
+            }
             for p in e.linked_peers() {
                 let peer = &self.nodes[self.idx(p.as_str())].ident;
                 if let Err(why) = self.contract.check_link(&n.ident, peer) {
@@ -855,6 +939,12 @@ impl Sim {
                 }
             }
         }
+        for &i in &touched {
+            let gen = self.nodes[i].engine.as_ref().map(Engine::links_generation);
+            self.nodes[i].checked_links_gen = gen;
+        }
+        touched.clear();
+        self.touched = touched;
     }
 
     // ----- faults -----------------------------------------------------------------------------
@@ -940,6 +1030,64 @@ impl Sim {
         self.schedule_idle_checks();
     }
 
+    /// Adds a member to an existing site at run time and starts it; it knows the nodes of its
+    /// site as seeds (as an operator would configure it). Returns its name.
+    pub fn add_member(&mut self, site: &str) -> String {
+        let site = SiteName::new(site).expect("valid site name");
+        let template = self
+            .nodes
+            .iter()
+            .find(|n| n.ident.site == site)
+            .unwrap_or_else(|| panic!("no site {site} (seed {})", self.cfg.seed));
+        let code = short_code(site.as_str()).to_string();
+        let mut k = 1 + self
+            .nodes
+            .iter()
+            .filter(|n| n.ident.site == site && n.ident.role == Role::Member)
+            .count();
+        while self.index.contains_key(format!("edge-{code}-{k}").as_str()) {
+            k += 1;
+        }
+        let name = NodeName::new(format!("edge-{code}-{k}")).expect("valid name");
+        let ident = Ident {
+            name: name.clone(),
+            site: site.clone(),
+            role: Role::Member,
+        };
+        let i = self.nodes.len();
+        let mut ecfg = template.cfg.clone();
+        ecfg.me = ident.clone();
+        ecfg.addr = format!("sim:{name}");
+        ecfg.seeds = self
+            .nodes
+            .iter()
+            .filter(|n| n.ident.site == site)
+            .map(|n| (n.ident.name.clone(), n.addr.clone()))
+            .collect();
+        ecfg.seed = self.cfg.seed.wrapping_mul(31).wrapping_add(i as u64);
+        self.index.insert(name.clone(), i);
+        self.nodes.push(SimNode {
+            ident,
+            addr: ecfg.addr.clone(),
+            engine: None,
+            cfg: ecfg,
+            persisted: BTreeMap::new(),
+            persisted_gen: 0,
+            checked_links_gen: None,
+            events: Vec::new(),
+            replies: BTreeMap::new(),
+            wake: None,
+            isolated: false,
+            max_clock: 0,
+            frames_sent: 0,
+            frame_bytes_sent: 0,
+            datagrams_sent: 0,
+            datagram_bytes_sent: 0,
+        });
+        self.start(i);
+        name.to_string()
+    }
+
     /// Restarts a crashed node from its persisted table.
     pub fn restart(&mut self, name: &str) {
         let i = self.idx(name);
@@ -952,6 +1100,7 @@ impl Sim {
         let i = self.idx(name);
         assert!(self.nodes[i].engine.is_none(), "{name} is running");
         self.nodes[i].persisted.clear();
+        self.nodes[i].persisted_gen = 0;
         self.start(i);
     }
 
