@@ -819,15 +819,10 @@ impl Engine {
             if self.links.get(&peer).is_some_and(|l| l.up) {
                 continue;
             }
-            // Both ends want the link; on a redial the lower name dials first and the higher
-            // one only after a grace period, so that crossing dials (and the duplicate connection
-            // one of them must close) are rare. A first dial in this life goes at once: after a
-            // restart the peer may still hold our dead connection and would not dial us.
-            let grace = if me > peer && self.links.contains_key(&peer) {
-                min * 4
-            } else {
-                Duration::ZERO
-            };
+            // Both ends want the link; the lower name dials first and the higher one only after
+            // a grace period, so that simultaneous dials (and the duplicate connection one of
+            // them must close) are rare.
+            let grace = if me > peer { min * 4 } else { Duration::ZERO };
             let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
                 next: now + grace,
                 backoff: min,
