@@ -423,6 +423,8 @@ pub struct Engine {
     next_id: u64,
     leaving: bool,
     forgotten: bool,
+    /// Our record changed since it was last sent to peers.
+    own_unsent: bool,
     keyring: Keyring,
     cert: Option<CertSummary>,
     /// Counters for metrics.
@@ -560,6 +562,7 @@ impl Engine {
             next_id: 1,
             leaving: false,
             forgotten: false,
+            own_unsent: false,
             keyring: cfg_keyring,
             cert: cfg_cert,
             counters: Counters::default(),
@@ -721,6 +724,7 @@ impl Engine {
         self.expire_requests(now);
         self.expire_directions(now);
         self.refresh_own(now, false);
+        self.flush_own();
         self.diff_statuses(now);
         if self.leaving {
             return;
@@ -1513,14 +1517,26 @@ impl Engine {
         self.write_own(now, own);
     }
 
+    /// Our record changed: it is in the table (and persisted) at once; peers get it at the
+    /// next tick, so a burst of changes (every link of a cold start coming up) goes out as one
+    /// version instead of one per change.
     fn write_own(&mut self, now: Time, own: NodeRecord) {
-        self.table.put_own(own.clone());
+        self.table.put_own(own);
         self.push(Output::Persist);
         self.last_rtt_refresh = now;
-        for (name, l) in self.links.iter_mut() {
-            let _ = name;
+        for l in self.links.values_mut() {
             l.reported_rtt_us = l.rtt_us;
         }
+        self.own_unsent = true;
+    }
+
+    /// Sends our record to every linked peer if it changed since it was last sent.
+    fn flush_own(&mut self) {
+        if !self.own_unsent {
+            return;
+        }
+        self.own_unsent = false;
+        let own = self.own();
         let targets: Vec<NodeName> = self
             .links
             .iter()
@@ -2837,6 +2853,8 @@ impl Engine {
         // (streams) and peers would report a death first. Peers learn from the record and the
         // `Leaving` frame; the rings then see us go quiet, and `left` wins over their verdict.
         self.refresh_own(now, true);
+        // The `left` record goes out now, ahead of the `Leaving` frame.
+        self.flush_own();
         let targets = self.linked_peers();
         for t in targets {
             self.push(Output::Send {
