@@ -107,7 +107,19 @@ fn install_use_remove_rotates_the_secret_with_zero_refused_links() {
     lab.start_agent("edge-eu-1", &[]);
     lab.wait_converged();
 
-    let s: Secrets = lab.cli_json(&["secret", "list", "--json"]);
+    // Records carry each node's keys and reach gw-us-1 within a tick or two of the change.
+    let s: Secrets = lab.wait_for(
+        "the old secret gone from every record",
+        DEFAULT_WAIT,
+        || {
+            let s: Secrets = lab.cli_json(&["secret", "list", "--json"]);
+            if s.keys.len() == 1 {
+                Ok(s)
+            } else {
+                Err(pretty(&s))
+            }
+        },
+    );
     assert_eq!(s.keys.len(), 1, "{}", pretty(&s));
     assert_eq!(
         (s.keys[0].id.as_str(), s.keys[0].in_use_by),
