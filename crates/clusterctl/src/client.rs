@@ -74,6 +74,18 @@ impl Client {
         &self.addr
     }
 
+    /// The agents a changing command applies to: every node of the default lab with `--all`
+    /// (whichever process runs it now), else the one [`Client::resolve`] picks.
+    pub fn targets(all: bool, args: &crate::AgentArgs) -> anyhow::Result<Vec<Client>> {
+        if !all {
+            return Ok(vec![Client::resolve(args)?]);
+        }
+        let dir = crate::lab::default_dir();
+        let state = crate::lab::LabState::load(&dir)?
+            .ok_or_else(|| anyhow::anyhow!("--all needs a lab: no lab in {}", dir.display()))?;
+        Ok(state.nodes.iter().map(|n| Client::at(&n.control)).collect())
+    }
+
     /// A client of the agent whose control API listens on `addr` (HOST:PORT).
     pub fn at(addr: &str) -> Client {
         Client::with_timeout(addr, DEFAULT_TIMEOUT)

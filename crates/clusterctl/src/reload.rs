@@ -18,14 +18,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let clients: Vec<Client> = if a.all {
-        let dir = crate::lab::default_dir();
-        let state = crate::lab::LabState::load(&dir)?
-            .ok_or_else(|| anyhow::anyhow!("--all needs a lab: no lab in {}", dir.display()))?;
-        state.nodes.iter().map(|n| Client::at(&n.control)).collect()
-    } else {
-        vec![Client::resolve(agent)?]
-    };
+    // A node that does not answer is reported and makes the command fail.
+    let clients = Client::targets(a.all, agent)?;
     let mut failed = 0;
     let mut reports = Vec::new();
     for c in &clients {

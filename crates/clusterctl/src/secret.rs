@@ -114,16 +114,8 @@ fn generate(file: &PathBuf) -> anyhow::Result<ExitCode> {
 }
 
 fn apply(req: &SecretRequest, target: &Target, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let clients: Vec<Client> = if target.all {
-        let dir = crate::lab::default_dir();
-        let state = crate::lab::LabState::load(&dir)?
-            .ok_or_else(|| anyhow::anyhow!("--all needs a lab: no lab in {}", dir.display()))?;
-        // Every node of the lab, whichever process runs it now; one that does not answer is
-        // reported and makes the command fail.
-        state.nodes.iter().map(|n| Client::at(&n.control)).collect()
-    } else {
-        vec![Client::resolve(agent)?]
-    };
+    // A node that does not answer is reported and makes the command fail.
+    let clients = Client::targets(target.all, agent)?;
     let mut failed = 0;
     for c in &clients {
         match c.post::<_, KeyringReport>("/v1/secret", req) {

@@ -771,16 +771,21 @@ impl Engine {
             .collect();
         for (peer, kind) in stale {
             self.announced.insert(peer.clone(), now);
-            match kind {
-                LinkKind::Site => self.site_ring.announce(now, &peer),
-                LinkKind::Wan => {
-                    if let Some(w) = self.wan_ring.as_mut() {
-                        w.announce(now, &peer);
-                    }
+            self.announce(now, &peer, kind);
+        }
+        self.drain_rings(now);
+    }
+
+    /// Asks `peer` into the ring of the link kind (site ring, or WAN ring for gateways).
+    fn announce(&mut self, now: Time, peer: &NodeName, kind: LinkKind) {
+        match kind {
+            LinkKind::Site => self.site_ring.announce(now, peer),
+            LinkKind::Wan => {
+                if let Some(w) = self.wan_ring.as_mut() {
+                    w.announce(now, peer);
                 }
             }
         }
-        self.drain_rings(now);
     }
 
     // ----- links ------------------------------------------------------------------------------
@@ -1250,14 +1255,7 @@ impl Engine {
             to: peer.clone(),
             frame: Frame::Digest(digest, true),
         });
-        match kind {
-            LinkKind::Site => self.site_ring.announce(now, &peer),
-            LinkKind::Wan => {
-                if let Some(w) = self.wan_ring.as_mut() {
-                    w.announce(now, &peer);
-                }
-            }
-        }
+        self.announce(now, &peer, kind);
         self.drain_rings(now);
     }
 
