@@ -933,12 +933,20 @@ fn wait_for_convergence(
         let line = match probe.get::<Topology>("/v1/topology") {
             Ok(t) => {
                 let p = Progress::of(&t, &plan.nodes);
-                if p.done() {
-                    println!("{}", crate::topology::render_text(&t));
-                    eprintln!("{}", hint(plan, dir));
-                    return Ok(ExitCode::SUCCESS);
-                }
-                let line = p.line();
+                let line = if p.done() {
+                    // One node seeing the whole cluster is not enough: a ping from a node whose
+                    // table lags behind would find no route. Done when every node sees it all.
+                    match lagging(plan) {
+                        None => {
+                            println!("{}", crate::topology::render_text(&t));
+                            eprintln!("{}", hint(plan, dir));
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                        Some(behind) => format!("{}; {behind}", p.line()),
+                    }
+                } else {
+                    p.line()
+                };
                 last = Some((t, p));
                 line
             }
@@ -984,6 +992,26 @@ fn wait_for_convergence(
         dir_flag(dir)
     );
     Ok(ExitCode::from(1))
+}
+
+/// The first node (after the observer) that does not yet see every expected link up and every
+/// node alive, with how far it is; `None` when every node sees the whole cluster.
+fn lagging(plan: &LabPlan) -> Option<String> {
+    for node in plan.nodes.iter().skip(1) {
+        let client = Client::with_timeout(&node.control.to_string(), Duration::from_secs(2));
+        let behind = match client.get::<Topology>("/v1/topology") {
+            Ok(t) => {
+                let p = Progress::of(&t, &plan.nodes);
+                if p.done() {
+                    continue;
+                }
+                p.line()
+            }
+            Err(_) => "no answer".to_string(),
+        };
+        return Some(format!("{} sees {behind}", node.ident.name));
+    }
+    None
 }
 
 fn hint(plan: &LabPlan, dir: &Path) -> String {
