@@ -285,6 +285,9 @@ pub struct NodePlan {
     pub addr: SocketAddr,
     /// Address the QUIC endpoint binds (`listen`); `addr` except for netns gateways.
     pub listen: SocketAddr,
+    /// Address the gateways of other sites dial (`advertise-wan`), when it is not `addr`: a
+    /// netns gateway is on its site network and on the WAN.
+    pub wan: Option<SocketAddr>,
     /// Control API address (HTTP, TCP).
     pub control: SocketAddr,
     /// `NAME@IP:PORT` of each seed.
@@ -343,6 +346,7 @@ impl LabPlan {
                     },
                     addr: SocketAddr::V4(SocketAddrV4::new(ip, QUIC_PORT)),
                     listen: SocketAddr::V4(SocketAddrV4::new(ip, QUIC_PORT)),
+                    wan: None,
                     control: SocketAddr::V4(SocketAddrV4::new(ip, CONTROL_PORT)),
                     seeds: Vec::new(),
                 });
@@ -367,13 +371,16 @@ impl LabPlan {
     }
 
     /// Renumbers the cluster and control addresses with `addrs(index, node) -> (advertise,
-    /// listen, control)` and seeds again from the new addresses.
+    /// listen, control, advertise-wan)` and seeds again from the new addresses.
     pub fn readdress(
         &mut self,
-        mut addrs: impl FnMut(usize, &NodePlan) -> (SocketAddr, SocketAddr, SocketAddr),
+        mut addrs: impl FnMut(
+            usize,
+            &NodePlan,
+        ) -> (SocketAddr, SocketAddr, SocketAddr, Option<SocketAddr>),
     ) {
         for (i, n) in self.nodes.iter_mut().enumerate() {
-            (n.addr, n.listen, n.control) = addrs(i, n);
+            (n.addr, n.listen, n.control, n.wan) = addrs(i, n);
         }
         assign_seeds(&mut self.nodes);
     }
@@ -418,6 +425,7 @@ impl LabPlan {
              role = \"{role}\"\n\
              listen = \"{listen}\"\n\
              {advertise}\
+             {advertise_wan}\
              seeds = [{seeds}]\n\
              data-dir = \"data\"\n\
              control = \"{control}\"\n\
@@ -438,6 +446,10 @@ impl LabPlan {
             } else {
                 format!("advertise = \"{}\"\n", node.addr)
             },
+            advertise_wan = node
+                .wan
+                .map(|w| format!("advertise-wan = \"{w}\"\n"))
+                .unwrap_or_default(),
             seeds = seeds.join(", "),
             control = node.control,
         )
@@ -445,9 +457,16 @@ impl LabPlan {
 }
 
 /// Members seed their whole site; gateways also seed the gateways of every other site. Seeds
-/// name the address other nodes dial (`addr`).
+/// name the address the seeding node dials: `addr` inside a site, the WAN address (`wan`, when
+/// there is one) between sites.
 fn assign_seeds(nodes: &mut [NodePlan]) {
-    let seed = |n: &NodePlan| format!("{}@{}", n.ident.name, n.addr);
+    let seed = |me: &NodePlan, o: &NodePlan| {
+        let addr = match o.wan {
+            Some(wan) if o.ident.site != me.ident.site => wan,
+            _ => o.addr,
+        };
+        format!("{}@{addr}", o.ident.name)
+    };
     let seeds: Vec<Vec<String>> = nodes
         .iter()
         .map(|me| {
@@ -458,7 +477,7 @@ fn assign_seeds(nodes: &mut [NodePlan]) {
                     o.ident.site == me.ident.site
                         || (me.ident.role == Role::Gateway && o.ident.role == Role::Gateway)
                 })
-                .map(seed)
+                .map(|o| seed(me, o))
                 .collect()
         })
         .collect();

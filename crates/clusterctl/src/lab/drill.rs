@@ -1673,7 +1673,7 @@ fn dns_drift(ctx: &Ctx, state: &LabState, held: Duration, v: &mut Verdict) -> an
         .context("a gateway in the first site")?;
     let seed_addr = ns
         .node(&seed)
-        .and_then(|n| n.wan_addr)
+        .map(|n| n.site_addr)
         .context("the gateway's address")?;
     let wrong_addr = ns
         .node(&wrong)

@@ -12,10 +12,10 @@
 //!   the node's control API binds there, and the node's nftables table accepts on it only TCP
 //!   to the control port from the root side, so the CLI works unchanged.
 //!
-//! Gateways listen on `0.0.0.0:7400` and advertise their WAN address. Remote gateways reach it
-//! over the WAN bridge; the members of its own site reach it over their site bridge through a
-//! host route (`10.77.250.G/32 dev PREFIX-site`): the gateway owns that address and answers on
-//! its site interface, so no packet of a member ever leaves its site network.
+//! Gateways listen on `0.0.0.0:7400`, advertise their site address (`advertise`, which the
+//! members of their site dial) and their WAN address (`advertise-wan`, which the gateways of
+//! other sites dial). No packet of a member ever leaves its site network, and no node needs a
+//! route it would not have on a real network.
 //!
 //! Everything is recorded in `lab.json` before it is created, so `lab down` removes exactly what
 //! was created, also after a crash, and deleting what is already gone is not an error.
@@ -239,14 +239,16 @@ pub fn netns_plan(plan: &mut LabPlan, prefix: &str, slot: u32) -> Vec<NetnsNode>
         let sock = |ip: Ipv4Addr, port| SocketAddr::V4(SocketAddrV4::new(ip, port));
         match n.wan_addr {
             Some(wan) => (
-                sock(wan, QUIC_PORT),
+                sock(n.site_addr, QUIC_PORT),
                 sock(Ipv4Addr::UNSPECIFIED, QUIC_PORT),
                 sock(n.mgmt_node, CONTROL_PORT),
+                Some(sock(wan, QUIC_PORT)),
             ),
             None => (
                 sock(n.site_addr, QUIC_PORT),
                 sock(n.site_addr, QUIC_PORT),
                 sock(n.mgmt_node, CONTROL_PORT),
+                None,
             ),
         }
     });
@@ -488,22 +490,6 @@ fn build(dir: &Path, state: &mut LabState) -> anyhow::Result<()> {
                 &wan_if,
             ])?;
             ip(&["-n", &n.netns, "link", "set", &wan_if, "up"])?;
-        } else {
-            // A member reaches the WAN address of each gateway of its own site over its site
-            // network (the gateway answers for it there); nothing else outside its site.
-            for g in ns.nodes.iter().filter(|g| g.site == n.site) {
-                if let Some(wan) = g.wan_addr {
-                    ip(&[
-                        "-n",
-                        &n.netns,
-                        "route",
-                        "add",
-                        &format!("{wan}/32"),
-                        "dev",
-                        &site_if,
-                    ])?;
-                }
-            }
         }
         // Management veth: root end here, node end in the node.
         {
@@ -722,22 +708,35 @@ mod tests {
         let nodes = netns_plan(&mut plan, "cc00ff", 3);
         let gw = &plan.nodes[0];
         assert_eq!(gw.ident.name.as_str(), "gw-us-1");
-        assert_eq!(gw.addr, "10.77.250.1:7400".parse().unwrap());
+        assert_eq!(gw.addr, "10.77.1.1:7400".parse().unwrap());
+        assert_eq!(gw.wan, Some("10.77.250.1:7400".parse().unwrap()));
         assert_eq!(gw.listen, "0.0.0.0:7400".parse().unwrap());
         assert_eq!(gw.control, "10.254.12.2:7401".parse().unwrap());
         let eu_gw2 = &plan.nodes[5];
         assert_eq!(eu_gw2.ident.name.as_str(), "gw-eu-2");
-        assert_eq!(eu_gw2.addr, "10.77.250.4:7400".parse().unwrap());
+        assert_eq!(eu_gw2.wan, Some("10.77.250.4:7400".parse().unwrap()));
         let edge = &plan.nodes[2];
         assert_eq!(edge.ident.name.as_str(), "edge-us-1");
         assert_eq!(edge.addr, "10.77.1.3:7400".parse().unwrap());
         assert_eq!(edge.listen, edge.addr);
+        assert_eq!(edge.wan, None);
         assert_eq!(
             edge.seeds,
             [
-                "gw-us-1@10.77.250.1:7400",
-                "gw-us-2@10.77.250.2:7400",
+                "gw-us-1@10.77.1.1:7400",
+                "gw-us-2@10.77.1.2:7400",
                 "edge-us-2@10.77.1.4:7400"
+            ]
+        );
+        // Gateways seed each other at their WAN addresses, and their own site at site addresses.
+        assert_eq!(
+            gw.seeds,
+            [
+                "gw-us-2@10.77.1.2:7400",
+                "edge-us-1@10.77.1.3:7400",
+                "edge-us-2@10.77.1.4:7400",
+                "gw-eu-1@10.77.250.3:7400",
+                "gw-eu-2@10.77.250.4:7400"
             ]
         );
         assert_eq!(nodes[2].site_addr, Ipv4Addr::new(10, 77, 1, 3));
@@ -746,7 +745,9 @@ mod tests {
         assert_eq!(nodes[2].mgmt_link, "cc00ffm2");
         assert_eq!(nodes[2].mgmt_root, Ipv4Addr::new(10, 254, 12, 9));
         let text = plan.config_toml(gw);
-        assert!(text.contains("listen = \"0.0.0.0:7400\"\nadvertise = \"10.77.250.1:7400\"\n"));
+        assert!(text.contains(
+            "listen = \"0.0.0.0:7400\"\nadvertise = \"10.77.1.1:7400\"\nadvertise-wan = \"10.77.250.1:7400\"\n"
+        ));
         assert!(!plan.config_toml(edge).contains("advertise"));
     }
 
