@@ -61,18 +61,13 @@ pub struct MembershipArgs {
     membership_addr_prefix: String,
 }
 
-/// The membership rows for the bench's own lab in `dir`, then for the lab of
-/// `--membership-sites` if asked.
-pub(crate) fn measure_all(
-    a: &MembershipArgs,
-    exe: &Path,
-    dir: &Path,
-) -> anyhow::Result<Vec<Stats>> {
-    let mut rows = measure(a, dir)?;
-    if let Some(sites) = &a.membership_sites {
-        rows.extend(measure_own_lab(a, exe, sites)?);
+/// With `--membership-sites`: the rows of a second lab of that shape, which this starts in a
+/// temporary directory and stops (also on error).
+pub(crate) fn second_lab(a: &MembershipArgs, exe: &Path) -> anyhow::Result<Option<Vec<Stats>>> {
+    match &a.membership_sites {
+        Some(sites) => measure_own_lab(a, exe, sites).map(Some),
+        None => Ok(None),
     }
-    Ok(rows)
 }
 
 /// Starts a lab of `sites` in a temporary directory, measures it and stops it (also on error).
@@ -115,7 +110,7 @@ fn load(dir: &Path) -> anyhow::Result<LabState> {
 }
 
 /// Every membership row for the running lab in `dir`.
-fn measure(a: &MembershipArgs, dir: &Path) -> anyhow::Result<Vec<Stats>> {
+pub(crate) fn measure(a: &MembershipArgs, dir: &Path) -> anyhow::Result<Vec<Stats>> {
     let state = load(dir)?;
     let n = state.nodes.len();
     let of = format!("{n} agents");

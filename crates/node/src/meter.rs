@@ -5,6 +5,10 @@
 //! while the agent runs. Bytes are UDP payload (QUIC packets, TLS handshake included); IP and
 //! UDP headers are not counted (add 28 bytes per datagram for IPv4). Connections that failed
 //! before the hello (TLS refused, timed out) are not counted.
+//!
+//! The task that waits for a tracked connection to close holds a handle to it, so such a
+//! connection does not close when the agent drops its own handles: the agent closes every
+//! connection explicitly (refusals, duplicates, `Output::Close`, shutdown), which this relies on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
