@@ -216,19 +216,23 @@ fn idle_window(nodes: &[LabNode], window: Duration, of: &str) -> anyhow::Result<
         }
     }
     let w = window.as_secs();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (mu, mi, mc) = (mean(&udp), mean(&ip), mean(&cpu));
     Ok(vec![
         Stats {
-            name: format!("idle traffic sent per node, UDP payload ({of}, {w} s), bytes/s"),
+            name: format!(
+                "idle traffic sent per node, UDP payload ({of}, {w} s; mean {mu:.0}), bytes/s"
+            ),
             samples: udp,
         },
         Stats {
             name: format!(
-                "idle traffic sent per node, IP level (+{IP_UDP_HEADER} B/datagram; {of}, {w} s), bytes/s"
+                "idle traffic sent per node, IP level (+{IP_UDP_HEADER} B/datagram; {of}, {w} s; mean {mi:.0}), bytes/s"
             ),
             samples: ip,
         },
         Stats {
-            name: format!("idle CPU per agent ({of}, {w} s), % of one core"),
+            name: format!("idle CPU per agent ({of}, {w} s; mean {mc:.2}), % of one core"),
             samples: cpu,
         },
     ])
