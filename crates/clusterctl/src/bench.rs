@@ -4,7 +4,11 @@
 //! - `lab up` until converged (whole command: certificates, agents, convergence);
 //! - whole-command time of `topology`, `topology --probe` and `members` (process start to exit);
 //! - ping round trips inside a site and across sites (through two gateways);
-//! - agent resident memory when idle.
+//! - agent resident memory when idle;
+//! - membership figures (see [`crate::bench_membership`]): links per node, idle traffic sent per
+//!   node (UDP payload and IP level) and idle CPU per agent over `--idle-window-secs`, failure
+//!   detection after `kill -9`, join convergence and false suspicions over `--kills` runs, and
+//!   the same on a second lab of `--membership-sites` when given.
 //!
 //! Figures are meant for BENCHMARKS.md; run the release build (`cargo run --release -- bench`).
 
@@ -30,11 +34,14 @@ pub struct Args {
     /// Seconds the agents idle before memory is read.
     #[arg(long, default_value_t = 5)]
     idle_secs: u64,
+    #[command(flatten)]
+    membership: crate::bench_membership::MembershipArgs,
 }
 
-struct Stats {
-    name: String,
-    samples: Vec<f64>,
+/// One row of the table: its name (with the unit) and its samples.
+pub(crate) struct Stats {
+    pub(crate) name: String,
+    pub(crate) samples: Vec<f64>,
 }
 
 impl Stats {
@@ -98,7 +105,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .status();
     let _ = std::fs::remove_dir_all(&tmp);
     let table = result?;
-    crate::out(table);
+    crate::out(table.trim_end());
+    // The second lab runs once the first is down, so the two never share the CPU; its rows
+    // continue the same table.
+    if let Some(rows) = crate::bench_membership::second_lab(&a.membership, &exe)? {
+        crate::out(rows.iter().map(Stats::row).collect::<Vec<_>>().join("\n"));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -193,6 +205,7 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
         ),
         samples: rss,
     });
+    rows.extend(crate::bench_membership::measure(&a.membership, dir)?);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

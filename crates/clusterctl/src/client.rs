@@ -115,6 +115,23 @@ impl Client {
         self.decode(path, answer)
     }
 
+    /// `GET path` and return the answer as text (for `/metrics`).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let mut response = self.check(path, self.agent.get(self.url(path)).call())?;
+        response
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_string()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => anyhow!(
+                    "the answer of the agent at {} to {path} is larger than {MAX_BODY} bytes",
+                    self.addr
+                ),
+                other => self.transport_error(other),
+            })
+    }
+
     /// `POST path` with a JSON body and decode the JSON answer.
     pub fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,

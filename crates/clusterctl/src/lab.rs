@@ -810,6 +810,40 @@ fn spawn_agent(
     Ok((child, record))
 }
 
+/// Starts the agent of lab node `name` again, as `up` started it (same config, same log, same
+/// network namespace), once its previous agent has stopped; records the new process in
+/// `DIR/lab.json` so that `down` stops it. The caller reaps the returned child.
+pub(crate) fn start_again(dir: &Path, name: &str) -> anyhow::Result<Child> {
+    let mut state = LabState::load(dir)?
+        .ok_or_else(|| anyhow!("no lab in {}: run `clusterctl lab up` first", dir.display()))?;
+    let node = state
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .cloned()
+        .ok_or_else(|| anyhow!("the lab in {} has no node {name}", dir.display()))?;
+    if node.is_running() {
+        bail!(
+            "the agent of {name} (pid {}) still runs: stop it before starting it again",
+            node.pid
+        );
+    }
+    let exe = std::env::current_exe().context("cannot find the clusterctl executable")?;
+    let nd = node
+        .config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join("nodes").join(name));
+    let netns = state.netns.as_ref().map(|s| s.node_netns(name));
+    let (pid, pid_start, child) = spawn_process(&exe, &nd, &node.config, netns.as_deref())?;
+    if let Some(rec) = state.nodes.iter_mut().find(|r| r.name == name) {
+        rec.pid = pid;
+        rec.pid_start = pid_start;
+    }
+    state.save(dir)?;
+    Ok(child)
+}
+
 /// Runs `clusterctl agent --config CONFIG` (through `ip netns exec NS` when `netns` is given,
 /// which execs into the agent, so the pid is the agent's) with its output appended to
 /// `NODE_DIR/agent.log`, in its own process group. Returns the pid and its start time.
@@ -1145,7 +1179,7 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// Sends `SIG` to `pid` with kill(1); a process that is already gone is not an error.
-fn signal(sig: &str, pid: u32) {
+pub(crate) fn signal(sig: &str, pid: u32) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

@@ -9,6 +9,7 @@
 
 mod agent;
 mod bench;
+mod bench_membership;
 mod certs;
 mod client;
 mod events;
@@ -74,6 +75,17 @@ enum Cmd {
     /// Remove a node that is gone for good (writes a tombstone).
     Forget(forget::Args),
     /// Measure a lab on this machine and print a Markdown table (BENCHMARKS.md).
+    ///
+    /// Rows (each names its unit; samples are runs, pings or agents): `lab up` to converged;
+    /// whole-command times of `topology`, `topology --probe` and `members`; ping round trips
+    /// inside a site and across sites; agent resident memory at idle; links up per node beside a
+    /// full mesh (N-1); bytes sent per node per second at idle over --idle-window-secs, as UDP
+    /// payload and at IP level (+28 bytes of IPv4/UDP header per datagram); CPU per agent at idle
+    /// (% of one core, utime+stime); over --kills runs of `kill -9` of a member: ms until a member
+    /// of its site shows it `dead`, ms until a member of another site shows it `dead` or
+    /// `unreachable`, ms from its restart until every node shows it `alive`, and false
+    /// suspicions (suspect/dead events about live nodes). With --membership-sites, the membership
+    /// rows again on a second lab of that shape.
     Bench(bench::Args),
     /// Re-read a node's certificate, key and CA bundle without a restart.
     Reload(reload::Args),

@@ -704,3 +704,63 @@ fn graceful_leave_is_never_reported_as_dead() {
         pretty(&events)
     );
 }
+
+/// The wire counters of `/metrics` on `node`: tx bytes, tx datagrams, rx bytes, rx datagrams.
+fn wire_counters(lab: &Lab, node: &str) -> Result<[u64; 4], String> {
+    let url = format!("http://{}/metrics", lab.node(node).control);
+    let text = ureq::get(&url)
+        .call()
+        .map_err(|e| format!("{url}: {e}"))?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{url}: {e}"))?;
+    let names = [
+        "clusterctl_wire_tx_bytes",
+        "clusterctl_wire_tx_datagrams",
+        "clusterctl_wire_rx_bytes",
+        "clusterctl_wire_rx_datagrams",
+    ];
+    let mut out = [0; 4];
+    for (slot, name) in out.iter_mut().zip(names) {
+        let help = format!("# HELP {name} ");
+        if !text.lines().any(|l| l.starts_with(&help)) {
+            return Err(format!("no help line for {name} in\n{text}"));
+        }
+        *slot = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("no sample of {name} in\n{text}"))?;
+    }
+    Ok(out)
+}
+
+#[test]
+fn metrics_wire_counters_grow_while_links_are_up() {
+    let lab = converged_lab();
+    for node in ALL_NODES {
+        let first = wire_counters(&lab, node).unwrap_or_else(|e| panic!("{node}: {e}"));
+        // Links are up: handshakes and hellos have crossed every one of them.
+        assert!(
+            first.iter().all(|v| *v > 0),
+            "{node}: wire counters {first:?} with its links up"
+        );
+        assert!(
+            first[0] >= first[1] && first[2] >= first[3],
+            "{node}: fewer bytes than datagrams in {first:?}"
+        );
+        // The failure detector and the table keep talking at idle: every counter moves on.
+        lab.wait_for(
+            &format!("{node}'s wire counters to grow past {first:?}"),
+            DEFAULT_WAIT,
+            || {
+                let now = wire_counters(&lab, node)?;
+                if now.iter().zip(&first).all(|(n, f)| n > f) {
+                    Ok(())
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            },
+        );
+    }
+}

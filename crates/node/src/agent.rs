@@ -391,6 +391,7 @@ pub async fn run_bound(
         events,
         persist_tx,
         fatal: None,
+        meter: Arc::default(),
     };
     owner.drain(&mut engine);
     let result = owner.run(&mut engine, net_rx, cmd_rx, shutdown).await;
@@ -425,6 +426,8 @@ struct Owner {
     events: Arc<EventLog>,
     persist_tx: watch::Sender<Option<Vec<NodeRecord>>>,
     fatal: Option<String>,
+    /// UDP traffic of the connections, for `/metrics`.
+    meter: Arc<crate::meter::WireMeter>,
 }
 
 impl Owner {
@@ -624,6 +627,7 @@ impl Owner {
                 binding,
                 reply,
             } => {
+                self.meter.track(&conn);
                 let cert_ref = cert.as_ref().map(|c| (&c.cluster, &c.ident));
                 let cert_ref = match self.security {
                     Security::Mutual(_) => cert_ref,
@@ -664,6 +668,7 @@ impl Owner {
                 cert,
                 binding,
             } => {
+                self.meter.track(&conn);
                 let cert_ref = match self.security {
                     Security::Mutual(_) => cert.as_ref().map(|c| (&c.cluster, &c.ident)),
                     Security::Insecure { .. } => None,
@@ -818,6 +823,7 @@ impl Owner {
                     table_records: engine.table().len() as u64,
                     clock: engine.clock(),
                     health_score: u64::from(engine.health_score()),
+                    wire: self.meter.totals(),
                 });
             }
         }

@@ -88,6 +88,8 @@ pub struct MetricsSnapshot {
     pub table_records: u64,
     pub clock: u64,
     pub health_score: u64,
+    /// UDP traffic of this node's connections (see [`crate::meter`]).
+    pub wire: crate::meter::WireTotals,
 }
 
 /// What never changes while the agent runs.
@@ -496,6 +498,27 @@ async fn metrics(State(ctx): State<Ctx>) -> ApiResult<Response> {
         "local_health",
         "Local health score (0 = healthy)",
         m.health_score,
+    );
+    let w = &m.wire;
+    add(
+        "wire_tx_bytes",
+        "UDP payload bytes sent on this node's QUIC connections (no IP/UDP headers)",
+        w.tx_bytes,
+    );
+    add(
+        "wire_tx_datagrams",
+        "UDP datagrams sent on this node's QUIC connections",
+        w.tx_datagrams,
+    );
+    add(
+        "wire_rx_bytes",
+        "UDP payload bytes received on this node's QUIC connections (no IP/UDP headers)",
+        w.rx_bytes,
+    );
+    add(
+        "wire_rx_datagrams",
+        "UDP datagrams received on this node's QUIC connections",
+        w.rx_datagrams,
     );
     let mut out = String::new();
     encode(&mut out, &reg).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod keyring;
+pub mod meter;
 pub mod persist;
 pub mod pki;
 pub mod tls;
