@@ -39,6 +39,7 @@ use clusterctl_api::{
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Most outstanding echo probes.
@@ -408,6 +409,9 @@ pub struct Engine {
     outbox: VecDeque<Output>,
     next_tick: Time,
     next_sync: Time,
+    /// Earliest time this node starts another full digest exchange (one per sync period, so a
+    /// cold start with a hundred links coming up does not move the table a hundred times).
+    next_full_sync: Time,
     last_rtt_refresh: Time,
     statuses: BTreeMap<NodeName, NodeStatus>,
     /// Rises whenever a link is added, goes up or down, or is removed.
@@ -550,6 +554,7 @@ impl Engine {
             outbox: VecDeque::new(),
             next_tick: now,
             next_sync: now,
+            next_full_sync: now,
             last_rtt_refresh: now,
             statuses: BTreeMap::new(),
             links_generation: 0,
@@ -736,10 +741,9 @@ impl Engine {
             let up: Vec<NodeName> = self.linked_peers();
             if !up.is_empty() {
                 let i = self.rng.random_range(0..up.len());
-                let digest = self.table.digest();
                 self.push(Output::Send {
                     to: up[i].clone(),
-                    frame: Frame::Digest(digest, true),
+                    frame: Frame::Summary(self.table.summary()),
                 });
             }
         }
@@ -1250,11 +1254,22 @@ impl Engine {
             self.table.merge(rec);
         }
         self.refresh_own(now, false);
-        let digest = self.table.digest();
-        self.push(Output::Send {
-            to: peer.clone(),
-            frame: Frame::Digest(digest, true),
-        });
+        // The new peer gets our record as it stands now (it may not have it, and no other
+        // sync runs on this link); every peer gets the next version at the next tick.
+        if let Some(own) = self.table.get_shared(self.cfg.me.name.as_str()) {
+            self.push(Output::Send {
+                to: peer.clone(),
+                frame: Frame::Records(vec![own.clone()]),
+            });
+        }
+        // The first link (or the first in a sync period) syncs the whole table; the others
+        // only compare summaries, and a difference waits for the next period.
+        if !self.start_full_sync(now, &peer) {
+            self.push(Output::Send {
+                to: peer.clone(),
+                frame: Frame::Summary(self.table.summary()),
+            });
+        }
         self.announce(now, &peer, kind);
         self.drain_rings(now);
     }
@@ -1317,6 +1332,11 @@ impl Engine {
         self.counters.frames_in += 1;
         match frame {
             Frame::Records(rs) => self.merge_records(now, from, kind, rs),
+            Frame::Summary(theirs) => {
+                if theirs != self.table.summary() {
+                    self.start_full_sync(now, from);
+                }
+            }
             Frame::Digest(d, want_reply) => {
                 let newer = self.table.newer_than(&d);
                 for chunk in newer.chunks(MAX_RECORDS_PER_FRAME) {
@@ -1346,6 +1366,21 @@ impl Engine {
         self.drain_rings(now);
     }
 
+    /// Sends our full digest to `peer` (who answers with what we lack and, if it is behind, its
+    /// own digest), unless a full exchange already started this sync period. Returns whether
+    /// it sent.
+    fn start_full_sync(&mut self, now: Time, peer: &NodeName) -> bool {
+        if now < self.next_full_sync {
+            return false;
+        }
+        self.next_full_sync = now + self.cfg.timing.sync_every;
+        self.push(Output::Send {
+            to: peer.clone(),
+            frame: Frame::Digest(self.table.digest(), true),
+        });
+        true
+    }
+
     /// A datagram arrived on the link to `from`.
     pub fn handle_datagram(&mut self, now: Time, from: &NodeName, bytes: &[u8]) {
         let Some(kind) = self.links.get(from).filter(|l| l.up).map(|l| l.kind) else {
@@ -1366,7 +1401,13 @@ impl Engine {
         self.drain_rings(now);
     }
 
-    fn merge_records(&mut self, now: Time, from: &NodeName, kind: LinkKind, rs: Vec<NodeRecord>) {
+    fn merge_records(
+        &mut self,
+        now: Time,
+        from: &NodeName,
+        kind: LinkKind,
+        rs: Vec<Arc<NodeRecord>>,
+    ) {
         let mut changed = Vec::new();
         for r in rs {
             if r.name == self.cfg.me.name {
@@ -1417,7 +1458,7 @@ impl Engine {
         }
     }
 
-    fn handle_own_record(&mut self, now: Time, r: NodeRecord) {
+    fn handle_own_record(&mut self, now: Time, r: Arc<NodeRecord>) {
         let mine = self.clock();
         if r.clock < mine {
             return;
@@ -1534,7 +1575,10 @@ impl Engine {
             return;
         }
         self.own_unsent = false;
-        let own = self.own();
+        let own = match self.table.get_shared(self.cfg.me.name.as_str()) {
+            Some(r) => r.clone(),
+            None => Arc::new(self.own()),
+        };
         let targets: Vec<NodeName> = self
             .links
             .iter()
@@ -2819,7 +2863,7 @@ impl Engine {
         if r.is_tombstone() {
             return Ok(r.clock);
         }
-        let stone = NodeRecord::tombstone(&r, r.clock + 1);
+        let stone = Arc::new(NodeRecord::tombstone(&r, r.clock + 1));
         let clock = stone.clock;
         self.table.merge(stone.clone());
         self.push(Output::Persist);

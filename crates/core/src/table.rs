@@ -18,6 +18,7 @@ use crate::secret::KeyId;
 use clusterctl_api::{LinkState, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Most records a table holds (tombstones included).
 pub const MAX_RECORDS: usize = 16_384;
@@ -254,24 +255,65 @@ impl Merge {
     }
 }
 
+/// One stored record and the generation at which it was stored.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Shared: a record received once is held, forwarded and persisted without copies.
+    rec: Arc<NodeRecord>,
+    stamp: u64,
+}
+
 /// The table itself: bounded, ordered by name.
+///
+/// Records are stored behind an [`Arc`], so forwarding a record, sending it in a frame or
+/// persisting it does not copy it (and a simulator that hands frames over in memory holds one
+/// copy of each version for all of its nodes).
 #[derive(Debug, Clone, Default)]
 pub struct NodeTable {
-    records: BTreeMap<NodeName, NodeRecord>,
+    records: BTreeMap<NodeName, Entry>,
     /// Names of the records with the gateway role, by site (tombstones included): reading a
     /// site's gateway views must not scan the whole table.
     gateways: BTreeMap<SiteName, BTreeSet<NodeName>>,
     /// Rises on every change of the table.
     generation: u64,
-    /// The generation at which each record was last stored.
-    stamps: BTreeMap<NodeName, u64>,
+    /// XOR of [`entry_hash`] over every `(name, clock)`: see [`NodeTable::summary`].
+    hash: u64,
     /// Records refused because they broke a bound or the table was full.
     pub refused: u64,
 }
 
+/// What a table holds, in 12 bytes: the number of records and a 64-bit hash of every
+/// `(name, clock)` pair. Two tables with equal summaries hold the same versions (up to a hash
+/// collision, which only delays a repair until a record changes again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Summary {
+    pub records: u32,
+    pub hash: u64,
+}
+
+/// The hash of one `(name, clock)` pair: FNV-1a over the name, then the clock, finished with
+/// the splitmix64 mixer. Fixed here (not `std`'s hasher) because peers of different builds
+/// compare it.
+pub fn entry_hash(name: &str, clock: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(clock.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 impl PartialEq for NodeTable {
     fn eq(&self, other: &Self) -> bool {
-        self.records == other.records && self.refused == other.refused
+        self.records.len() == other.records.len()
+            && self
+                .records
+                .values()
+                .zip(other.records.values())
+                .all(|(a, b)| a.rec == b.rec)
+            && self.refused == other.refused
     }
 }
 
@@ -282,7 +324,7 @@ impl NodeTable {
     }
 
     /// Builds a table from restored records (invalid ones are dropped and counted).
-    pub fn from_records(records: impl IntoIterator<Item = NodeRecord>) -> Self {
+    pub fn from_records<R: Into<Arc<NodeRecord>>>(records: impl IntoIterator<Item = R>) -> Self {
         let mut t = NodeTable::new();
         for r in records {
             t.merge(r);
@@ -290,15 +332,16 @@ impl NodeTable {
         t
     }
 
-    /// Merges one record by the clock rule.
-    pub fn merge(&mut self, rec: NodeRecord) -> Merge {
+    /// Merges one record by the clock rule (an owned record or a shared one).
+    pub fn merge(&mut self, rec: impl Into<Arc<NodeRecord>>) -> Merge {
+        let rec = rec.into();
         if rec.validate().is_err() {
             self.refused += 1;
             return Merge::Invalid;
         }
         match self.records.get(&rec.name) {
             Some(cur) => {
-                if rec.supersedes(cur) {
+                if rec.supersedes(&cur.rec) {
                     self.insert(rec);
                     Merge::Replaced
                 } else {
@@ -316,19 +359,24 @@ impl NodeTable {
         }
     }
 
-    /// Stores a record, keeping the gateway index and the generation up to date.
-    fn insert(&mut self, rec: NodeRecord) {
+    /// Stores a record, keeping the gateway index, the generation and the hash up to date.
+    fn insert(&mut self, rec: Arc<NodeRecord>) {
         self.generation += 1;
-        self.stamps.insert(rec.name.clone(), self.generation);
+        self.hash ^= entry_hash(rec.name.as_str(), rec.clock);
         if rec.role == Role::Gateway {
             self.gateways
                 .entry(rec.site.clone())
                 .or_default()
                 .insert(rec.name.clone());
         }
-        if let Some(old) = self.records.insert(rec.name.clone(), rec) {
-            let new = &self.records[&old.name];
-            if old.role == Role::Gateway && (new.role != Role::Gateway || new.site != old.site) {
+        let entry = Entry {
+            rec: rec.clone(),
+            stamp: self.generation,
+        };
+        if let Some(old) = self.records.insert(rec.name.clone(), entry) {
+            let old = old.rec;
+            self.hash ^= entry_hash(old.name.as_str(), old.clock);
+            if old.role == Role::Gateway && (rec.role != Role::Gateway || rec.site != old.site) {
                 if let Some(set) = self.gateways.get_mut(&old.site) {
                     set.remove(&old.name);
                     if set.is_empty() {
@@ -346,12 +394,11 @@ impl NodeTable {
 
     /// Records stored after generation `generation`, in name order (what an incremental
     /// snapshot must write).
-    pub fn changed_since(&self, generation: u64) -> impl Iterator<Item = &NodeRecord> {
+    pub fn changed_since(&self, generation: u64) -> impl Iterator<Item = &Arc<NodeRecord>> {
         self.records
             .values()
-            .zip(self.stamps.values())
-            .filter(move |(_, g)| **g > generation)
-            .map(|(r, _)| r)
+            .filter(move |e| e.stamp > generation)
+            .map(|e| &e.rec)
     }
 
     /// Records with the gateway role in `site` (tombstones included), in name order.
@@ -360,7 +407,7 @@ impl NodeTable {
             .get(site)
             .into_iter()
             .flatten()
-            .filter_map(|n| self.records.get(n))
+            .filter_map(|n| self.get(n.as_str()))
     }
 
     /// Sets a record unconditionally (the owner writing its own record, which it has already
@@ -369,27 +416,32 @@ impl NodeTable {
         debug_assert!(self
             .records
             .get(&rec.name)
-            .is_none_or(|cur| rec.clock >= cur.clock));
+            .is_none_or(|cur| rec.clock >= cur.rec.clock));
         if !self.records.contains_key(&rec.name) && self.records.len() >= MAX_RECORDS {
             return false;
         }
-        self.insert(rec);
+        self.insert(Arc::new(rec));
         true
     }
 
     /// One record.
     pub fn get(&self, name: &str) -> Option<&NodeRecord> {
-        self.records.get(name)
+        self.records.get(name).map(|e| &*e.rec)
+    }
+
+    /// One record, shared (to send or forward it without a copy).
+    pub fn get_shared(&self, name: &str) -> Option<&Arc<NodeRecord>> {
+        self.records.get(name).map(|e| &e.rec)
     }
 
     /// Every record in name order.
     pub fn iter(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.records.values()
+        self.records.values().map(|e| &*e.rec)
     }
 
     /// Live records (not tombstones) in name order.
     pub fn live(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.records.values().filter(|r| !r.is_tombstone())
+        self.iter().filter(|r| !r.is_tombstone())
     }
 
     /// Number of records, tombstones included.
@@ -402,21 +454,28 @@ impl NodeTable {
         self.records.is_empty()
     }
 
+    /// The number of records and the hash of every `(name, clock)`: what a peer compares with
+    /// its own before asking for the full [`NodeTable::digest`]. Kept up to date on every
+    /// change, so reading it costs nothing.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            records: u32::try_from(self.records.len()).unwrap_or(u32::MAX),
+            hash: self.hash,
+        }
+    }
+
     /// `(name, clock)` of every record: what anti-entropy compares.
     pub fn digest(&self) -> Vec<(NodeName, u64)> {
-        self.records
-            .values()
-            .map(|r| (r.name.clone(), r.clock))
-            .collect()
+        self.iter().map(|r| (r.name.clone(), r.clock)).collect()
     }
 
     /// Records that are newer here than in `digest`, or absent from it.
-    pub fn newer_than(&self, digest: &[(NodeName, u64)]) -> Vec<NodeRecord> {
+    pub fn newer_than(&self, digest: &[(NodeName, u64)]) -> Vec<Arc<NodeRecord>> {
         let theirs: BTreeMap<&NodeName, u64> = digest.iter().map(|(n, c)| (n, *c)).collect();
         self.records
             .values()
-            .filter(|r| theirs.get(&r.name).is_none_or(|c| r.clock > *c))
-            .cloned()
+            .filter(|e| theirs.get(&e.rec.name).is_none_or(|c| e.rec.clock > *c))
+            .map(|e| e.rec.clone())
             .collect()
     }
 
@@ -424,12 +483,12 @@ impl NodeTable {
     pub fn behind(&self, digest: &[(NodeName, u64)]) -> bool {
         digest
             .iter()
-            .any(|(n, c)| self.records.get(n).is_none_or(|r| *c > r.clock))
+            .any(|(n, c)| self.get(n.as_str()).is_none_or(|r| *c > r.clock))
     }
 
     /// Highest clock in the table (used to place tombstones above everything seen).
     pub fn max_clock(&self) -> u64 {
-        self.records.values().map(|r| r.clock).max().unwrap_or(0)
+        self.iter().map(|r| r.clock).max().unwrap_or(0)
     }
 }
 
@@ -549,6 +608,40 @@ pub(crate) mod tests {
         assert_eq!(a.digest(), b.digest());
     }
 
+    #[test]
+    fn summary_follows_every_change_and_matches_equal_tables() {
+        let mut a = NodeTable::new();
+        let mut b = NodeTable::new();
+        assert_eq!(a.summary(), b.summary());
+        a.merge(rec("x", "s", 1));
+        assert_ne!(a.summary(), b.summary());
+        b.merge(rec("x", "s", 1));
+        assert_eq!(a.summary(), b.summary());
+        // A newer version changes it; the same version again does not.
+        a.merge(rec("x", "s", 2));
+        let after = a.summary();
+        assert_ne!(after, b.summary());
+        a.merge(rec("x", "s", 2));
+        assert_eq!(a.summary(), after);
+        b.merge(rec("x", "s", 2));
+        assert_eq!(a.summary(), b.summary());
+        // Same clocks under other names differ.
+        let mut c = NodeTable::new();
+        c.merge(rec("y", "s", 2));
+        assert_ne!(c.summary(), b.summary());
+        assert_eq!(c.summary().records, b.summary().records);
+    }
+
+    #[test]
+    fn entry_hash_is_fixed() {
+        // Peers of different builds compare summaries: the hash must never change.
+        assert_eq!(entry_hash("", 0), entry_hash("", 0));
+        assert_ne!(entry_hash("a", 1), entry_hash("a", 2));
+        assert_ne!(entry_hash("a", 1), entry_hash("b", 1));
+        // FNV-1a of "node-a" and 7u64 (little-endian), splitmix64-finished: computed apart.
+        assert_eq!(entry_hash("node-a", 7), 0xeb84_6ee7_e926_3821_u64);
+    }
+
     fn arb_record() -> impl Strategy<Value = NodeRecord> {
         (0u8..6, 0u64..6, 0u8..3, 0u8..4).prop_map(|(n, clock, st, addr)| {
             let mut r = rec(&format!("n{n}"), "s", clock);
@@ -576,7 +669,8 @@ pub(crate) mod tests {
             }
             let mut b = NodeTable::new();
             for r in recs.iter().chain(recs.iter()) { b.merge(r.clone()); }
-            prop_assert_eq!(a.records, b.records);
+            prop_assert!(a == b);
+            prop_assert_eq!(a.summary(), b.summary());
         }
 
         /// A clock never goes down for any name.

@@ -11,9 +11,10 @@
 
 use crate::name::{ClusterName, Ident, NodeName};
 use crate::secret::SecretProof;
-use crate::table::{NodeRecord, RecordError};
+use crate::table::{NodeRecord, RecordError, Summary};
 use clusterctl_api::{PingFailure, PingReport, ProbeResult};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Version byte in front of every frame and datagram.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -187,8 +188,9 @@ pub struct Envelope {
 /// Frames on unidirectional streams, after the handshake.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
-    /// Node-table records (pushes and answers to digests).
-    Records(Vec<NodeRecord>),
+    /// Node-table records (pushes and answers to digests). Shared: the same record goes to
+    /// many peers without a copy; on the wire it is the record itself.
+    Records(#[serde(with = "shared_records")] Vec<Arc<NodeRecord>>),
     /// `(name, clock)` of every record the sender holds: anti-entropy. The receiver answers with
     /// the records it holds newer, and, when the flag is set and it is behind, with its own digest.
     Digest(Vec<(NodeName, u64)>, bool),
@@ -196,6 +198,28 @@ pub enum Frame {
     Routed(Envelope),
     /// The sender is leaving the cluster gracefully.
     Leaving,
+    /// The sender's table in 12 bytes (record count and a hash of every `(name, clock)`): the
+    /// periodic anti-entropy round. A receiver whose own summary differs starts a digest
+    /// exchange with the sender ([`Frame::Digest`] with the flag set), at most one per sync
+    /// period; equal summaries cost nothing more.
+    Summary(Summary),
+}
+
+/// `Vec<Arc<NodeRecord>>` on the wire is a sequence of records.
+mod shared_records {
+    use super::{Arc, NodeRecord};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(rs: &[Arc<NodeRecord>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(rs.iter().map(|r| &**r))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Arc<NodeRecord>>, D::Error> {
+        Ok(Vec::<NodeRecord>::deserialize(d)?
+            .into_iter()
+            .map(Arc::new)
+            .collect())
+    }
 }
 
 /// Failure-detector rings.
@@ -262,6 +286,12 @@ impl Frame {
         encode_versioned(self)
     }
 
+    /// The length of [`Frame::encode`]'s output, without building it.
+    pub fn encoded_len(&self) -> usize {
+        1 + postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+            .unwrap_or(0)
+    }
+
     /// Decodes and validates a frame (at most [`MAX_FRAME`] bytes).
     pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
         let f: Frame = decode_versioned(bytes, MAX_FRAME)?;
@@ -301,7 +331,7 @@ impl Frame {
                     ));
                 }
             }
-            Frame::Leaving => {}
+            Frame::Leaving | Frame::Summary(_) => {}
         }
         Ok(f)
     }
@@ -361,7 +391,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let f = Frame::Records(vec![rec("a", "s", 1)]);
+        let f = Frame::Records(vec![Arc::new(rec("a", "s", 1))]);
         assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         let e = Frame::Routed(Envelope {
             id: 7,
@@ -372,6 +402,30 @@ mod tests {
             body: Body::EchoRequest { seq: 1 },
         });
         assert_eq!(Frame::decode(&e.encode()).unwrap(), e);
+        let s = Frame::Summary(Summary {
+            records: 1000,
+            hash: u64::MAX,
+        });
+        assert_eq!(Frame::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn encoded_len_matches_encode() {
+        let frames = [
+            Frame::Records(vec![
+                Arc::new(rec("a", "s", 1)),
+                Arc::new(rec("bb", "s", 300)),
+            ]),
+            Frame::Digest(vec![(NodeName::new("a").unwrap(), 70_000)], true),
+            Frame::Summary(Summary {
+                records: 3,
+                hash: 12_345,
+            }),
+            Frame::Leaving,
+        ];
+        for f in frames {
+            assert_eq!(f.encoded_len(), f.encode().len(), "{f:?}");
+        }
     }
 
     #[test]
@@ -388,7 +442,7 @@ mod tests {
     fn invalid_names_inside_frames_are_refused() {
         let mut r = rec("a", "s", 1);
         r.addr = "x".repeat(crate::table::MAX_ADDR_LEN + 1);
-        let bytes = Frame::Records(vec![r]).encode();
+        let bytes = Frame::Records(vec![Arc::new(r)]).encode();
         assert!(matches!(Frame::decode(&bytes), Err(WireError::Record(_))));
     }
 
@@ -416,7 +470,7 @@ mod tests {
 
         #[test]
         fn truncated_frames_never_panic(cut in 0usize..200) {
-            let f = Frame::Records(vec![rec("node-a", "site-a", 42), rec("node-b", "site-a", 43)]);
+            let f = Frame::Records(vec![Arc::new(rec("node-a", "site-a", 42)), Arc::new(rec("node-b", "site-a", 43))]);
             let b = f.encode();
             let _ = Frame::decode(&b[..cut.min(b.len())]);
         }
