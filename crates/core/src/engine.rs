@@ -67,6 +67,13 @@ pub struct Timing {
     pub dial_backoff_max: Duration,
     /// Our own record is rewritten at most this often just to refresh RTTs.
     pub rtt_refresh: Duration,
+    /// New links that come up are published in our record only once no other link has come
+    /// up for this long (at the latest four times this long after the first, or with the next
+    /// other change): a cold start, where every link comes up within a second or two, then
+    /// costs every node one or two versions of each record instead of one per tick. Links
+    /// going down, refusals and every other change are published at the next tick. Longer:
+    /// fewer versions, a topology that lags more. Default 1 s.
+    pub link_settle: Duration,
     pub site_ring: RingTiming,
     pub wan_ring: RingTiming,
     /// A failure-detector timer this late counts against local health.
@@ -82,6 +89,7 @@ impl Timing {
             dial_backoff_min: Duration::from_millis(250),
             dial_backoff_max: Duration::from_secs(5),
             rtt_refresh: Duration::from_secs(30),
+            link_settle: Duration::from_secs(1),
             site_ring: RingTiming::lan(),
             wan_ring: RingTiming::wan(),
             late_timer: Duration::from_millis(250),
@@ -429,6 +437,9 @@ pub struct Engine {
     forgotten: bool,
     /// Our record changed since it was last sent to peers.
     own_unsent: bool,
+    /// New links our record does not list yet (see [`Timing::link_settle`]): how many links
+    /// there were when the last one came up, when the first came up and when the last did.
+    links_grown: Option<(usize, Time, Time)>,
     keyring: Keyring,
     cert: Option<CertSummary>,
     /// Counters for metrics.
@@ -443,6 +454,37 @@ impl std::fmt::Debug for Engine {
             .field("links", &self.links.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `new` is `old` plus links in state `Up` (RTTs aside). Both are sorted by peer, one
+/// report per peer, as [`Engine`] writes them.
+fn only_new_up(old: &[LinkReport], new: &[LinkReport]) -> bool {
+    let same = |a: &LinkReport, b: &LinkReport| {
+        a.peer == b.peer
+            && a.state == b.state
+            && a.since_ms == b.since_ms
+            && a.secure == b.secure
+            && a.reason == b.reason
+            && a.key == b.key
+    };
+    let mut old = old.iter().peekable();
+    for n in new {
+        match old.peek() {
+            Some(o) if o.peer == n.peer => {
+                if !same(o, n) {
+                    return false;
+                }
+                old.next();
+            }
+            Some(o) if o.peer < n.peer => return false,
+            _ => {
+                if n.state != LinkState::Up {
+                    return false;
+                }
+            }
+        }
+    }
+    old.next().is_none()
 }
 
 fn short(s: &str) -> String {
@@ -568,6 +610,7 @@ impl Engine {
             leaving: false,
             forgotten: false,
             own_unsent: false,
+            links_grown: None,
             keyring: cfg_keyring,
             cert: cfg_cert,
             counters: Counters::default(),
@@ -1441,12 +1484,27 @@ impl Engine {
         }
         self.push(Output::Persist);
         // Forward: the origin pushed to all of its links; a node passes updates on only across
-        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links).
+        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links). Across the WAN, not to
+        // a gateway the sender reports a link to: the sender forwarded to it already (if that
+        // report is stale, anti-entropy repairs the miss).
+        let sender = self.table.get(from.as_str());
+        let sender_links_to = |n: &NodeName| {
+            sender.is_some_and(|r| {
+                r.links
+                    .iter()
+                    .any(|x| x.peer == *n && x.state == LinkState::Up)
+            })
+        };
         let targets: Vec<NodeName> = self
             .links
             .iter()
             .filter(|(n, l)| {
-                l.up && *n != from && !(kind == LinkKind::Site && l.kind == LinkKind::Site)
+                l.up && *n != from
+                    && match (kind, l.kind) {
+                        (LinkKind::Site, LinkKind::Site) => false,
+                        (LinkKind::Wan, LinkKind::Wan) => !sender_links_to(n),
+                        _ => true,
+                    }
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -1702,12 +1760,13 @@ impl Engine {
                 .collect()
         };
         let keys = self.keyring.ids();
-        let structural = own.keys != keys
+        let links_changed = strip(&own.links) != strip(&links);
+        let others_changed = own.keys != keys
             || own.cert != self.cert
-            || strip(&own.links) != strip(&links)
             || own.reach != reach
             || own.view != view
             || own.state != state;
+        let structural = links_changed || others_changed;
         let rtt_moved = now.saturating_sub(self.last_rtt_refresh) >= self.cfg.timing.rtt_refresh
             && self.links.values().any(|l| {
                 let a = f64::from(l.rtt_us.max(1));
@@ -1715,8 +1774,24 @@ impl Engine {
                 l.up && (a / b > 1.5 || b / a > 1.5) && l.rtt_us.abs_diff(l.reported_rtt_us) > 100
             });
         if !(structural || rtt_moved || force) {
+            self.links_grown = None;
             return;
         }
+        if links_changed && !others_changed && !rtt_moved && !force && only_new_up(&own.links, &links)
+        {
+            // Only new links: publish once they settle.
+            let (first, last) = match self.links_grown {
+                Some((n, first, last)) if n == links.len() => (first, last),
+                Some((_, first, _)) => (first, now),
+                None => (now, now),
+            };
+            self.links_grown = Some((links.len(), first, last));
+            let settle = self.cfg.timing.link_settle;
+            if now.saturating_sub(last) < settle && now.saturating_sub(first) < settle * 4 {
+                return;
+            }
+        }
+        self.links_grown = None;
         own.links = links;
         own.keys = keys;
         own.cert = self.cert.clone();
@@ -3635,6 +3710,40 @@ mod tests {
                 .any(|w| w.contains("DNS drift: seed gw-us") && w.contains("10.1.0.1:7400")),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn only_new_up_links_are_told_apart_from_other_link_changes() {
+        let link = |peer: &str, state: LinkState, rtt_us: u32| LinkReport {
+            peer: NodeName::new(peer).unwrap(),
+            state,
+            rtt_us,
+            since_ms: 5,
+            secure: true,
+            reason: None,
+            key: None,
+        };
+        let old = vec![link("b", LinkState::Up, 10), link("d", LinkState::Up, 10)];
+        let grown = vec![
+            link("a", LinkState::Up, 1),
+            link("b", LinkState::Up, 99),
+            link("c", LinkState::Up, 1),
+            link("d", LinkState::Up, 10),
+            link("e", LinkState::Up, 1),
+        ];
+        assert!(only_new_up(&old, &grown));
+        assert!(only_new_up(&[], &grown));
+        assert!(only_new_up(&old, &old));
+        // A link lost, a new link that is not up, a link whose state changed: not only growth.
+        assert!(!only_new_up(&old, &grown[..2]));
+        assert!(!only_new_up(
+            &old,
+            &[old[0].clone(), link("c", LinkState::Refused, 0), old[1].clone()]
+        ));
+        assert!(!only_new_up(
+            &old,
+            &[old[0].clone(), link("d", LinkState::Down, 10)]
+        ));
     }
 
     #[test]

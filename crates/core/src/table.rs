@@ -341,7 +341,8 @@ impl NodeTable {
         }
         match self.records.get(&rec.name) {
             Some(cur) => {
-                if rec.supersedes(&cur.rec) {
+                // The very same version (shared): nothing to compare.
+                if !Arc::ptr_eq(&rec, &cur.rec) && rec.supersedes(&cur.rec) {
                     self.insert(rec);
                     Merge::Replaced
                 } else {

@@ -64,6 +64,8 @@ pub struct Figures {
     pub converge: Option<Duration>,
     /// Frame bytes all nodes sent from the start until converged.
     pub converge_frame_bytes: u64,
+    /// The same by kind of frame ([`crate::frame_kind`]): frames and bytes.
+    pub converge_frame_kinds: Vec<(&'static str, u64, u64)>,
     /// Virtual time from the joining node's start until every running node sees it alive.
     pub join: Option<Duration>,
     /// Virtual time from the crash until every node of the dead node's site sees it dead.
@@ -139,6 +141,14 @@ impl ScaleReport {
             (
                 "  frame bytes sent by all nodes until converged, MB".into(),
                 format!("{:.1}", f.converge_frame_bytes as f64 / 1e6),
+            ),
+            (
+                "  by kind: frames / MB".into(),
+                f.converge_frame_kinds
+                    .iter()
+                    .map(|(k, n, b)| format!("{k} {n} / {:.1}", *b as f64 / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ),
             ("join known alive everywhere, virtual s".into(), t(f.join)),
             (
@@ -323,8 +333,20 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     let mut sim = Sim::new(cfg, &sites);
     say("built", &sim);
     let check = Duration::from_millis(500);
-    let converge = run_until_every(&mut sim, spec.phase_limit, check, converged);
+    let converge = run_until_every(&mut sim, spec.phase_limit, check, |s| {
+        let done = converged(s);
+        if !done {
+            let bytes: u64 = bytes_sent(s).iter().map(|(f, _)| f).sum();
+            say(&format!("converging, {:.1} MB of frames sent", bytes as f64 / 1e6), s);
+        }
+        done
+    });
     let converge_frame_bytes = bytes_sent(&sim).iter().map(|(f, _)| f).sum();
+    let converge_frame_kinds = sim
+        .frame_kinds
+        .iter()
+        .map(|(k, (n, b))| (*k, *n, *b))
+        .collect();
     say("converged", &sim);
     let rss_per_node = match (rss_before, rss_bytes()) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) / spec.nodes() as u64),
@@ -400,6 +422,7 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
         nodes: spec.nodes(),
         converge,
         converge_frame_bytes,
+        converge_frame_kinds,
         join,
         death_site,
         death_all,
