@@ -17,7 +17,7 @@ use crate::name::{Ident, NodeName, SiteName};
 use crate::secret::KeyId;
 use clusterctl_api::{LinkState, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// Most records a table holds (tombstones included).
@@ -255,6 +255,10 @@ impl Merge {
     }
 }
 
+/// How many recent changes [`NodeTable::changed_since`] answers from its log instead of a
+/// scan of the whole table.
+pub const CHANGE_LOG: usize = 128;
+
 /// One stored record and the generation at which it was stored.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -276,6 +280,8 @@ pub struct NodeTable {
     gateways: BTreeMap<SiteName, BTreeSet<NodeName>>,
     /// Rises on every change of the table.
     generation: u64,
+    /// The last [`CHANGE_LOG`] changes: generation and name, oldest first.
+    log: VecDeque<(u64, NodeName)>,
     /// XOR of [`entry_hash`] over every `(name, clock)`: see [`NodeTable::summary`].
     hash: u64,
     /// Records refused because they broke a bound or the table was full.
@@ -374,6 +380,10 @@ impl NodeTable {
             rec: rec.clone(),
             stamp: self.generation,
         };
+        if self.log.len() == CHANGE_LOG {
+            self.log.pop_front();
+        }
+        self.log.push_back((self.generation, rec.name.clone()));
         if let Some(old) = self.records.insert(rec.name.clone(), entry) {
             let old = old.rec;
             self.hash ^= entry_hash(old.name.as_str(), old.clock);
@@ -393,13 +403,33 @@ impl NodeTable {
         self.generation
     }
 
-    /// Records stored after generation `generation`, in name order (what an incremental
-    /// snapshot must write).
-    pub fn changed_since(&self, generation: u64) -> impl Iterator<Item = &Arc<NodeRecord>> {
-        self.records
-            .values()
-            .filter(move |e| e.stamp > generation)
-            .map(|e| &e.rec)
+    /// Records stored after generation `generation`, each once (what an incremental snapshot
+    /// must write). Costs the number of changes when they are among the last [`CHANGE_LOG`],
+    /// else one pass over the table.
+    pub fn changed_since(&self, generation: u64) -> Vec<&Arc<NodeRecord>> {
+        if generation >= self.generation {
+            return Vec::new();
+        }
+        let logged = self
+            .log
+            .front()
+            .is_some_and(|(first, _)| *first <= generation + 1);
+        if logged {
+            // Generations are consecutive: the log holds every change after `generation`. A
+            // name stored twice is yielded at its last stamp only.
+            self.log
+                .iter()
+                .filter(|(g, _)| *g > generation)
+                .filter_map(|(g, n)| self.records.get(n).filter(|e| e.stamp == *g))
+                .map(|e| &e.rec)
+                .collect()
+        } else {
+            self.records
+                .values()
+                .filter(|e| e.stamp > generation)
+                .map(|e| &e.rec)
+                .collect()
+        }
     }
 
     /// Records with the gateway role in `site` (tombstones included), in name order.
@@ -607,6 +637,31 @@ pub(crate) mod tests {
             a.merge(r);
         }
         assert_eq!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn changed_since_is_the_same_from_the_log_and_from_a_scan() {
+        let mut t = NodeTable::new();
+        let mut gens = vec![0];
+        for i in 0..(CHANGE_LOG as u64 * 3) {
+            t.merge(rec(&format!("n{}", i % 50), "s", i + 1));
+            gens.push(t.generation());
+        }
+        for g in gens {
+            let mut fast: Vec<(NodeName, u64)> = t
+                .changed_since(g)
+                .iter()
+                .map(|r| (r.name.clone(), r.clock))
+                .collect();
+            fast.sort();
+            let scan: Vec<(NodeName, u64)> = t
+                .records
+                .values()
+                .filter(|e| e.stamp > g)
+                .map(|e| (e.rec.name.clone(), e.rec.clock))
+                .collect();
+            assert_eq!(fast, scan, "since generation {g}");
+        }
     }
 
     #[test]

@@ -292,6 +292,28 @@ impl Frame {
             .unwrap_or(0)
     }
 
+    /// The length of an encoded `Records` frame of `count` records that encode to `total`
+    /// bytes together (see [`record_encoded_len`]): lets a caller that sends the same records
+    /// many times measure each record once.
+    pub fn records_encoded_len(count: usize, total: usize) -> usize {
+        // Version byte, variant index (Records is the first variant), then the length as a
+        // varint (7 bits per byte).
+        let mut varint = 1;
+        let mut n = count >> 7;
+        while n > 0 {
+            varint += 1;
+            n >>= 7;
+        }
+        1 + 1 + varint + total
+    }
+}
+
+/// The encoded length of one record, as inside a [`Frame::Records`].
+pub fn record_encoded_len(r: &NodeRecord) -> usize {
+    postcard::serialize_with_flavor(r, postcard::ser_flavors::Size::default()).unwrap_or(0)
+}
+
+impl Frame {
     /// Decodes and validates a frame (at most [`MAX_FRAME`] bytes).
     pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
         let f: Frame = decode_versioned(bytes, MAX_FRAME)?;
@@ -425,6 +447,17 @@ mod tests {
         ];
         for f in frames {
             assert_eq!(f.encoded_len(), f.encode().len(), "{f:?}");
+        }
+        for n in [0usize, 1, 127, 128, 300] {
+            let rs: Vec<Arc<NodeRecord>> = (0..n)
+                .map(|i| Arc::new(rec(&format!("n{i}"), "s", i as u64 * 1000)))
+                .collect();
+            let total = rs.iter().map(|r| record_encoded_len(r)).sum();
+            assert_eq!(
+                Frame::records_encoded_len(n, total),
+                Frame::Records(rs).encode().len(),
+                "{n} records"
+            );
         }
     }
 

@@ -28,13 +28,13 @@ use clusterctl_core::engine::{Engine, EngineConfig, EventOut, LinkInfo, Output, 
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
 use clusterctl_core::secret::{KeyId, Keyring, Secret};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Frame, RefusalCode};
+use clusterctl_core::wire::{record_encoded_len, Frame, RefusalCode};
 use clusterctl_core::Time;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Network and fault parameters.
@@ -254,6 +254,12 @@ pub struct Sim {
     pub steps: u64,
     /// Frames sent by all nodes, by kind ([`frame_kind`]): count and encoded bytes.
     pub frame_kinds: BTreeMap<&'static str, (u64, u64)>,
+    /// Encoded length of each shared record sent, so a record sent to a hundred peers is
+    /// measured once. The `Weak` keeps the allocation (not the record) alive, so an address is
+    /// never reused while its entry exists.
+    record_lens: HashMap<usize, (Weak<NodeRecord>, usize)>,
+    /// `record_lens` is swept of dropped records when it grows past this.
+    record_lens_sweep: usize,
 }
 
 /// A frame's kind, as counted in [`Sim::frame_kinds`].
@@ -404,6 +410,8 @@ impl Sim {
             lost_datagrams: 0,
             steps: 0,
             frame_kinds: BTreeMap::new(),
+            record_lens: HashMap::new(),
+            record_lens_sweep: 1 << 16,
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -611,7 +619,7 @@ impl Sim {
                     let lat = self.latency(i, j);
                     let kind = frame_kind(&frame);
                     let (len, payload) = if self.cfg.share_frames {
-                        (frame.encoded_len(), Payload::Shared(Box::new(frame)))
+                        (self.frame_len(&frame), Payload::Shared(Box::new(frame)))
                     } else {
                         let bytes = frame.encode();
                         (bytes.len(), Payload::Bytes(bytes))
@@ -715,6 +723,31 @@ impl Sim {
                 self.crash_idx(i);
             }
         }
+    }
+
+    /// [`Frame::encoded_len`], measuring each shared record once.
+    fn frame_len(&mut self, frame: &Frame) -> usize {
+        let Frame::Records(rs) = frame else {
+            return frame.encoded_len();
+        };
+        let mut total = 0;
+        for r in rs {
+            let key = Arc::as_ptr(r) as usize;
+            let len = match self.record_lens.get(&key) {
+                Some((w, len)) if w.strong_count() > 0 => *len,
+                _ => {
+                    let len = record_encoded_len(r);
+                    self.record_lens.insert(key, (Arc::downgrade(r), len));
+                    len
+                }
+            };
+            total += len;
+        }
+        if self.record_lens.len() > self.record_lens_sweep {
+            self.record_lens.retain(|_, (w, _)| w.strong_count() > 0);
+            self.record_lens_sweep = (self.record_lens.len() * 2).max(1 << 16);
+        }
+        Frame::records_encoded_len(rs.len(), total)
     }
 
     fn link_info(&self, at: usize, peer: usize, rtt: Duration) -> LinkInfo {
