@@ -1484,9 +1484,20 @@ impl Engine {
         }
         self.push(Output::Persist);
         // Forward: the origin pushed to all of its links; a node passes updates on only across
-        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links). Across the WAN, not to
-        // a gateway the sender reports a link to: the sender forwarded to it already (if that
-        // report is stale, anti-entropy repairs the miss).
+        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links). Across a site
+        // boundary, one gateway of the site per record passes it on ([`Engine::forwards`]), not
+        // every gateway. Across the WAN, not to a gateway the sender reports a link to: the
+        // sender forwarded to it already. A record missed either way (a stale link report, two
+        // gateways that disagree on which of them is up) is repaired by anti-entropy.
+        let across: Vec<Arc<NodeRecord>> = if self.cfg.me.role == Role::Gateway {
+            changed
+                .iter()
+                .filter(|r| self.forwards(&r.name))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         let sender = self.table.get(from.as_str());
         let sender_links_to = |n: &NodeName| {
             sender.is_some_and(|r| {
@@ -1495,25 +1506,44 @@ impl Engine {
                     .any(|x| x.peer == *n && x.state == LinkState::Up)
             })
         };
-        let targets: Vec<NodeName> = self
+        let targets: Vec<(NodeName, bool)> = self
             .links
             .iter()
-            .filter(|(n, l)| {
-                l.up && *n != from
-                    && match (kind, l.kind) {
-                        (LinkKind::Site, LinkKind::Site) => false,
-                        (LinkKind::Wan, LinkKind::Wan) => !sender_links_to(n),
-                        _ => true,
-                    }
+            .filter(|(n, l)| l.up && *n != from)
+            .filter_map(|(n, l)| match (kind, l.kind) {
+                (LinkKind::Site, LinkKind::Site) => None,
+                (LinkKind::Wan, LinkKind::Wan) => (!sender_links_to(n)).then(|| (n.clone(), false)),
+                _ => (!across.is_empty()).then(|| (n.clone(), true)),
             })
-            .map(|(n, _)| n.clone())
             .collect();
-        for t in targets {
+        for (t, boundary) in targets {
+            let records = if boundary {
+                across.clone()
+            } else {
+                changed.clone()
+            };
             self.push(Output::Send {
                 to: t,
-                frame: Frame::Records(changed.clone()),
+                frame: Frame::Records(records),
             });
         }
+    }
+
+    /// Whether this gateway is the one of its site that passes `name`'s record across the
+    /// site boundary: the rendezvous choice among the site's gateways it sees up (itself, and
+    /// those it is linked to that its site ring does not hold dead).
+    fn forwards(&self, name: &NodeName) -> bool {
+        let me = &self.cfg.me.name;
+        let up = self
+            .table
+            .gateways_of(&self.cfg.me.site)
+            .filter(|g| g.state == RecordState::Alive)
+            .map(|g| &g.name)
+            .filter(|g| {
+                *g == me
+                    || (self.is_linked(g) && self.site_ring.liveness(g) != Some(Liveness::Dead))
+            });
+        rendezvous(name.as_str(), up).is_none_or(|g| g == *me)
     }
 
     fn handle_own_record(&mut self, now: Time, r: Arc<NodeRecord>) {
@@ -1777,7 +1807,11 @@ impl Engine {
             self.links_grown = None;
             return;
         }
-        if links_changed && !others_changed && !rtt_moved && !force && only_new_up(&own.links, &links)
+        if links_changed
+            && !others_changed
+            && !rtt_moved
+            && !force
+            && only_new_up(&own.links, &links)
         {
             // Only new links: publish once they settle.
             let (first, last) = match self.links_grown {
@@ -3738,7 +3772,11 @@ mod tests {
         assert!(!only_new_up(&old, &grown[..2]));
         assert!(!only_new_up(
             &old,
-            &[old[0].clone(), link("c", LinkState::Refused, 0), old[1].clone()]
+            &[
+                old[0].clone(),
+                link("c", LinkState::Refused, 0),
+                old[1].clone()
+            ]
         ));
         assert!(!only_new_up(
             &old,

@@ -59,6 +59,8 @@ pub struct SimConfig {
     /// bytes are still counted at their encoded length. Large runs turn it on to fit in memory;
     /// the default (off) also runs every frame through encoding and decoding.
     pub share_frames: bool,
+    /// Timing of every engine (default [`Timing::lan`]).
+    pub timing: Timing,
 }
 
 impl SimConfig {
@@ -73,6 +75,7 @@ impl SimConfig {
             datagram_loss: 0,
             record_events: true,
             share_frames: false,
+            timing: Timing::lan(),
         }
     }
 }
@@ -365,7 +368,7 @@ impl Sim {
                 version: "sim".into(),
                 seeds,
                 rejoin: false,
-                timing: Timing::lan(),
+                timing: cfg.timing.clone(),
                 wall_base_ms: 0,
                 seed: cfg.seed.wrapping_mul(31).wrapping_add(i as u64),
                 keyring: Keyring::new(sim_secret(1)),

@@ -34,6 +34,10 @@ pub struct ScaleSpec {
     pub window: Duration,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Site-ring probe period instead of the default (the probe timeout is half of it).
+    pub probe_period: Option<Duration>,
+    /// Site-ring suspicion instead of the default.
+    pub suspicion: Option<Duration>,
 }
 
 impl ScaleSpec {
@@ -47,6 +51,8 @@ impl ScaleSpec {
             phase_limit: Duration::from_secs(120),
             window: Duration::from_secs(10),
             progress: false,
+            probe_period: None,
+            suspicion: None,
         }
     }
 
@@ -330,6 +336,13 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     let mut cfg = SimConfig::new(spec.seed);
     cfg.record_events = false;
     cfg.share_frames = true;
+    if let Some(p) = spec.probe_period {
+        cfg.timing.site_ring.probe_period = p;
+        cfg.timing.site_ring.probe_rtt = p / 2;
+    }
+    if let Some(s) = spec.suspicion {
+        cfg.timing.site_ring.suspect_to_down = s;
+    }
     let mut sim = Sim::new(cfg, &sites);
     say("built", &sim);
     let check = Duration::from_millis(500);
@@ -337,7 +350,10 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
         let done = converged(s);
         if !done {
             let bytes: u64 = bytes_sent(s).iter().map(|(f, _)| f).sum();
-            say(&format!("converging, {:.1} MB of frames sent", bytes as f64 / 1e6), s);
+            say(
+                &format!("converging, {:.1} MB of frames sent", bytes as f64 / 1e6),
+                s,
+            );
         }
         done
     });
