@@ -1452,15 +1452,18 @@ impl Engine {
         rs: Vec<Arc<NodeRecord>>,
     ) {
         let mut changed = Vec::new();
+        // Records of our own site's nodes we knew nothing about (a node joining links to its
+        // seeds first; the rest of its site learns of it, and dials it, through its gateway).
+        let mut newcomers = Vec::new();
         for r in rs {
             if r.name == self.cfg.me.name {
                 self.handle_own_record(now, r);
                 continue;
             }
-            let was_tomb = self
-                .table
-                .get(r.name.as_str())
-                .is_some_and(NodeRecord::is_tombstone);
+            let prev = self.table.get(r.name.as_str());
+            let was_tomb = prev.is_some_and(NodeRecord::is_tombstone);
+            // A link-up placeholder (no address) does not count as knowing the node.
+            let unknown = prev.is_none_or(|p| p.addr.is_empty());
             match self.table.merge(r.clone()) {
                 m if m.changed() => {
                     self.counters.records_merged += 1;
@@ -1472,6 +1475,9 @@ impl Engine {
                     }
                     if r.is_tombstone() && !was_tomb {
                         self.on_forgotten(now, &r.name);
+                    }
+                    if unknown && r.site == self.cfg.me.site && kind == LinkKind::Site {
+                        newcomers.push(r.clone());
                     }
                     changed.push(r);
                 }
@@ -1489,7 +1495,8 @@ impl Engine {
         // every gateway. Across the WAN, not to a gateway the sender reports a link to: the
         // sender forwarded to it already. A record missed either way (a stale link report, two
         // gateways that disagree on which of them is up) is repaired by anti-entropy.
-        let across: Vec<Arc<NodeRecord>> = if self.cfg.me.role == Role::Gateway {
+        let gateway = self.cfg.me.role == Role::Gateway;
+        let across: Vec<Arc<NodeRecord>> = if gateway {
             changed
                 .iter()
                 .filter(|r| self.forwards(&r.name))
@@ -1498,6 +1505,9 @@ impl Engine {
         } else {
             Vec::new()
         };
+        // The one exception to "not site -> site": a newcomer of our site, passed on by the
+        // gateway that passes its record across.
+        newcomers.retain(|r| gateway && across.iter().any(|a| Arc::ptr_eq(a, r)));
         let sender = self.table.get(from.as_str());
         let sender_links_to = |n: &NodeName| {
             sender.is_some_and(|r| {
@@ -1506,21 +1516,22 @@ impl Engine {
                     .any(|x| x.peer == *n && x.state == LinkState::Up)
             })
         };
-        let targets: Vec<(NodeName, bool)> = self
+        // Each target with what it gets: 0 everything changed, 1 `across`, 2 `newcomers`.
+        let targets: Vec<(NodeName, u8)> = self
             .links
             .iter()
             .filter(|(n, l)| l.up && *n != from)
             .filter_map(|(n, l)| match (kind, l.kind) {
-                (LinkKind::Site, LinkKind::Site) => None,
-                (LinkKind::Wan, LinkKind::Wan) => (!sender_links_to(n)).then(|| (n.clone(), false)),
-                _ => (!across.is_empty()).then(|| (n.clone(), true)),
+                (LinkKind::Site, LinkKind::Site) => (!newcomers.is_empty()).then(|| (n.clone(), 2)),
+                (LinkKind::Wan, LinkKind::Wan) => (!sender_links_to(n)).then(|| (n.clone(), 0)),
+                _ => (!across.is_empty()).then(|| (n.clone(), 1)),
             })
             .collect();
-        for (t, boundary) in targets {
-            let records = if boundary {
-                across.clone()
-            } else {
-                changed.clone()
+        for (t, which) in targets {
+            let records = match which {
+                0 => changed.clone(),
+                1 => across.clone(),
+                _ => newcomers.clone(),
             };
             self.push(Output::Send {
                 to: t,
