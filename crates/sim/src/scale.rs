@@ -38,6 +38,8 @@ pub struct ScaleSpec {
     pub probe_period: Option<Duration>,
     /// Site-ring suspicion instead of the default.
     pub suspicion: Option<Duration>,
+    /// [`clusterctl_core::engine::Timing::link_settle`] instead of the default.
+    pub link_settle: Option<Duration>,
 }
 
 impl ScaleSpec {
@@ -53,6 +55,7 @@ impl ScaleSpec {
             progress: false,
             probe_period: None,
             suspicion: None,
+            link_settle: None,
         }
     }
 
@@ -342,6 +345,9 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     }
     if let Some(s) = spec.suspicion {
         cfg.timing.site_ring.suspect_to_down = s;
+    }
+    if let Some(s) = spec.link_settle {
+        cfg.timing.link_settle = s;
     }
     let mut sim = Sim::new(cfg, &sites);
     say("built", &sim);

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: scale [--sites N] [--per-site N] [--gateways N] [--seed N] \
-[--phase-limit SECS] [--window SECS] [--probe-ms MS] [--suspicion-ms MS] [--quiet]
+[--phase-limit SECS] [--window SECS] [--probe-ms MS] [--suspicion-ms MS] [--link-settle-ms MS] [--quiet]
   --sites       number of sites (default 10)
   --per-site    nodes per site, gateways included (default 100)
   --gateways    gateways per site (default 2)
@@ -20,6 +20,7 @@ const USAGE: &str = "usage: scale [--sites N] [--per-site N] [--gateways N] [--s
   --window      steady-state window over which bytes are counted, seconds (default 10)
   --probe-ms    site-ring probe period, ms (default: the production timing; timeout half of it)
   --suspicion-ms site-ring suspicion before dead, ms (default: the production timing)
+  --link-settle-ms how long new links wait before they are published, ms (default: production)
   --quiet       no progress lines on stderr";
 
 fn parse(args: &[String]) -> Result<ScaleSpec, String> {
@@ -48,6 +49,7 @@ fn parse(args: &[String]) -> Result<ScaleSpec, String> {
             "--window" => spec.window = Duration::from_secs(n.max(1)),
             "--probe-ms" => spec.probe_period = Some(Duration::from_millis(n.max(10))),
             "--suspicion-ms" => spec.suspicion = Some(Duration::from_millis(n.max(10))),
+            "--link-settle-ms" => spec.link_settle = Some(Duration::from_millis(n)),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
