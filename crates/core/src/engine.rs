@@ -1306,8 +1306,10 @@ impl Engine {
             });
         }
         // The first link (or the first in a sync period) syncs the whole table; the others
-        // only compare summaries, and a difference waits for the next period.
-        if !self.start_full_sync(now, &peer) {
+        // only compare summaries, and a difference waits for the next period. A WAN link always
+        // syncs: it is where a site's records cross (a gateway's first records of its site
+        // arrive before its WAN links are up), and a gateway has few of them.
+        if !self.start_full_sync(now, &peer, kind == LinkKind::Wan) {
             self.push(Output::Send {
                 to: peer.clone(),
                 frame: Frame::Summary(self.table.summary()),
@@ -1377,7 +1379,7 @@ impl Engine {
             Frame::Records(rs) => self.merge_records(now, from, kind, rs),
             Frame::Summary(theirs) => {
                 if theirs != self.table.summary() {
-                    self.start_full_sync(now, from);
+                    self.start_full_sync(now, from, false);
                 }
             }
             Frame::Digest(d, want_reply) => {
@@ -1410,10 +1412,10 @@ impl Engine {
     }
 
     /// Sends our full digest to `peer` (who answers with what we lack and, if it is behind, its
-    /// own digest), unless a full exchange already started this sync period. Returns whether
-    /// it sent.
-    fn start_full_sync(&mut self, now: Time, peer: &NodeName) -> bool {
-        if now < self.next_full_sync {
+    /// own digest), unless a full exchange already started this sync period and `always` is
+    /// false. Returns whether it sent.
+    fn start_full_sync(&mut self, now: Time, peer: &NodeName, always: bool) -> bool {
+        if now < self.next_full_sync && !always {
             return false;
         }
         self.next_full_sync = now + self.cfg.timing.sync_every;
@@ -1818,7 +1820,10 @@ impl Engine {
             self.links_grown = None;
             return;
         }
-        if links_changed
+        // A record never published yet (a first start) goes out at once.
+        let published = self.table.get(self.cfg.me.name.as_str()).is_some();
+        if published
+            && links_changed
             && !others_changed
             && !rtt_moved
             && !force
