@@ -1518,25 +1518,24 @@ impl Engine {
                     .any(|x| x.peer == *n && x.state == LinkState::Up)
             })
         };
-        // Each target with what it gets: 0 everything changed, 1 `across`, 2 `newcomers`.
-        let targets: Vec<(NodeName, u8)> = self
+        // Each target with what it gets.
+        let targets: Vec<(NodeName, Vec<Arc<NodeRecord>>)> = self
             .links
             .iter()
             .filter(|(n, l)| l.up && *n != from)
-            .filter_map(|(n, l)| match (kind, l.kind) {
-                (LinkKind::Site, LinkKind::Site) => (!newcomers.is_empty()).then(|| (n.clone(), 2)),
-                (LinkKind::Wan, LinkKind::Wan) => (!sender_links_to(n)).then(|| (n.clone(), 0)),
-                _ => (!across.is_empty()).then(|| (n.clone(), 1)),
+            .filter_map(|(n, l)| {
+                let records = match (kind, l.kind) {
+                    (LinkKind::Site, LinkKind::Site) => &newcomers,
+                    (LinkKind::Wan, LinkKind::Wan) if sender_links_to(n) => return None,
+                    (LinkKind::Wan, LinkKind::Wan) => &changed,
+                    _ => &across,
+                };
+                (!records.is_empty()).then(|| (n.clone(), records.clone()))
             })
             .collect();
-        for (t, which) in targets {
-            let records = match which {
-                0 => changed.clone(),
-                1 => across.clone(),
-                _ => newcomers.clone(),
-            };
+        for (to, records) in targets {
             self.push(Output::Send {
-                to: t,
+                to,
                 frame: Frame::Records(records),
             });
         }
