@@ -3762,6 +3762,109 @@ mod tests {
     }
 
     #[test]
+    fn link_ups_and_differing_summaries_start_one_digest_exchange_per_sync_period() {
+        use crate::contract::Contract;
+        use crate::name::{ClusterName, Ident, SiteName};
+        use crate::secret::{Keyring, Secret};
+        use crate::table::Summary;
+        let contract =
+            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
+                .unwrap();
+        let id = |n: &str| Ident {
+            name: NodeName::new(n).unwrap(),
+            site: SiteName::new("us").unwrap(),
+            role: Role::Member,
+        };
+        let cfg = EngineConfig {
+            cluster: ClusterName::new("c").unwrap(),
+            me: id("edge-1"),
+            addr: "10.0.0.1:7400".into(),
+            wan_addr: None,
+            contract: contract.clone(),
+            secure: true,
+            version: "t".into(),
+            seeds: vec![],
+            rejoin: false,
+            timing: Timing::lan(),
+            wall_base_ms: 0,
+            seed: 1,
+            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
+            cert: None,
+            cert_warn_fraction: 0.33,
+        };
+        let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
+        let sent = |e: &mut Engine| {
+            let mut out = Vec::new();
+            while let Some(o) = e.poll_output() {
+                if let Output::Send { to, frame } = o {
+                    let kind = match frame {
+                        Frame::Digest(_, true) => "digest",
+                        Frame::Digest(_, false) => "digest-reply",
+                        Frame::Summary(_) => "summary",
+                        Frame::Records(_) => "records",
+                        _ => "other",
+                    };
+                    out.push(format!("{kind} -> {to}"));
+                }
+            }
+            out
+        };
+        sent(&mut e);
+        let up = |e: &mut Engine, at: Time, peer: &str| {
+            e.handle_link_up(
+                at,
+                LinkInfo {
+                    peer: id(peer),
+                    contract_hash: contract.hash().to_string(),
+                    secure: true,
+                    protocol: "tls1.3".into(),
+                    rtt_us: 100,
+                    key: None,
+                },
+            )
+        };
+        let ms = Duration::from_millis;
+        // The first link syncs the whole table; the next, in the same period, only a summary.
+        up(&mut e, ms(1), "edge-2");
+        let first = sent(&mut e);
+        assert!(first.contains(&"digest -> edge-2".to_string()), "{first:?}");
+        assert!(
+            first.contains(&"records -> edge-2".to_string()),
+            "{first:?}"
+        );
+        up(&mut e, ms(2), "edge-3");
+        let second = sent(&mut e);
+        assert!(
+            second.contains(&"summary -> edge-3".to_string()),
+            "{second:?}"
+        );
+        assert!(
+            !second.iter().any(|s| s.starts_with("digest")),
+            "{second:?}"
+        );
+        // A differing summary waits for the next period, then starts one exchange.
+        let other = Summary {
+            records: 99,
+            hash: 7,
+        };
+        let edge3 = NodeName::new("edge-3").unwrap();
+        e.handle_frame(ms(3), &edge3, Frame::Summary(other));
+        assert!(!sent(&mut e).iter().any(|s| s.starts_with("digest")));
+        e.handle_frame(ms(2500), &edge3, Frame::Summary(other));
+        assert_eq!(
+            sent(&mut e)
+                .iter()
+                .filter(|s| s.starts_with("digest"))
+                .collect::<Vec<_>>(),
+            vec!["digest -> edge-3"]
+        );
+        // An equal summary costs nothing, whenever it comes.
+        let mine = e.table().summary();
+        e.handle_frame(ms(6000), &edge3, Frame::Summary(mine));
+        assert!(sent(&mut e).is_empty());
+    }
+
+    #[test]
     fn only_new_up_links_are_told_apart_from_other_link_changes() {
         let link = |peer: &str, state: LinkState, rtt_us: u32| LinkReport {
             peer: NodeName::new(peer).unwrap(),
