@@ -1378,8 +1378,42 @@ impl Engine {
         match frame {
             Frame::Records(rs) => self.merge_records(now, from, kind, rs),
             Frame::Summary(theirs) => {
-                if theirs != self.table.summary() {
-                    self.start_full_sync(now, from, false);
+                // Differing tables: tell the sender which sites hold what, at most once per
+                // sync period.
+                if theirs != self.table.summary() && now >= self.next_full_sync {
+                    self.next_full_sync = now + self.cfg.timing.sync_every;
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::Sites(self.table.site_summaries()),
+                    });
+                }
+            }
+            Frame::Sites(theirs) => {
+                let sites = self.table.sites_differing(&theirs);
+                if !sites.is_empty() {
+                    let digest = self.table.digest_of(&sites);
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::SiteDigest(sites, digest, true),
+                    });
+                }
+            }
+            Frame::SiteDigest(mut sites, d, want_reply) => {
+                sites.sort();
+                sites.dedup();
+                let newer = self.table.newer_than_in(&d, Some(&sites));
+                for chunk in newer.chunks(MAX_RECORDS_PER_FRAME) {
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::Records(chunk.to_vec()),
+                    });
+                }
+                if want_reply && self.table.behind(&d) {
+                    let mine = self.table.digest_of(&sites);
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::SiteDigest(sites, mine, false),
+                    });
                 }
             }
             Frame::Digest(d, want_reply) => {
@@ -3762,7 +3796,7 @@ mod tests {
     }
 
     #[test]
-    fn link_ups_and_differing_summaries_start_one_digest_exchange_per_sync_period() {
+    fn link_ups_and_differing_summaries_start_one_exchange_per_sync_period() {
         use crate::contract::Contract;
         use crate::name::{ClusterName, Ident, SiteName};
         use crate::secret::{Keyring, Secret};
@@ -3801,6 +3835,8 @@ mod tests {
                         Frame::Digest(_, true) => "digest",
                         Frame::Digest(_, false) => "digest-reply",
                         Frame::Summary(_) => "summary",
+                        Frame::Sites(_) => "sites",
+                        Frame::SiteDigest(_, _, true) => "site-digest",
                         Frame::Records(_) => "records",
                         _ => "other",
                     };
@@ -3842,22 +3878,41 @@ mod tests {
             !second.iter().any(|s| s.starts_with("digest")),
             "{second:?}"
         );
-        // A differing summary waits for the next period, then starts one exchange.
+        // A differing summary waits for the next period, then is answered with the per-site
+        // summaries.
         let other = Summary {
             records: 99,
             hash: 7,
         };
         let edge3 = NodeName::new("edge-3").unwrap();
         e.handle_frame(ms(3), &edge3, Frame::Summary(other));
-        assert!(!sent(&mut e).iter().any(|s| s.starts_with("digest")));
+        assert!(sent(&mut e).is_empty());
         e.handle_frame(ms(2500), &edge3, Frame::Summary(other));
-        assert_eq!(
-            sent(&mut e)
-                .iter()
-                .filter(|s| s.starts_with("digest"))
-                .collect::<Vec<_>>(),
-            vec!["digest -> edge-3"]
-        );
+        assert_eq!(sent(&mut e), vec!["sites -> edge-3"]);
+        // Per-site summaries that differ in one site get a digest of that site only.
+        let mut theirs = e.table().site_summaries();
+        assert_eq!(theirs.len(), 1);
+        theirs[0].1.hash ^= 1;
+        let other_site = SiteName::new("eu").unwrap();
+        theirs.push((other_site.clone(), other));
+        e.handle_frame(ms(2600), &edge3, Frame::Sites(theirs.clone()));
+        let mut out = Vec::new();
+        while let Some(o) = e.poll_output() {
+            if let Output::Send { to, frame } = o {
+                out.push((to, frame));
+            }
+        }
+        match out.as_slice() {
+            [(to, Frame::SiteDigest(sites, digest, true))] => {
+                assert_eq!(to, &edge3);
+                assert_eq!(sites, &vec![other_site, SiteName::new("us").unwrap()]);
+                assert_eq!(digest.len(), e.table().len());
+            }
+            other => panic!("expected one site digest, got {other:?}"),
+        }
+        // Equal per-site summaries: nothing to compare.
+        e.handle_frame(ms(2700), &edge3, Frame::Sites(e.table().site_summaries()));
+        assert!(sent(&mut e).is_empty());
         // An equal summary costs nothing, whenever it comes.
         let mine = e.table().summary();
         e.handle_frame(ms(6000), &edge3, Frame::Summary(mine));

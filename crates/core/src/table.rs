@@ -284,6 +284,8 @@ pub struct NodeTable {
     log: VecDeque<(u64, NodeName)>,
     /// XOR of [`entry_hash`] over every `(name, clock)`: see [`NodeTable::summary`].
     hash: u64,
+    /// The same per site: see [`NodeTable::site_summaries`].
+    sites: BTreeMap<SiteName, Summary>,
     /// Records refused because they broke a bound or the table was full.
     pub refused: u64,
 }
@@ -291,7 +293,7 @@ pub struct NodeTable {
 /// What a table holds, in 12 bytes: the number of records and a 64-bit hash of every
 /// `(name, clock)` pair. Two tables with equal summaries hold the same versions (up to a hash
 /// collision, which only delays a repair until a record changes again).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Summary {
     pub records: u32,
     pub hash: u64,
@@ -369,7 +371,11 @@ impl NodeTable {
     /// Stores a record, keeping the gateway index, the generation and the hash up to date.
     fn insert(&mut self, rec: Arc<NodeRecord>) {
         self.generation += 1;
-        self.hash ^= entry_hash(rec.name.as_str(), rec.clock);
+        let h = entry_hash(rec.name.as_str(), rec.clock);
+        self.hash ^= h;
+        let site = self.sites.entry(rec.site.clone()).or_default();
+        site.records += 1;
+        site.hash ^= h;
         if rec.role == Role::Gateway {
             self.gateways
                 .entry(rec.site.clone())
@@ -386,7 +392,15 @@ impl NodeTable {
         self.log.push_back((self.generation, rec.name.clone()));
         if let Some(old) = self.records.insert(rec.name.clone(), entry) {
             let old = old.rec;
-            self.hash ^= entry_hash(old.name.as_str(), old.clock);
+            let h = entry_hash(old.name.as_str(), old.clock);
+            self.hash ^= h;
+            if let Some(site) = self.sites.get_mut(&old.site) {
+                site.records -= 1;
+                site.hash ^= h;
+                if site.records == 0 {
+                    self.sites.remove(&old.site);
+                }
+            }
             if old.role == Role::Gateway && (rec.role != Role::Gateway || rec.site != old.site) {
                 if let Some(set) = self.gateways.get_mut(&old.site) {
                     set.remove(&old.name);
@@ -495,16 +509,60 @@ impl NodeTable {
         }
     }
 
+    /// [`NodeTable::summary`] of each site's records, in site order: when two tables differ,
+    /// what tells which sites to compare record by record.
+    pub fn site_summaries(&self) -> Vec<(SiteName, Summary)> {
+        self.sites.iter().map(|(s, x)| (s.clone(), *x)).collect()
+    }
+
+    /// The sites whose summary differs between this table and `theirs` (a site one side lacks
+    /// included), in site order.
+    pub fn sites_differing(&self, theirs: &[(SiteName, Summary)]) -> Vec<SiteName> {
+        let theirs: BTreeMap<&SiteName, &Summary> = theirs.iter().map(|(s, x)| (s, x)).collect();
+        let mut out: BTreeSet<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(s, x)| theirs.get(s) != Some(x))
+            .map(|(s, _)| s.clone())
+            .collect();
+        out.extend(
+            theirs
+                .keys()
+                .filter(|s| !self.sites.contains_key(**s))
+                .map(|s| (*s).clone()),
+        );
+        out.into_iter().collect()
+    }
+
     /// `(name, clock)` of every record: what anti-entropy compares.
     pub fn digest(&self) -> Vec<(NodeName, u64)> {
         self.iter().map(|r| (r.name.clone(), r.clock)).collect()
     }
 
+    /// `(name, clock)` of every record of `sites` (sorted): a digest of part of the table.
+    pub fn digest_of(&self, sites: &[SiteName]) -> Vec<(NodeName, u64)> {
+        self.iter()
+            .filter(|r| sites.binary_search(&r.site).is_ok())
+            .map(|r| (r.name.clone(), r.clock))
+            .collect()
+    }
+
     /// Records that are newer here than in `digest`, or absent from it.
     pub fn newer_than(&self, digest: &[(NodeName, u64)]) -> Vec<Arc<NodeRecord>> {
+        self.newer_than_in(digest, None)
+    }
+
+    /// [`NodeTable::newer_than`] among the records of `sites` (sorted) only, or of every site
+    /// when `None`.
+    pub fn newer_than_in(
+        &self,
+        digest: &[(NodeName, u64)],
+        sites: Option<&[SiteName]>,
+    ) -> Vec<Arc<NodeRecord>> {
         let theirs: BTreeMap<&NodeName, u64> = digest.iter().map(|(n, c)| (n, *c)).collect();
         self.records
             .values()
+            .filter(|e| sites.is_none_or(|s| s.binary_search(&e.rec.site).is_ok()))
             .filter(|e| theirs.get(&e.rec.name).is_none_or(|c| e.rec.clock > *c))
             .map(|e| e.rec.clone())
             .collect()
@@ -686,6 +744,47 @@ pub(crate) mod tests {
         c.merge(rec("y", "s", 2));
         assert_ne!(c.summary(), b.summary());
         assert_eq!(c.summary().records, b.summary().records);
+    }
+
+    #[test]
+    fn site_summaries_point_at_the_sites_that_differ() {
+        let mut a = NodeTable::new();
+        let mut b = NodeTable::new();
+        for t in [&mut a, &mut b] {
+            t.merge(rec("x1", "sx", 1));
+            t.merge(rec("y1", "sy", 1));
+        }
+        assert!(a.sites_differing(&b.site_summaries()).is_empty());
+        a.merge(rec("y1", "sy", 2));
+        a.merge(rec("z1", "sz", 1));
+        let sy = SiteName::new("sy").unwrap();
+        let sz = SiteName::new("sz").unwrap();
+        assert_eq!(
+            a.sites_differing(&b.site_summaries()),
+            vec![sy.clone(), sz.clone()]
+        );
+        assert_eq!(
+            b.sites_differing(&a.site_summaries()),
+            vec![sy.clone(), sz.clone()]
+        );
+        // A scoped exchange repairs exactly those sites.
+        let sites = b.sites_differing(&a.site_summaries());
+        let send = a.newer_than_in(&b.digest_of(&sites), Some(&sites));
+        assert_eq!(send.len(), 2);
+        for r in send {
+            b.merge(r);
+        }
+        assert_eq!(a.summary(), b.summary());
+        assert_eq!(a.site_summaries(), b.site_summaries());
+        // Per-site summaries add up to the whole.
+        let total = a
+            .site_summaries()
+            .iter()
+            .fold(Summary::default(), |acc, (_, x)| Summary {
+                records: acc.records + x.records,
+                hash: acc.hash ^ x.hash,
+            });
+        assert_eq!(total, a.summary());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! Decoding is bounded: frames over [`MAX_FRAME`] are refused before they are read, names are
 //! validated while decoding and every record is checked against the table's caps.
 
-use crate::name::{ClusterName, Ident, NodeName};
+use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::SecretProof;
 use crate::table::{NodeRecord, RecordError, Summary};
 use clusterctl_api::{PingFailure, PingReport, ProbeResult};
@@ -199,10 +199,18 @@ pub enum Frame {
     /// The sender is leaving the cluster gracefully.
     Leaving,
     /// The sender's table in 12 bytes (record count and a hash of every `(name, clock)`): the
-    /// periodic anti-entropy round. A receiver whose own summary differs starts a digest
-    /// exchange with the sender ([`Frame::Digest`] with the flag set), at most one per sync
-    /// period; equal summaries cost nothing more.
+    /// periodic anti-entropy round. A receiver whose own summary differs answers with its
+    /// [`Frame::Sites`] (at most once per sync period); equal summaries cost nothing more.
     Summary(Summary),
+    /// The sender's summary of each site's records, in site order (the answer to a differing
+    /// [`Frame::Summary`]). The receiver sends a [`Frame::SiteDigest`] of the sites whose
+    /// summaries differ, if any.
+    Sites(Vec<(SiteName, Summary)>),
+    /// `(name, clock)` of the sender's records of the listed sites: a digest of part of the
+    /// table. The receiver answers with its records of those sites that are newer or missing
+    /// here and, when the flag is set and it is behind, with its own `SiteDigest` of the same
+    /// sites (flag clear).
+    SiteDigest(Vec<SiteName>, Vec<(NodeName, u64)>, bool),
 }
 
 /// `Vec<Arc<NodeRecord>>` on the wire is a sequence of records.
@@ -353,6 +361,22 @@ impl Frame {
                     ));
                 }
             }
+            Frame::Sites(s) => {
+                if s.len() > crate::table::MAX_RECORDS {
+                    return Err(WireError::TooMany(
+                        "sites",
+                        s.len(),
+                        crate::table::MAX_RECORDS,
+                    ));
+                }
+            }
+            Frame::SiteDigest(s, d, _) => {
+                for (what, len) in [("sites", s.len()), ("digest", d.len())] {
+                    if len > crate::table::MAX_RECORDS {
+                        return Err(WireError::TooMany(what, len, crate::table::MAX_RECORDS));
+                    }
+                }
+            }
             Frame::Leaving | Frame::Summary(_) => {}
         }
         Ok(f)
@@ -443,10 +467,23 @@ mod tests {
                 records: 3,
                 hash: 12_345,
             }),
+            Frame::Sites(vec![(
+                SiteName::new("s").unwrap(),
+                Summary {
+                    records: 1,
+                    hash: 9,
+                },
+            )]),
+            Frame::SiteDigest(
+                vec![SiteName::new("s").unwrap()],
+                vec![(NodeName::new("a").unwrap(), 4)],
+                true,
+            ),
             Frame::Leaving,
         ];
         for f in frames {
             assert_eq!(f.encoded_len(), f.encode().len(), "{f:?}");
+            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         }
         for n in [0usize, 1, 127, 128, 300] {
             let rs: Vec<Arc<NodeRecord>> = (0..n)

@@ -271,6 +271,8 @@ pub fn frame_kind(f: &Frame) -> &'static str {
         Frame::Records(_) => "records",
         Frame::Digest(..) => "digest",
         Frame::Summary(_) => "summary",
+        Frame::Sites(_) => "sites",
+        Frame::SiteDigest(..) => "site-digest",
         Frame::Routed(_) => "routed",
         Frame::Leaving => "leaving",
         #[allow(unreachable_patterns)]
