@@ -1481,6 +1481,7 @@ async fn fetch_table(conn: &quinn::Connection) -> Option<BTreeMap<String, NodeRe
         if let Ok(Frame::Records(rs)) = Frame::decode(&bytes) {
             let map = records.get_or_insert_with(BTreeMap::new);
             for r in rs {
+                let r = std::sync::Arc::unwrap_or_clone(r);
                 map.insert(r.name.to_string(), r);
             }
         }

@@ -95,7 +95,7 @@ impl Fixture {
             "gw-us-1",
             material,
             hello,
-            Some(Frame::Records(vec![fake])),
+            Some(Frame::Records(vec![std::sync::Arc::new(fake)])),
         )
     }
 

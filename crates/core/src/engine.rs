@@ -39,6 +39,7 @@ use clusterctl_api::{
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Most outstanding echo probes.
@@ -66,6 +67,13 @@ pub struct Timing {
     pub dial_backoff_max: Duration,
     /// Our own record is rewritten at most this often just to refresh RTTs.
     pub rtt_refresh: Duration,
+    /// New links that come up are published in our record only once no other link has come
+    /// up for this long (at the latest four times this long after the first, or with the next
+    /// other change): a cold start, where every link comes up within a second or two, then
+    /// costs every node one or two versions of each record instead of one per tick. Links
+    /// going down, refusals and every other change are published at the next tick. Longer:
+    /// fewer versions, a topology that lags more. Default 1 s.
+    pub link_settle: Duration,
     pub site_ring: RingTiming,
     pub wan_ring: RingTiming,
     /// A failure-detector timer this late counts against local health.
@@ -81,6 +89,7 @@ impl Timing {
             dial_backoff_min: Duration::from_millis(250),
             dial_backoff_max: Duration::from_secs(5),
             rtt_refresh: Duration::from_secs(30),
+            link_settle: Duration::from_secs(1),
             site_ring: RingTiming::lan(),
             wan_ring: RingTiming::wan(),
             late_timer: Duration::from_millis(250),
@@ -408,6 +417,9 @@ pub struct Engine {
     outbox: VecDeque<Output>,
     next_tick: Time,
     next_sync: Time,
+    /// Earliest time this node starts another full digest exchange (one per sync period, so a
+    /// cold start with a hundred links coming up does not move the table a hundred times).
+    next_full_sync: Time,
     last_rtt_refresh: Time,
     statuses: BTreeMap<NodeName, NodeStatus>,
     /// Rises whenever a link is added, goes up or down, or is removed.
@@ -425,6 +437,9 @@ pub struct Engine {
     forgotten: bool,
     /// Our record changed since it was last sent to peers.
     own_unsent: bool,
+    /// New links our record does not list yet (see [`Timing::link_settle`]): how many links
+    /// there were when the last one came up, when the first came up and when the last did.
+    links_grown: Option<(usize, Time, Time)>,
     keyring: Keyring,
     cert: Option<CertSummary>,
     /// Counters for metrics.
@@ -439,6 +454,37 @@ impl std::fmt::Debug for Engine {
             .field("links", &self.links.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `new` is `old` plus links in state `Up` (RTTs aside). Both are sorted by peer, one
+/// report per peer, as [`Engine`] writes them.
+fn only_new_up(old: &[LinkReport], new: &[LinkReport]) -> bool {
+    let same = |a: &LinkReport, b: &LinkReport| {
+        a.peer == b.peer
+            && a.state == b.state
+            && a.since_ms == b.since_ms
+            && a.secure == b.secure
+            && a.reason == b.reason
+            && a.key == b.key
+    };
+    let mut old = old.iter().peekable();
+    for n in new {
+        match old.peek() {
+            Some(o) if o.peer == n.peer => {
+                if !same(o, n) {
+                    return false;
+                }
+                old.next();
+            }
+            Some(o) if o.peer < n.peer => return false,
+            _ => {
+                if n.state != LinkState::Up {
+                    return false;
+                }
+            }
+        }
+    }
+    old.next().is_none()
 }
 
 fn short(s: &str) -> String {
@@ -550,6 +596,7 @@ impl Engine {
             outbox: VecDeque::new(),
             next_tick: now,
             next_sync: now,
+            next_full_sync: now,
             last_rtt_refresh: now,
             statuses: BTreeMap::new(),
             links_generation: 0,
@@ -563,6 +610,7 @@ impl Engine {
             leaving: false,
             forgotten: false,
             own_unsent: false,
+            links_grown: None,
             keyring: cfg_keyring,
             cert: cfg_cert,
             counters: Counters::default(),
@@ -736,10 +784,9 @@ impl Engine {
             let up: Vec<NodeName> = self.linked_peers();
             if !up.is_empty() {
                 let i = self.rng.random_range(0..up.len());
-                let digest = self.table.digest();
                 self.push(Output::Send {
                     to: up[i].clone(),
-                    frame: Frame::Digest(digest, true),
+                    frame: Frame::Summary(self.table.summary()),
                 });
             }
         }
@@ -1250,11 +1297,24 @@ impl Engine {
             self.table.merge(rec);
         }
         self.refresh_own(now, false);
-        let digest = self.table.digest();
-        self.push(Output::Send {
-            to: peer.clone(),
-            frame: Frame::Digest(digest, true),
-        });
+        // The new peer gets our record as it stands now (it may not have it, and no other
+        // sync runs on this link); every peer gets the next version at the next tick.
+        if let Some(own) = self.table.get_shared(self.cfg.me.name.as_str()) {
+            self.push(Output::Send {
+                to: peer.clone(),
+                frame: Frame::Records(vec![own.clone()]),
+            });
+        }
+        // The first link (or the first in a sync period) syncs the whole table; the others
+        // only compare summaries, and a difference waits for the next period. A WAN link always
+        // syncs: it is where a site's records cross (a gateway's first records of its site
+        // arrive before its WAN links are up), and a gateway has few of them.
+        if !self.start_full_sync(now, &peer, kind == LinkKind::Wan) {
+            self.push(Output::Send {
+                to: peer.clone(),
+                frame: Frame::Summary(self.table.summary()),
+            });
+        }
         self.announce(now, &peer, kind);
         self.drain_rings(now);
     }
@@ -1317,6 +1377,45 @@ impl Engine {
         self.counters.frames_in += 1;
         match frame {
             Frame::Records(rs) => self.merge_records(now, from, kind, rs),
+            Frame::Summary(theirs) => {
+                // Differing tables: tell the sender which sites hold what, at most once per
+                // sync period.
+                if theirs != self.table.summary() && now >= self.next_full_sync {
+                    self.next_full_sync = now + self.cfg.timing.sync_every;
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::Sites(self.table.site_summaries()),
+                    });
+                }
+            }
+            Frame::Sites(theirs) => {
+                let sites = self.table.sites_differing(&theirs);
+                if !sites.is_empty() {
+                    let digest = self.table.digest_of(&sites);
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::SiteDigest(sites, digest, true),
+                    });
+                }
+            }
+            Frame::SiteDigest(mut sites, d, want_reply) => {
+                sites.sort();
+                sites.dedup();
+                let newer = self.table.newer_than_in(&d, Some(&sites));
+                for chunk in newer.chunks(MAX_RECORDS_PER_FRAME) {
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::Records(chunk.to_vec()),
+                    });
+                }
+                if want_reply && self.table.behind(&d) {
+                    let mine = self.table.digest_of(&sites);
+                    self.push(Output::Send {
+                        to: from.clone(),
+                        frame: Frame::SiteDigest(sites, mine, false),
+                    });
+                }
+            }
             Frame::Digest(d, want_reply) => {
                 let newer = self.table.newer_than(&d);
                 for chunk in newer.chunks(MAX_RECORDS_PER_FRAME) {
@@ -1346,6 +1445,21 @@ impl Engine {
         self.drain_rings(now);
     }
 
+    /// Sends our full digest to `peer` (who answers with what we lack and, if it is behind, its
+    /// own digest), unless a full exchange already started this sync period and `always` is
+    /// false. Returns whether it sent.
+    fn start_full_sync(&mut self, now: Time, peer: &NodeName, always: bool) -> bool {
+        if now < self.next_full_sync && !always {
+            return false;
+        }
+        self.next_full_sync = now + self.cfg.timing.sync_every;
+        self.push(Output::Send {
+            to: peer.clone(),
+            frame: Frame::Digest(self.table.digest(), true),
+        });
+        true
+    }
+
     /// A datagram arrived on the link to `from`.
     pub fn handle_datagram(&mut self, now: Time, from: &NodeName, bytes: &[u8]) {
         let Some(kind) = self.links.get(from).filter(|l| l.up).map(|l| l.kind) else {
@@ -1366,17 +1480,26 @@ impl Engine {
         self.drain_rings(now);
     }
 
-    fn merge_records(&mut self, now: Time, from: &NodeName, kind: LinkKind, rs: Vec<NodeRecord>) {
+    fn merge_records(
+        &mut self,
+        now: Time,
+        from: &NodeName,
+        kind: LinkKind,
+        rs: Vec<Arc<NodeRecord>>,
+    ) {
         let mut changed = Vec::new();
+        // Records of our own site's nodes we knew nothing about (a node joining links to its
+        // seeds first; the rest of its site learns of it, and dials it, through its gateway).
+        let mut newcomers = Vec::new();
         for r in rs {
             if r.name == self.cfg.me.name {
                 self.handle_own_record(now, r);
                 continue;
             }
-            let was_tomb = self
-                .table
-                .get(r.name.as_str())
-                .is_some_and(NodeRecord::is_tombstone);
+            let prev = self.table.get(r.name.as_str());
+            let was_tomb = prev.is_some_and(NodeRecord::is_tombstone);
+            // A link-up placeholder (no address) does not count as knowing the node.
+            let unknown = prev.is_none_or(|p| p.addr.is_empty());
             match self.table.merge(r.clone()) {
                 m if m.changed() => {
                     self.counters.records_merged += 1;
@@ -1389,6 +1512,9 @@ impl Engine {
                     if r.is_tombstone() && !was_tomb {
                         self.on_forgotten(now, &r.name);
                     }
+                    if unknown && r.site == self.cfg.me.site && kind == LinkKind::Site {
+                        newcomers.push(r.clone());
+                    }
                     changed.push(r);
                 }
                 Merge::Full | Merge::Invalid => self.counters.records_refused += 1,
@@ -1400,24 +1526,73 @@ impl Engine {
         }
         self.push(Output::Persist);
         // Forward: the origin pushed to all of its links; a node passes updates on only across
-        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links).
-        let targets: Vec<NodeName> = self
+        // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links). Across a site
+        // boundary, one gateway of the site per record passes it on ([`Engine::forwards`]), not
+        // every gateway. Across the WAN, not to a gateway the sender reports a link to: the
+        // sender forwarded to it already. A record missed either way (a stale link report, two
+        // gateways that disagree on which of them is up) is repaired by anti-entropy.
+        let gateway = self.cfg.me.role == Role::Gateway;
+        let across: Vec<Arc<NodeRecord>> = if gateway {
+            changed
+                .iter()
+                .filter(|r| self.forwards(&r.name))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // The one exception to "not site -> site": a newcomer of our site, passed on by the
+        // gateway that passes its record across.
+        newcomers.retain(|r| gateway && across.iter().any(|a| Arc::ptr_eq(a, r)));
+        let sender = self.table.get(from.as_str());
+        let sender_links_to = |n: &NodeName| {
+            sender.is_some_and(|r| {
+                r.links
+                    .iter()
+                    .any(|x| x.peer == *n && x.state == LinkState::Up)
+            })
+        };
+        // Each target with what it gets.
+        let targets: Vec<(NodeName, Vec<Arc<NodeRecord>>)> = self
             .links
             .iter()
-            .filter(|(n, l)| {
-                l.up && *n != from && !(kind == LinkKind::Site && l.kind == LinkKind::Site)
+            .filter(|(n, l)| l.up && *n != from)
+            .filter_map(|(n, l)| {
+                let records = match (kind, l.kind) {
+                    (LinkKind::Site, LinkKind::Site) => &newcomers,
+                    (LinkKind::Wan, LinkKind::Wan) if sender_links_to(n) => return None,
+                    (LinkKind::Wan, LinkKind::Wan) => &changed,
+                    _ => &across,
+                };
+                (!records.is_empty()).then(|| (n.clone(), records.clone()))
             })
-            .map(|(n, _)| n.clone())
             .collect();
-        for t in targets {
+        for (to, records) in targets {
             self.push(Output::Send {
-                to: t,
-                frame: Frame::Records(changed.clone()),
+                to,
+                frame: Frame::Records(records),
             });
         }
     }
 
-    fn handle_own_record(&mut self, now: Time, r: NodeRecord) {
+    /// Whether this gateway is the one of its site that passes `name`'s record across the
+    /// site boundary: the rendezvous choice among the site's gateways it sees up (itself, and
+    /// those it is linked to that its site ring does not hold dead).
+    fn forwards(&self, name: &NodeName) -> bool {
+        let me = &self.cfg.me.name;
+        let up = self
+            .table
+            .gateways_of(&self.cfg.me.site)
+            .filter(|g| g.state == RecordState::Alive)
+            .map(|g| &g.name)
+            .filter(|g| {
+                *g == me
+                    || (self.is_linked(g) && self.site_ring.liveness(g) != Some(Liveness::Dead))
+            });
+        rendezvous(name.as_str(), up).is_none_or(|g| g == *me)
+    }
+
+    fn handle_own_record(&mut self, now: Time, r: Arc<NodeRecord>) {
         let mine = self.clock();
         if r.clock < mine {
             return;
@@ -1534,7 +1709,10 @@ impl Engine {
             return;
         }
         self.own_unsent = false;
-        let own = self.own();
+        let own = match self.table.get_shared(self.cfg.me.name.as_str()) {
+            Some(r) => r.clone(),
+            None => Arc::new(self.own()),
+        };
         let targets: Vec<NodeName> = self
             .links
             .iter()
@@ -1658,12 +1836,13 @@ impl Engine {
                 .collect()
         };
         let keys = self.keyring.ids();
-        let structural = own.keys != keys
+        let links_changed = strip(&own.links) != strip(&links);
+        let others_changed = own.keys != keys
             || own.cert != self.cert
-            || strip(&own.links) != strip(&links)
             || own.reach != reach
             || own.view != view
             || own.state != state;
+        let structural = links_changed || others_changed;
         let rtt_moved = now.saturating_sub(self.last_rtt_refresh) >= self.cfg.timing.rtt_refresh
             && self.links.values().any(|l| {
                 let a = f64::from(l.rtt_us.max(1));
@@ -1671,8 +1850,31 @@ impl Engine {
                 l.up && (a / b > 1.5 || b / a > 1.5) && l.rtt_us.abs_diff(l.reported_rtt_us) > 100
             });
         if !(structural || rtt_moved || force) {
+            self.links_grown = None;
             return;
         }
+        // A record never published yet (a first start) goes out at once.
+        let published = self.table.get(self.cfg.me.name.as_str()).is_some();
+        if published
+            && links_changed
+            && !others_changed
+            && !rtt_moved
+            && !force
+            && only_new_up(&own.links, &links)
+        {
+            // Only new links: publish once they settle.
+            let (first, last) = match self.links_grown {
+                Some((n, first, last)) if n == links.len() => (first, last),
+                Some((_, first, _)) => (first, now),
+                None => (now, now),
+            };
+            self.links_grown = Some((links.len(), first, last));
+            let settle = self.cfg.timing.link_settle;
+            if now.saturating_sub(last) < settle && now.saturating_sub(first) < settle * 4 {
+                return;
+            }
+        }
+        self.links_grown = None;
         own.links = links;
         own.keys = keys;
         own.cert = self.cert.clone();
@@ -2819,7 +3021,7 @@ impl Engine {
         if r.is_tombstone() {
             return Ok(r.clock);
         }
-        let stone = NodeRecord::tombstone(&r, r.clock + 1);
+        let stone = Arc::new(NodeRecord::tombstone(&r, r.clock + 1));
         let clock = stone.clock;
         self.table.merge(stone.clone());
         self.push(Output::Persist);
@@ -3591,6 +3793,168 @@ mod tests {
                 .any(|w| w.contains("DNS drift: seed gw-us") && w.contains("10.1.0.1:7400")),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn link_ups_and_differing_summaries_start_one_exchange_per_sync_period() {
+        use crate::contract::Contract;
+        use crate::name::{ClusterName, Ident, SiteName};
+        use crate::secret::{Keyring, Secret};
+        use crate::table::Summary;
+        let contract =
+            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
+                .unwrap();
+        let id = |n: &str| Ident {
+            name: NodeName::new(n).unwrap(),
+            site: SiteName::new("us").unwrap(),
+            role: Role::Member,
+        };
+        let cfg = EngineConfig {
+            cluster: ClusterName::new("c").unwrap(),
+            me: id("edge-1"),
+            addr: "10.0.0.1:7400".into(),
+            wan_addr: None,
+            contract: contract.clone(),
+            secure: true,
+            version: "t".into(),
+            seeds: vec![],
+            rejoin: false,
+            timing: Timing::lan(),
+            wall_base_ms: 0,
+            seed: 1,
+            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
+            cert: None,
+            cert_warn_fraction: 0.33,
+        };
+        let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
+        let sent = |e: &mut Engine| {
+            let mut out = Vec::new();
+            while let Some(o) = e.poll_output() {
+                if let Output::Send { to, frame } = o {
+                    let kind = match frame {
+                        Frame::Digest(_, true) => "digest",
+                        Frame::Digest(_, false) => "digest-reply",
+                        Frame::Summary(_) => "summary",
+                        Frame::Sites(_) => "sites",
+                        Frame::SiteDigest(_, _, true) => "site-digest",
+                        Frame::Records(_) => "records",
+                        _ => "other",
+                    };
+                    out.push(format!("{kind} -> {to}"));
+                }
+            }
+            out
+        };
+        sent(&mut e);
+        let up = |e: &mut Engine, at: Time, peer: &str| {
+            e.handle_link_up(
+                at,
+                LinkInfo {
+                    peer: id(peer),
+                    contract_hash: contract.hash().to_string(),
+                    secure: true,
+                    protocol: "tls1.3".into(),
+                    rtt_us: 100,
+                    key: None,
+                },
+            )
+        };
+        let ms = Duration::from_millis;
+        // The first link syncs the whole table; the next, in the same period, only a summary.
+        up(&mut e, ms(1), "edge-2");
+        let first = sent(&mut e);
+        assert!(first.contains(&"digest -> edge-2".to_string()), "{first:?}");
+        assert!(
+            first.contains(&"records -> edge-2".to_string()),
+            "{first:?}"
+        );
+        up(&mut e, ms(2), "edge-3");
+        let second = sent(&mut e);
+        assert!(
+            second.contains(&"summary -> edge-3".to_string()),
+            "{second:?}"
+        );
+        assert!(
+            !second.iter().any(|s| s.starts_with("digest")),
+            "{second:?}"
+        );
+        // A differing summary waits for the next period, then is answered with the per-site
+        // summaries.
+        let other = Summary {
+            records: 99,
+            hash: 7,
+        };
+        let edge3 = NodeName::new("edge-3").unwrap();
+        e.handle_frame(ms(3), &edge3, Frame::Summary(other));
+        assert!(sent(&mut e).is_empty());
+        e.handle_frame(ms(2500), &edge3, Frame::Summary(other));
+        assert_eq!(sent(&mut e), vec!["sites -> edge-3"]);
+        // Per-site summaries that differ in one site get a digest of that site only.
+        let mut theirs = e.table().site_summaries();
+        assert_eq!(theirs.len(), 1);
+        theirs[0].1.hash ^= 1;
+        let other_site = SiteName::new("eu").unwrap();
+        theirs.push((other_site.clone(), other));
+        e.handle_frame(ms(2600), &edge3, Frame::Sites(theirs.clone()));
+        let mut out = Vec::new();
+        while let Some(o) = e.poll_output() {
+            if let Output::Send { to, frame } = o {
+                out.push((to, frame));
+            }
+        }
+        match out.as_slice() {
+            [(to, Frame::SiteDigest(sites, digest, true))] => {
+                assert_eq!(to, &edge3);
+                assert_eq!(sites, &vec![other_site, SiteName::new("us").unwrap()]);
+                assert_eq!(digest.len(), e.table().len());
+            }
+            other => panic!("expected one site digest, got {other:?}"),
+        }
+        // Equal per-site summaries: nothing to compare.
+        e.handle_frame(ms(2700), &edge3, Frame::Sites(e.table().site_summaries()));
+        assert!(sent(&mut e).is_empty());
+        // An equal summary costs nothing, whenever it comes.
+        let mine = e.table().summary();
+        e.handle_frame(ms(6000), &edge3, Frame::Summary(mine));
+        assert!(sent(&mut e).is_empty());
+    }
+
+    #[test]
+    fn only_new_up_links_are_told_apart_from_other_link_changes() {
+        let link = |peer: &str, state: LinkState, rtt_us: u32| LinkReport {
+            peer: NodeName::new(peer).unwrap(),
+            state,
+            rtt_us,
+            since_ms: 5,
+            secure: true,
+            reason: None,
+            key: None,
+        };
+        let old = vec![link("b", LinkState::Up, 10), link("d", LinkState::Up, 10)];
+        let grown = vec![
+            link("a", LinkState::Up, 1),
+            link("b", LinkState::Up, 99),
+            link("c", LinkState::Up, 1),
+            link("d", LinkState::Up, 10),
+            link("e", LinkState::Up, 1),
+        ];
+        assert!(only_new_up(&old, &grown));
+        assert!(only_new_up(&[], &grown));
+        assert!(only_new_up(&old, &old));
+        // A link lost, a new link that is not up, a link whose state changed: not only growth.
+        assert!(!only_new_up(&old, &grown[..2]));
+        assert!(!only_new_up(
+            &old,
+            &[
+                old[0].clone(),
+                link("c", LinkState::Refused, 0),
+                old[1].clone()
+            ]
+        ));
+        assert!(!only_new_up(
+            &old,
+            &[old[0].clone(), link("d", LinkState::Down, 10)]
+        ));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::name::{Ident, NodeName, SiteName};
 use crate::secret::KeyId;
 use clusterctl_api::{LinkState, Role};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Most records a table holds (tombstones included).
 pub const MAX_RECORDS: usize = 16_384;
@@ -254,24 +255,73 @@ impl Merge {
     }
 }
 
+/// How many recent changes [`NodeTable::changed_since`] answers from its log instead of a
+/// scan of the whole table.
+pub const CHANGE_LOG: usize = 128;
+
+/// One stored record and the generation at which it was stored.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Shared: a record received once is held, forwarded and persisted without copies.
+    rec: Arc<NodeRecord>,
+    stamp: u64,
+}
+
 /// The table itself: bounded, ordered by name.
+///
+/// Records are stored behind an [`Arc`], so forwarding a record, sending it in a frame or
+/// persisting it does not copy it (and a simulator that hands frames over in memory holds one
+/// copy of each version for all of its nodes).
 #[derive(Debug, Clone, Default)]
 pub struct NodeTable {
-    records: BTreeMap<NodeName, NodeRecord>,
+    records: BTreeMap<NodeName, Entry>,
     /// Names of the records with the gateway role, by site (tombstones included): reading a
     /// site's gateway views must not scan the whole table.
     gateways: BTreeMap<SiteName, BTreeSet<NodeName>>,
     /// Rises on every change of the table.
     generation: u64,
-    /// The generation at which each record was last stored.
-    stamps: BTreeMap<NodeName, u64>,
+    /// The last [`CHANGE_LOG`] changes: generation and name, oldest first.
+    log: VecDeque<(u64, NodeName)>,
+    /// XOR of [`entry_hash`] over every `(name, clock)`: see [`NodeTable::summary`].
+    hash: u64,
+    /// The same per site: see [`NodeTable::site_summaries`].
+    sites: BTreeMap<SiteName, Summary>,
     /// Records refused because they broke a bound or the table was full.
     pub refused: u64,
 }
 
+/// What a table holds, in 12 bytes: the number of records and a 64-bit hash of every
+/// `(name, clock)` pair. Two tables with equal summaries hold the same versions (up to a hash
+/// collision, which only delays a repair until a record changes again).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Summary {
+    pub records: u32,
+    pub hash: u64,
+}
+
+/// The hash of one `(name, clock)` pair: FNV-1a over the name, then the clock, finished with
+/// the splitmix64 mixer. Fixed here (not `std`'s hasher) because peers of different builds
+/// compare it.
+pub fn entry_hash(name: &str, clock: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(clock.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 impl PartialEq for NodeTable {
     fn eq(&self, other: &Self) -> bool {
-        self.records == other.records && self.refused == other.refused
+        self.records.len() == other.records.len()
+            && self
+                .records
+                .values()
+                .zip(other.records.values())
+                .all(|(a, b)| a.rec == b.rec)
+            && self.refused == other.refused
     }
 }
 
@@ -282,7 +332,7 @@ impl NodeTable {
     }
 
     /// Builds a table from restored records (invalid ones are dropped and counted).
-    pub fn from_records(records: impl IntoIterator<Item = NodeRecord>) -> Self {
+    pub fn from_records<R: Into<Arc<NodeRecord>>>(records: impl IntoIterator<Item = R>) -> Self {
         let mut t = NodeTable::new();
         for r in records {
             t.merge(r);
@@ -290,15 +340,17 @@ impl NodeTable {
         t
     }
 
-    /// Merges one record by the clock rule.
-    pub fn merge(&mut self, rec: NodeRecord) -> Merge {
+    /// Merges one record by the clock rule (an owned record or a shared one).
+    pub fn merge(&mut self, rec: impl Into<Arc<NodeRecord>>) -> Merge {
+        let rec = rec.into();
         if rec.validate().is_err() {
             self.refused += 1;
             return Merge::Invalid;
         }
         match self.records.get(&rec.name) {
             Some(cur) => {
-                if rec.supersedes(cur) {
+                // The very same version (shared): nothing to compare.
+                if !Arc::ptr_eq(&rec, &cur.rec) && rec.supersedes(&cur.rec) {
                     self.insert(rec);
                     Merge::Replaced
                 } else {
@@ -316,19 +368,40 @@ impl NodeTable {
         }
     }
 
-    /// Stores a record, keeping the gateway index and the generation up to date.
-    fn insert(&mut self, rec: NodeRecord) {
+    /// Stores a record, keeping the gateway index, the generation and the hash up to date.
+    fn insert(&mut self, rec: Arc<NodeRecord>) {
         self.generation += 1;
-        self.stamps.insert(rec.name.clone(), self.generation);
+        let h = entry_hash(rec.name.as_str(), rec.clock);
+        self.hash ^= h;
+        let site = self.sites.entry(rec.site.clone()).or_default();
+        site.records += 1;
+        site.hash ^= h;
         if rec.role == Role::Gateway {
             self.gateways
                 .entry(rec.site.clone())
                 .or_default()
                 .insert(rec.name.clone());
         }
-        if let Some(old) = self.records.insert(rec.name.clone(), rec) {
-            let new = &self.records[&old.name];
-            if old.role == Role::Gateway && (new.role != Role::Gateway || new.site != old.site) {
+        let entry = Entry {
+            rec: rec.clone(),
+            stamp: self.generation,
+        };
+        if self.log.len() == CHANGE_LOG {
+            self.log.pop_front();
+        }
+        self.log.push_back((self.generation, rec.name.clone()));
+        if let Some(old) = self.records.insert(rec.name.clone(), entry) {
+            let old = old.rec;
+            let h = entry_hash(old.name.as_str(), old.clock);
+            self.hash ^= h;
+            if let Some(site) = self.sites.get_mut(&old.site) {
+                site.records -= 1;
+                site.hash ^= h;
+                if site.records == 0 {
+                    self.sites.remove(&old.site);
+                }
+            }
+            if old.role == Role::Gateway && (rec.role != Role::Gateway || rec.site != old.site) {
                 if let Some(set) = self.gateways.get_mut(&old.site) {
                     set.remove(&old.name);
                     if set.is_empty() {
@@ -344,14 +417,33 @@ impl NodeTable {
         self.generation
     }
 
-    /// Records stored after generation `generation`, in name order (what an incremental
-    /// snapshot must write).
-    pub fn changed_since(&self, generation: u64) -> impl Iterator<Item = &NodeRecord> {
-        self.records
-            .values()
-            .zip(self.stamps.values())
-            .filter(move |(_, g)| **g > generation)
-            .map(|(r, _)| r)
+    /// Records stored after generation `generation`, each once (what an incremental snapshot
+    /// must write). Costs the number of changes when they are among the last [`CHANGE_LOG`],
+    /// else one pass over the table.
+    pub fn changed_since(&self, generation: u64) -> Vec<&Arc<NodeRecord>> {
+        if generation >= self.generation {
+            return Vec::new();
+        }
+        let logged = self
+            .log
+            .front()
+            .is_some_and(|(first, _)| *first <= generation + 1);
+        if logged {
+            // Generations are consecutive: the log holds every change after `generation`. A
+            // name stored twice is yielded at its last stamp only.
+            self.log
+                .iter()
+                .filter(|(g, _)| *g > generation)
+                .filter_map(|(g, n)| self.records.get(n).filter(|e| e.stamp == *g))
+                .map(|e| &e.rec)
+                .collect()
+        } else {
+            self.records
+                .values()
+                .filter(|e| e.stamp > generation)
+                .map(|e| &e.rec)
+                .collect()
+        }
     }
 
     /// Records with the gateway role in `site` (tombstones included), in name order.
@@ -360,7 +452,7 @@ impl NodeTable {
             .get(site)
             .into_iter()
             .flatten()
-            .filter_map(|n| self.records.get(n))
+            .filter_map(|n| self.get(n.as_str()))
     }
 
     /// Sets a record unconditionally (the owner writing its own record, which it has already
@@ -369,27 +461,32 @@ impl NodeTable {
         debug_assert!(self
             .records
             .get(&rec.name)
-            .is_none_or(|cur| rec.clock >= cur.clock));
+            .is_none_or(|cur| rec.clock >= cur.rec.clock));
         if !self.records.contains_key(&rec.name) && self.records.len() >= MAX_RECORDS {
             return false;
         }
-        self.insert(rec);
+        self.insert(Arc::new(rec));
         true
     }
 
     /// One record.
     pub fn get(&self, name: &str) -> Option<&NodeRecord> {
-        self.records.get(name)
+        self.records.get(name).map(|e| &*e.rec)
+    }
+
+    /// One record, shared (to send or forward it without a copy).
+    pub fn get_shared(&self, name: &str) -> Option<&Arc<NodeRecord>> {
+        self.records.get(name).map(|e| &e.rec)
     }
 
     /// Every record in name order.
     pub fn iter(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.records.values()
+        self.records.values().map(|e| &*e.rec)
     }
 
     /// Live records (not tombstones) in name order.
     pub fn live(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.records.values().filter(|r| !r.is_tombstone())
+        self.iter().filter(|r| !r.is_tombstone())
     }
 
     /// Number of records, tombstones included.
@@ -402,21 +499,72 @@ impl NodeTable {
         self.records.is_empty()
     }
 
+    /// The number of records and the hash of every `(name, clock)`: what a peer compares with
+    /// its own before asking for the full [`NodeTable::digest`]. Kept up to date on every
+    /// change, so reading it costs nothing.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            records: u32::try_from(self.records.len()).unwrap_or(u32::MAX),
+            hash: self.hash,
+        }
+    }
+
+    /// [`NodeTable::summary`] of each site's records, in site order: when two tables differ,
+    /// what tells which sites to compare record by record.
+    pub fn site_summaries(&self) -> Vec<(SiteName, Summary)> {
+        self.sites.iter().map(|(s, x)| (s.clone(), *x)).collect()
+    }
+
+    /// The sites whose summary differs between this table and `theirs` (a site one side lacks
+    /// included), in site order.
+    pub fn sites_differing(&self, theirs: &[(SiteName, Summary)]) -> Vec<SiteName> {
+        let theirs: BTreeMap<&SiteName, &Summary> = theirs.iter().map(|(s, x)| (s, x)).collect();
+        let mut out: BTreeSet<SiteName> = self
+            .sites
+            .iter()
+            .filter(|(s, x)| theirs.get(s) != Some(x))
+            .map(|(s, _)| s.clone())
+            .collect();
+        out.extend(
+            theirs
+                .keys()
+                .filter(|s| !self.sites.contains_key(**s))
+                .map(|s| (*s).clone()),
+        );
+        out.into_iter().collect()
+    }
+
     /// `(name, clock)` of every record: what anti-entropy compares.
     pub fn digest(&self) -> Vec<(NodeName, u64)> {
-        self.records
-            .values()
+        self.iter().map(|r| (r.name.clone(), r.clock)).collect()
+    }
+
+    /// `(name, clock)` of every record of `sites` (sorted): a digest of part of the table.
+    pub fn digest_of(&self, sites: &[SiteName]) -> Vec<(NodeName, u64)> {
+        self.iter()
+            .filter(|r| sites.binary_search(&r.site).is_ok())
             .map(|r| (r.name.clone(), r.clock))
             .collect()
     }
 
     /// Records that are newer here than in `digest`, or absent from it.
-    pub fn newer_than(&self, digest: &[(NodeName, u64)]) -> Vec<NodeRecord> {
+    pub fn newer_than(&self, digest: &[(NodeName, u64)]) -> Vec<Arc<NodeRecord>> {
+        self.newer_than_in(digest, None)
+    }
+
+    /// [`NodeTable::newer_than`] among the records of `sites` (sorted) only, or of every site
+    /// when `None`.
+    pub fn newer_than_in(
+        &self,
+        digest: &[(NodeName, u64)],
+        sites: Option<&[SiteName]>,
+    ) -> Vec<Arc<NodeRecord>> {
         let theirs: BTreeMap<&NodeName, u64> = digest.iter().map(|(n, c)| (n, *c)).collect();
         self.records
             .values()
-            .filter(|r| theirs.get(&r.name).is_none_or(|c| r.clock > *c))
-            .cloned()
+            .filter(|e| sites.is_none_or(|s| s.binary_search(&e.rec.site).is_ok()))
+            .filter(|e| theirs.get(&e.rec.name).is_none_or(|c| e.rec.clock > *c))
+            .map(|e| e.rec.clone())
             .collect()
     }
 
@@ -424,12 +572,12 @@ impl NodeTable {
     pub fn behind(&self, digest: &[(NodeName, u64)]) -> bool {
         digest
             .iter()
-            .any(|(n, c)| self.records.get(n).is_none_or(|r| *c > r.clock))
+            .any(|(n, c)| self.get(n.as_str()).is_none_or(|r| *c > r.clock))
     }
 
     /// Highest clock in the table (used to place tombstones above everything seen).
     pub fn max_clock(&self) -> u64 {
-        self.records.values().map(|r| r.clock).max().unwrap_or(0)
+        self.iter().map(|r| r.clock).max().unwrap_or(0)
     }
 }
 
@@ -549,6 +697,106 @@ pub(crate) mod tests {
         assert_eq!(a.digest(), b.digest());
     }
 
+    #[test]
+    fn changed_since_is_the_same_from_the_log_and_from_a_scan() {
+        let mut t = NodeTable::new();
+        let mut gens = vec![0];
+        for i in 0..(CHANGE_LOG as u64 * 3) {
+            t.merge(rec(&format!("n{}", i % 50), "s", i + 1));
+            gens.push(t.generation());
+        }
+        for g in gens {
+            let mut fast: Vec<(NodeName, u64)> = t
+                .changed_since(g)
+                .iter()
+                .map(|r| (r.name.clone(), r.clock))
+                .collect();
+            fast.sort();
+            let scan: Vec<(NodeName, u64)> = t
+                .records
+                .values()
+                .filter(|e| e.stamp > g)
+                .map(|e| (e.rec.name.clone(), e.rec.clock))
+                .collect();
+            assert_eq!(fast, scan, "since generation {g}");
+        }
+    }
+
+    #[test]
+    fn summary_follows_every_change_and_matches_equal_tables() {
+        let mut a = NodeTable::new();
+        let mut b = NodeTable::new();
+        assert_eq!(a.summary(), b.summary());
+        a.merge(rec("x", "s", 1));
+        assert_ne!(a.summary(), b.summary());
+        b.merge(rec("x", "s", 1));
+        assert_eq!(a.summary(), b.summary());
+        // A newer version changes it; the same version again does not.
+        a.merge(rec("x", "s", 2));
+        let after = a.summary();
+        assert_ne!(after, b.summary());
+        a.merge(rec("x", "s", 2));
+        assert_eq!(a.summary(), after);
+        b.merge(rec("x", "s", 2));
+        assert_eq!(a.summary(), b.summary());
+        // Same clocks under other names differ.
+        let mut c = NodeTable::new();
+        c.merge(rec("y", "s", 2));
+        assert_ne!(c.summary(), b.summary());
+        assert_eq!(c.summary().records, b.summary().records);
+    }
+
+    #[test]
+    fn site_summaries_point_at_the_sites_that_differ() {
+        let mut a = NodeTable::new();
+        let mut b = NodeTable::new();
+        for t in [&mut a, &mut b] {
+            t.merge(rec("x1", "sx", 1));
+            t.merge(rec("y1", "sy", 1));
+        }
+        assert!(a.sites_differing(&b.site_summaries()).is_empty());
+        a.merge(rec("y1", "sy", 2));
+        a.merge(rec("z1", "sz", 1));
+        let sy = SiteName::new("sy").unwrap();
+        let sz = SiteName::new("sz").unwrap();
+        assert_eq!(
+            a.sites_differing(&b.site_summaries()),
+            vec![sy.clone(), sz.clone()]
+        );
+        assert_eq!(
+            b.sites_differing(&a.site_summaries()),
+            vec![sy.clone(), sz.clone()]
+        );
+        // A scoped exchange repairs exactly those sites.
+        let sites = b.sites_differing(&a.site_summaries());
+        let send = a.newer_than_in(&b.digest_of(&sites), Some(&sites));
+        assert_eq!(send.len(), 2);
+        for r in send {
+            b.merge(r);
+        }
+        assert_eq!(a.summary(), b.summary());
+        assert_eq!(a.site_summaries(), b.site_summaries());
+        // Per-site summaries add up to the whole.
+        let total = a
+            .site_summaries()
+            .iter()
+            .fold(Summary::default(), |acc, (_, x)| Summary {
+                records: acc.records + x.records,
+                hash: acc.hash ^ x.hash,
+            });
+        assert_eq!(total, a.summary());
+    }
+
+    #[test]
+    fn entry_hash_is_fixed() {
+        // Peers of different builds compare summaries: the hash must never change.
+        assert_eq!(entry_hash("", 0), entry_hash("", 0));
+        assert_ne!(entry_hash("a", 1), entry_hash("a", 2));
+        assert_ne!(entry_hash("a", 1), entry_hash("b", 1));
+        // FNV-1a of "node-a" and 7u64 (little-endian), splitmix64-finished: computed apart.
+        assert_eq!(entry_hash("node-a", 7), 0xeb84_6ee7_e926_3821_u64);
+    }
+
     fn arb_record() -> impl Strategy<Value = NodeRecord> {
         (0u8..6, 0u64..6, 0u8..3, 0u8..4).prop_map(|(n, clock, st, addr)| {
             let mut r = rec(&format!("n{n}"), "s", clock);
@@ -576,7 +824,8 @@ pub(crate) mod tests {
             }
             let mut b = NodeTable::new();
             for r in recs.iter().chain(recs.iter()) { b.merge(r.clone()); }
-            prop_assert_eq!(a.records, b.records);
+            prop_assert!(a == b);
+            prop_assert_eq!(a.summary(), b.summary());
         }
 
         /// A clock never goes down for any name.

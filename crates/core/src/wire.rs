@@ -9,11 +9,12 @@
 //! Decoding is bounded: frames over [`MAX_FRAME`] are refused before they are read, names are
 //! validated while decoding and every record is checked against the table's caps.
 
-use crate::name::{ClusterName, Ident, NodeName};
+use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::SecretProof;
-use crate::table::{NodeRecord, RecordError};
+use crate::table::{NodeRecord, RecordError, Summary};
 use clusterctl_api::{PingFailure, PingReport, ProbeResult};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Version byte in front of every frame and datagram.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -187,8 +188,9 @@ pub struct Envelope {
 /// Frames on unidirectional streams, after the handshake.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Frame {
-    /// Node-table records (pushes and answers to digests).
-    Records(Vec<NodeRecord>),
+    /// Node-table records (pushes and answers to digests). Shared: the same record goes to
+    /// many peers without a copy; on the wire it is the record itself.
+    Records(#[serde(with = "shared_records")] Vec<Arc<NodeRecord>>),
     /// `(name, clock)` of every record the sender holds: anti-entropy. The receiver answers with
     /// the records it holds newer, and, when the flag is set and it is behind, with its own digest.
     Digest(Vec<(NodeName, u64)>, bool),
@@ -196,6 +198,36 @@ pub enum Frame {
     Routed(Envelope),
     /// The sender is leaving the cluster gracefully.
     Leaving,
+    /// The sender's table in 12 bytes (record count and a hash of every `(name, clock)`): the
+    /// periodic anti-entropy round. A receiver whose own summary differs answers with its
+    /// [`Frame::Sites`] (at most once per sync period); equal summaries cost nothing more.
+    Summary(Summary),
+    /// The sender's summary of each site's records, in site order (the answer to a differing
+    /// [`Frame::Summary`]). The receiver sends a [`Frame::SiteDigest`] of the sites whose
+    /// summaries differ, if any.
+    Sites(Vec<(SiteName, Summary)>),
+    /// `(name, clock)` of the sender's records of the listed sites: a digest of part of the
+    /// table. The receiver answers with its records of those sites that are newer or missing
+    /// here and, when the flag is set and it is behind, with its own `SiteDigest` of the same
+    /// sites (flag clear).
+    SiteDigest(Vec<SiteName>, Vec<(NodeName, u64)>, bool),
+}
+
+/// `Vec<Arc<NodeRecord>>` on the wire is a sequence of records.
+mod shared_records {
+    use super::{Arc, NodeRecord};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(rs: &[Arc<NodeRecord>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(rs.iter().map(|r| &**r))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Arc<NodeRecord>>, D::Error> {
+        Ok(Vec::<NodeRecord>::deserialize(d)?
+            .into_iter()
+            .map(Arc::new)
+            .collect())
+    }
 }
 
 /// Failure-detector rings.
@@ -262,6 +294,34 @@ impl Frame {
         encode_versioned(self)
     }
 
+    /// The length of [`Frame::encode`]'s output, without building it.
+    pub fn encoded_len(&self) -> usize {
+        1 + postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+            .unwrap_or(0)
+    }
+
+    /// The length of an encoded `Records` frame of `count` records that encode to `total`
+    /// bytes together (see [`record_encoded_len`]): lets a caller that sends the same records
+    /// many times measure each record once.
+    pub fn records_encoded_len(count: usize, total: usize) -> usize {
+        // Version byte, variant index (Records is the first variant), then the length as a
+        // varint (7 bits per byte).
+        let mut varint = 1;
+        let mut n = count >> 7;
+        while n > 0 {
+            varint += 1;
+            n >>= 7;
+        }
+        1 + 1 + varint + total
+    }
+}
+
+/// The encoded length of one record, as inside a [`Frame::Records`].
+pub fn record_encoded_len(r: &NodeRecord) -> usize {
+    postcard::serialize_with_flavor(r, postcard::ser_flavors::Size::default()).unwrap_or(0)
+}
+
+impl Frame {
     /// Decodes and validates a frame (at most [`MAX_FRAME`] bytes).
     pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
         let f: Frame = decode_versioned(bytes, MAX_FRAME)?;
@@ -301,7 +361,23 @@ impl Frame {
                     ));
                 }
             }
-            Frame::Leaving => {}
+            Frame::Sites(s) => {
+                if s.len() > crate::table::MAX_RECORDS {
+                    return Err(WireError::TooMany(
+                        "sites",
+                        s.len(),
+                        crate::table::MAX_RECORDS,
+                    ));
+                }
+            }
+            Frame::SiteDigest(s, d, _) => {
+                for (what, len) in [("sites", s.len()), ("digest", d.len())] {
+                    if len > crate::table::MAX_RECORDS {
+                        return Err(WireError::TooMany(what, len, crate::table::MAX_RECORDS));
+                    }
+                }
+            }
+            Frame::Leaving | Frame::Summary(_) => {}
         }
         Ok(f)
     }
@@ -361,7 +437,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let f = Frame::Records(vec![rec("a", "s", 1)]);
+        let f = Frame::Records(vec![Arc::new(rec("a", "s", 1))]);
         assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         let e = Frame::Routed(Envelope {
             id: 7,
@@ -372,6 +448,54 @@ mod tests {
             body: Body::EchoRequest { seq: 1 },
         });
         assert_eq!(Frame::decode(&e.encode()).unwrap(), e);
+        let s = Frame::Summary(Summary {
+            records: 1000,
+            hash: u64::MAX,
+        });
+        assert_eq!(Frame::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn encoded_len_matches_encode() {
+        let frames = [
+            Frame::Records(vec![
+                Arc::new(rec("a", "s", 1)),
+                Arc::new(rec("bb", "s", 300)),
+            ]),
+            Frame::Digest(vec![(NodeName::new("a").unwrap(), 70_000)], true),
+            Frame::Summary(Summary {
+                records: 3,
+                hash: 12_345,
+            }),
+            Frame::Sites(vec![(
+                SiteName::new("s").unwrap(),
+                Summary {
+                    records: 1,
+                    hash: 9,
+                },
+            )]),
+            Frame::SiteDigest(
+                vec![SiteName::new("s").unwrap()],
+                vec![(NodeName::new("a").unwrap(), 4)],
+                true,
+            ),
+            Frame::Leaving,
+        ];
+        for f in frames {
+            assert_eq!(f.encoded_len(), f.encode().len(), "{f:?}");
+            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        }
+        for n in [0usize, 1, 127, 128, 300] {
+            let rs: Vec<Arc<NodeRecord>> = (0..n)
+                .map(|i| Arc::new(rec(&format!("n{i}"), "s", i as u64 * 1000)))
+                .collect();
+            let total = rs.iter().map(|r| record_encoded_len(r)).sum();
+            assert_eq!(
+                Frame::records_encoded_len(n, total),
+                Frame::Records(rs).encode().len(),
+                "{n} records"
+            );
+        }
     }
 
     #[test]
@@ -388,7 +512,7 @@ mod tests {
     fn invalid_names_inside_frames_are_refused() {
         let mut r = rec("a", "s", 1);
         r.addr = "x".repeat(crate::table::MAX_ADDR_LEN + 1);
-        let bytes = Frame::Records(vec![r]).encode();
+        let bytes = Frame::Records(vec![Arc::new(r)]).encode();
         assert!(matches!(Frame::decode(&bytes), Err(WireError::Record(_))));
     }
 
@@ -416,7 +540,7 @@ mod tests {
 
         #[test]
         fn truncated_frames_never_panic(cut in 0usize..200) {
-            let f = Frame::Records(vec![rec("node-a", "site-a", 42), rec("node-b", "site-a", 43)]);
+            let f = Frame::Records(vec![Arc::new(rec("node-a", "site-a", 42)), Arc::new(rec("node-b", "site-a", 43))]);
             let b = f.encode();
             let _ = Frame::decode(&b[..cut.min(b.len())]);
         }

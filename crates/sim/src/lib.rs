@@ -28,12 +28,13 @@ use clusterctl_core::engine::{Engine, EngineConfig, EventOut, LinkInfo, Output, 
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
 use clusterctl_core::secret::{KeyId, Keyring, Secret};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::RefusalCode;
+use clusterctl_core::wire::{record_encoded_len, Frame, RefusalCode};
 use clusterctl_core::Time;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Network and fault parameters.
@@ -53,6 +54,13 @@ pub struct SimConfig {
     /// Keep every event each node emits in [`SimNode::events`] (turn off for large runs: the
     /// lists grow with nodes times events).
     pub record_events: bool,
+    /// Hand frames to the receiver in memory instead of as encoded bytes: records stay shared
+    /// between every node that holds them (one copy per version for the whole simulation), and
+    /// bytes are still counted at their encoded length. Large runs turn it on to fit in memory;
+    /// the default (off) also runs every frame through encoding and decoding.
+    pub share_frames: bool,
+    /// Timing of every engine (default [`Timing::lan`]).
+    pub timing: Timing,
 }
 
 impl SimConfig {
@@ -66,6 +74,8 @@ impl SimConfig {
             connect_timeout: Duration::from_secs(3),
             datagram_loss: 0,
             record_events: true,
+            share_frames: false,
+            timing: Timing::lan(),
         }
     }
 }
@@ -102,7 +112,7 @@ pub struct SimNode {
     engine: Option<Engine>,
     cfg: EngineConfig,
     /// Last persisted table (what survives a crash), kept up to date incrementally.
-    persisted: BTreeMap<NodeName, NodeRecord>,
+    persisted: BTreeMap<NodeName, Arc<NodeRecord>>,
     /// Table generation of the running engine at its last persist.
     persisted_gen: u64,
     /// Links generation of the running engine at its last invariant check.
@@ -134,13 +144,22 @@ impl SimNode {
     }
 }
 
+/// A frame in flight.
+#[derive(Debug, Clone)]
+enum Payload {
+    /// Encoded, as on the wire.
+    Bytes(Vec<u8>),
+    /// Decoded, sharing its records with the sender ([`SimConfig::share_frames`]).
+    Shared(Box<Frame>),
+}
+
 #[derive(Debug, Clone)]
 enum Ev {
     Wake(usize),
     Frame {
         to: usize,
         from: usize,
-        bytes: Vec<u8>,
+        payload: Payload,
     },
     Datagram {
         to: usize,
@@ -236,6 +255,29 @@ pub struct Sim {
     pub lost_datagrams: u64,
     /// Steps executed.
     pub steps: u64,
+    /// Frames sent by all nodes, by kind ([`frame_kind`]): count and encoded bytes.
+    pub frame_kinds: BTreeMap<&'static str, (u64, u64)>,
+    /// Encoded length of each shared record sent, so a record sent to a hundred peers is
+    /// measured once. The `Weak` keeps the allocation (not the record) alive, so an address is
+    /// never reused while its entry exists.
+    record_lens: HashMap<usize, (Weak<NodeRecord>, usize)>,
+    /// `record_lens` is swept of dropped records when it grows past this.
+    record_lens_sweep: usize,
+}
+
+/// A frame's kind, as counted in [`Sim::frame_kinds`].
+pub fn frame_kind(f: &Frame) -> &'static str {
+    match f {
+        Frame::Records(_) => "records",
+        Frame::Digest(..) => "digest",
+        Frame::Summary(_) => "summary",
+        Frame::Sites(_) => "sites",
+        Frame::SiteDigest(..) => "site-digest",
+        Frame::Routed(_) => "routed",
+        Frame::Leaving => "leaving",
+        #[allow(unreachable_patterns)]
+        _ => "other",
+    }
 }
 
 impl std::fmt::Debug for Sim {
@@ -328,7 +370,7 @@ impl Sim {
                 version: "sim".into(),
                 seeds,
                 rejoin: false,
-                timing: Timing::lan(),
+                timing: cfg.timing.clone(),
                 wall_base_ms: 0,
                 seed: cfg.seed.wrapping_mul(31).wrapping_add(i as u64),
                 keyring: Keyring::new(sim_secret(1)),
@@ -372,6 +414,9 @@ impl Sim {
             next_token: 1,
             lost_datagrams: 0,
             steps: 0,
+            frame_kinds: BTreeMap::new(),
+            record_lens: HashMap::new(),
+            record_lens_sweep: 1 << 16,
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -426,7 +471,11 @@ impl Sim {
     }
 
     fn start(&mut self, i: usize) {
-        let restored: Vec<NodeRecord> = self.nodes[i].persisted.values().cloned().collect();
+        let restored: Vec<NodeRecord> = self.nodes[i]
+            .persisted
+            .values()
+            .map(|r| NodeRecord::clone(r))
+            .collect();
         self.nodes[i].persisted_gen = 0;
         self.nodes[i].checked_links_gen = None;
         let cfg = self.nodes[i].cfg.clone();
@@ -573,15 +622,24 @@ impl Sim {
                 };
                 if self.conns.contains_key(&pair(i, j)) && self.path_open(i, j) {
                     let lat = self.latency(i, j);
-                    let bytes = frame.encode();
+                    let kind = frame_kind(&frame);
+                    let (len, payload) = if self.cfg.share_frames {
+                        (self.frame_len(&frame), Payload::Shared(Box::new(frame)))
+                    } else {
+                        let bytes = frame.encode();
+                        (bytes.len(), Payload::Bytes(bytes))
+                    };
                     self.nodes[i].frames_sent += 1;
-                    self.nodes[i].frame_bytes_sent += bytes.len() as u64;
+                    self.nodes[i].frame_bytes_sent += len as u64;
+                    let k = self.frame_kinds.entry(kind).or_default();
+                    k.0 += 1;
+                    k.1 += len as u64;
                     self.schedule(
                         now + lat,
                         Ev::Frame {
                             to: j,
                             from: i,
-                            bytes,
+                            payload,
                         },
                     );
                 }
@@ -672,6 +730,31 @@ impl Sim {
         }
     }
 
+    /// [`Frame::encoded_len`], measuring each shared record once.
+    fn frame_len(&mut self, frame: &Frame) -> usize {
+        let Frame::Records(rs) = frame else {
+            return frame.encoded_len();
+        };
+        let mut total = 0;
+        for r in rs {
+            let key = Arc::as_ptr(r) as usize;
+            let len = match self.record_lens.get(&key) {
+                Some((w, len)) if w.strong_count() > 0 => *len,
+                _ => {
+                    let len = record_encoded_len(r);
+                    self.record_lens.insert(key, (Arc::downgrade(r), len));
+                    len
+                }
+            };
+            total += len;
+        }
+        if self.record_lens.len() > self.record_lens_sweep {
+            self.record_lens.retain(|_, (w, _)| w.strong_count() > 0);
+            self.record_lens_sweep = (self.record_lens.len() * 2).max(1 << 16);
+        }
+        Frame::records_encoded_len(rs.len(), total)
+    }
+
     fn link_info(&self, at: usize, peer: usize, rtt: Duration) -> LinkInfo {
         LinkInfo {
             key: self.conn_keys.get(&pair(at, peer)).copied(),
@@ -695,11 +778,14 @@ impl Sim {
                     self.pump(i);
                 }
             }
-            Ev::Frame { to, from, bytes } => {
+            Ev::Frame { to, from, payload } => {
                 if self.conns.contains_key(&pair(to, from)) {
                     let name = self.nodes[from].ident.name.clone();
                     if let Some(e) = self.nodes[to].engine.as_mut() {
-                        e.handle_frame_bytes(now, &name, &bytes);
+                        match payload {
+                            Payload::Bytes(bytes) => e.handle_frame_bytes(now, &name, &bytes),
+                            Payload::Shared(frame) => e.handle_frame(now, &name, *frame),
+                        }
                     }
                     self.pump(to);
                 }

@@ -34,6 +34,12 @@ pub struct ScaleSpec {
     pub window: Duration,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Site-ring probe period instead of the default (the probe timeout is half of it).
+    pub probe_period: Option<Duration>,
+    /// Site-ring suspicion instead of the default.
+    pub suspicion: Option<Duration>,
+    /// [`clusterctl_core::engine::Timing::link_settle`] instead of the default.
+    pub link_settle: Option<Duration>,
 }
 
 impl ScaleSpec {
@@ -47,6 +53,9 @@ impl ScaleSpec {
             phase_limit: Duration::from_secs(120),
             window: Duration::from_secs(10),
             progress: false,
+            probe_period: None,
+            suspicion: None,
+            link_settle: None,
         }
     }
 
@@ -62,6 +71,10 @@ pub struct Figures {
     pub nodes: usize,
     /// Virtual time from start to converged.
     pub converge: Option<Duration>,
+    /// Frame bytes all nodes sent from the start until converged.
+    pub converge_frame_bytes: u64,
+    /// The same by kind of frame ([`crate::frame_kind`]): frames and bytes.
+    pub converge_frame_kinds: Vec<(&'static str, u64, u64)>,
     /// Virtual time from the joining node's start until every running node sees it alive.
     pub join: Option<Duration>,
     /// Virtual time from the crash until every node of the dead node's site sees it dead.
@@ -71,6 +84,8 @@ pub struct Figures {
     /// Bytes sent over the window, all nodes: frames and datagrams.
     pub window_frame_bytes: u64,
     pub window_datagram_bytes: u64,
+    /// The window's frame bytes by kind of frame ([`crate::frame_kind`]), all nodes.
+    pub window_frame_kinds: Vec<(&'static str, u64)>,
     /// Largest bytes sent by one node over the window (frames + datagrams).
     pub window_max_node_bytes: u64,
     pub window: Duration,
@@ -132,6 +147,18 @@ impl ScaleReport {
                 "cluster converged from cold start, virtual s".into(),
                 t(f.converge),
             ),
+            (
+                "  frame bytes sent by all nodes until converged, MB".into(),
+                format!("{:.1}", f.converge_frame_bytes as f64 / 1e6),
+            ),
+            (
+                "  by kind: frames / MB".into(),
+                f.converge_frame_kinds
+                    .iter()
+                    .map(|(k, n, b)| format!("{k} {n} / {:.1}", *b as f64 / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
             ("join known alive everywhere, virtual s".into(), t(f.join)),
             (
                 "death seen dead in its site, virtual s".into(),
@@ -155,6 +182,19 @@ impl ScaleReport {
                     f.window_frame_bytes as f64 / f.nodes as f64 / f.window.as_secs_f64(),
                     f.window_datagram_bytes as f64 / f.nodes as f64 / f.window.as_secs_f64()
                 ),
+            ),
+            (
+                "  frames by kind, bytes per node per second".into(),
+                f.window_frame_kinds
+                    .iter()
+                    .map(|(k, b)| {
+                        format!(
+                            "{k} {:.0}",
+                            *b as f64 / f.nodes as f64 / f.window.as_secs_f64()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ),
             (
                 "busiest node, bytes per second".into(),
@@ -298,10 +338,37 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
         .collect();
     let mut cfg = SimConfig::new(spec.seed);
     cfg.record_events = false;
+    cfg.share_frames = true;
+    if let Some(p) = spec.probe_period {
+        cfg.timing.site_ring.probe_period = p;
+        cfg.timing.site_ring.probe_rtt = p / 2;
+    }
+    if let Some(s) = spec.suspicion {
+        cfg.timing.site_ring.suspect_to_down = s;
+    }
+    if let Some(s) = spec.link_settle {
+        cfg.timing.link_settle = s;
+    }
     let mut sim = Sim::new(cfg, &sites);
     say("built", &sim);
     let check = Duration::from_millis(500);
-    let converge = run_until_every(&mut sim, spec.phase_limit, check, converged);
+    let converge = run_until_every(&mut sim, spec.phase_limit, check, |s| {
+        let done = converged(s);
+        if !done {
+            let bytes: u64 = bytes_sent(s).iter().map(|(f, _)| f).sum();
+            say(
+                &format!("converging, {:.1} MB of frames sent", bytes as f64 / 1e6),
+                s,
+            );
+        }
+        done
+    });
+    let converge_frame_bytes = bytes_sent(&sim).iter().map(|(f, _)| f).sum();
+    let converge_frame_kinds = sim
+        .frame_kinds
+        .iter()
+        .map(|(k, (n, b))| (*k, *n, *b))
+        .collect();
     say("converged", &sim);
     let rss_per_node = match (rss_before, rss_bytes()) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) / spec.nodes() as u64),
@@ -326,8 +393,15 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     // Steady state.
     sim.run_for(Duration::from_secs(5));
     let before = bytes_sent(&sim);
+    let kinds_before = sim.frame_kinds.clone();
     sim.run_for(spec.window);
     let after = bytes_sent(&sim);
+    let window_frame_kinds = sim
+        .frame_kinds
+        .iter()
+        .map(|(k, (_, b))| (*k, b - kinds_before.get(k).map_or(0, |(_, b0)| *b0)))
+        .filter(|(_, b)| *b > 0)
+        .collect();
     let (mut fb, mut db, mut max_node) = (0u64, 0u64, 0u64);
     for ((f0, d0), (f1, d1)) in before.iter().zip(after.iter()) {
         fb += f1 - f0;
@@ -369,11 +443,14 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     let figures = Figures {
         nodes: spec.nodes(),
         converge,
+        converge_frame_bytes,
+        converge_frame_kinds,
         join,
         death_site,
         death_all,
         window_frame_bytes: fb,
         window_datagram_bytes: db,
+        window_frame_kinds,
         window_max_node_bytes: max_node,
         window: spec.window,
         link_ends,

@@ -11,13 +11,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: scale [--sites N] [--per-site N] [--gateways N] [--seed N] \
-[--phase-limit SECS] [--window SECS] [--quiet]
+[--phase-limit SECS] [--window SECS] [--probe-ms MS] [--suspicion-ms MS] [--link-settle-ms MS] [--quiet]
   --sites       number of sites (default 10)
   --per-site    nodes per site, gateways included (default 100)
   --gateways    gateways per site (default 2)
   --seed        seed of the run (default 1; the same seed gives the same virtual-time figures)
   --phase-limit longest virtual time a phase may take, seconds (default 120)
   --window      steady-state window over which bytes are counted, seconds (default 10)
+  --probe-ms    site-ring probe period, ms (default: the production timing; timeout half of it)
+  --suspicion-ms site-ring suspicion before dead, ms (default: the production timing)
+  --link-settle-ms how long new links wait before they are published, ms (default: production)
   --quiet       no progress lines on stderr";
 
 fn parse(args: &[String]) -> Result<ScaleSpec, String> {
@@ -44,6 +47,9 @@ fn parse(args: &[String]) -> Result<ScaleSpec, String> {
             "--seed" => spec.seed = n,
             "--phase-limit" => spec.phase_limit = Duration::from_secs(n),
             "--window" => spec.window = Duration::from_secs(n.max(1)),
+            "--probe-ms" => spec.probe_period = Some(Duration::from_millis(n.max(10))),
+            "--suspicion-ms" => spec.suspicion = Some(Duration::from_millis(n.max(10))),
+            "--link-settle-ms" => spec.link_settle = Some(Duration::from_millis(n)),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
