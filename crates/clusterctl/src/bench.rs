@@ -4,7 +4,9 @@
 //! - `lab up` until converged (whole command: certificates, agents, convergence);
 //! - whole-command time of `topology`, `topology --probe` and `members` (process start to exit);
 //! - ping round trips inside a site and across sites (through two gateways);
-//! - agent resident memory when idle.
+//! - agent resident memory when idle;
+//! - data messages to `sink`: throughput, ping RTT under a saturating load, memory under load
+//!   (see `bench_load.rs`).
 //!
 //! Figures are meant for BENCHMARKS.md; run the release build (`cargo run --release -- bench`).
 
@@ -30,11 +32,16 @@ pub struct Args {
     /// Seconds the agents idle before memory is read.
     #[arg(long, default_value_t = 5)]
     idle_secs: u64,
+    /// Skip the whole-command timings of `topology` and `members`.
+    #[arg(long)]
+    skip_commands: bool,
+    #[command(flatten)]
+    load: crate::bench_load::LoadArgs,
 }
 
-struct Stats {
-    name: String,
-    samples: Vec<f64>,
+pub(crate) struct Stats {
+    pub(crate) name: String,
+    pub(crate) samples: Vec<f64>,
 }
 
 impl Stats {
@@ -74,7 +81,7 @@ fn time_cmd(exe: &PathBuf, args: &[&str], dir: &PathBuf) -> anyhow::Result<f64> 
     Ok(ms)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))?
@@ -132,6 +139,9 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
         ),
         ("`clusterctl members`, whole command, ms", vec!["members"]),
     ] {
+        if a.skip_commands {
+            break;
+        }
         let mut s = Vec::new();
         for _ in 0..a.runs {
             s.push(time_cmd(exe, &args, dir)?);
@@ -193,6 +203,8 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
         ),
         samples: rss,
     });
+    let pids: Vec<u32> = state.nodes.iter().map(|n| n.pid).collect();
+    rows.extend(crate::bench_load::rows(&a.load, &control, &pids)?);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

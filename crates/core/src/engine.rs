@@ -34,7 +34,8 @@ use crate::wire::{
 use crate::Time;
 use clusterctl_api::{
     EventKind, LinkKind, LinkState, LinkView, MemberView, Members, NodeStatus, NodeView,
-    PingAttempt, PingFailure, PingReport, ProbeResult, Role, SiteView, Topology,
+    PingAttempt, PingFailure, PingReport, ProbeResult, Role, SinkCount, SinkReport, SiteView,
+    Topology,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -53,6 +54,10 @@ pub const MAX_PING_COUNT: u32 = 1000;
 pub const MAX_REFUSALS: usize = 1024;
 /// Most queued outputs before new sends are dropped (counted).
 pub const MAX_OUTBOX: usize = 1 << 20;
+/// Most senders the `sink` process counts separately (later ones are counted together).
+pub const MAX_SINK_SENDERS: usize = 1024;
+/// Name of the built-in process that counts the data messages it receives.
+pub const SINK: &str = "sink";
 
 /// Timing of an engine. Presets: [`Timing::lan`].
 #[derive(Debug, Clone)]
@@ -143,6 +148,8 @@ pub struct EventOut {
 pub enum Reply {
     Ping(PingReport),
     Probes(Vec<ProbeResult>),
+    /// The counters of a node's `sink`, or why they could not be read.
+    Sink(Result<SinkReport, String>),
 }
 
 /// What the engine asks its driver to do.
@@ -345,6 +352,9 @@ enum PendingWhat {
         to: NodeName,
         kind: LinkKind,
     },
+    Sink {
+        target: NodeName,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -367,6 +377,18 @@ pub struct Counters {
     pub routed_undeliverable: u64,
     pub datagrams_dropped: u64,
     pub outbox_dropped: u64,
+    /// Data messages the `sink` process counted, and their payload bytes.
+    pub sink_messages: u64,
+    pub sink_bytes: u64,
+    /// Data messages to a process this node does not run (bounced).
+    pub messages_refused: u64,
+}
+
+/// The built-in `sink` process: counts data messages and payload bytes per sender.
+#[derive(Debug, Clone, Default)]
+struct Sink {
+    per_sender: BTreeMap<NodeName, (u64, u64)>,
+    unattributed: u64,
 }
 
 /// Per-site facts shared by the statuses of that site's nodes.
@@ -427,6 +449,7 @@ pub struct Engine {
     own_unsent: bool,
     keyring: Keyring,
     cert: Option<CertSummary>,
+    sink: Sink,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -565,6 +588,7 @@ impl Engine {
             own_unsent: false,
             keyring: cfg_keyring,
             cert: cfg_cert,
+            sink: Sink::default(),
             counters: Counters::default(),
         };
         e.outbox.push_back(Output::Persist);
@@ -2242,7 +2266,108 @@ impl Engine {
             }
             Body::Call { call } => self.handle_call(now, env.src, env.id, call),
             Body::CallReply { reply } => self.call_answered(now, env.id, reply),
+            Body::Message { process, payload } => {
+                if process == SINK {
+                    self.sink_count(env.src, payload.len() as u64);
+                } else {
+                    self.counters.messages_refused += 1;
+                    let me = self.cfg.me.name.clone();
+                    let reason = format!("no process named {process:?} runs on {me}");
+                    env.body = Body::Message {
+                        process,
+                        payload: Vec::new(),
+                    };
+                    self.forward_or_bounce(now, env, Err((PingFailure::Refused, short(&reason))));
+                }
+            }
         }
+    }
+
+    // ----- the sink process -------------------------------------------------------------------
+
+    fn sink_count(&mut self, from: NodeName, bytes: u64) {
+        self.counters.sink_messages += 1;
+        self.counters.sink_bytes += bytes;
+        let full = self.sink.per_sender.len() >= MAX_SINK_SENDERS;
+        match self.sink.per_sender.get_mut(&from) {
+            Some(c) => {
+                c.0 += 1;
+                c.1 += bytes;
+            }
+            None if full => self.sink.unattributed += 1,
+            None => {
+                self.sink.per_sender.insert(from, (1, bytes));
+            }
+        }
+    }
+
+    /// Sends a data message to `process` on `dst` along the routed path (bulk lane). A message
+    /// that cannot be routed is counted in `routed_undeliverable`.
+    pub fn send_message(&mut self, now: Time, dst: NodeName, process: String, payload: Vec<u8>) {
+        let id = self.fresh_id();
+        self.originate(now, dst, id, Body::Message { process, payload }, false);
+    }
+
+    /// What this node's `sink` has counted; `reset` zeroes the counters after reading.
+    pub fn sink_report(&mut self, reset: bool) -> SinkReport {
+        let r = SinkReport {
+            node: self.cfg.me.name.to_string(),
+            senders: self
+                .sink
+                .per_sender
+                .iter()
+                .map(|(n, (m, b))| SinkCount {
+                    from: n.to_string(),
+                    messages: *m,
+                    bytes: *b,
+                })
+                .collect(),
+            unattributed: self.sink.unattributed,
+        };
+        if reset {
+            self.sink = Sink::default();
+        }
+        r
+    }
+
+    /// Reads the `sink` counters of `target` (this node or another), answered with
+    /// [`Output::Reply`] carrying `token` and [`Reply::Sink`].
+    pub fn start_sink_read(
+        &mut self,
+        now: Time,
+        token: u64,
+        target: NodeName,
+        reset: bool,
+        timeout: Duration,
+    ) {
+        if target == self.cfg.me.name {
+            let r = self.sink_report(reset);
+            self.push(Output::Reply {
+                token,
+                reply: Reply::Sink(Ok(r)),
+            });
+            return;
+        }
+        let id = self.fresh_id();
+        self.calls.insert(
+            id,
+            PendingCall {
+                from: CallFrom::Local { token },
+                deadline: now + timeout,
+                what: PendingWhat::Sink {
+                    target: target.clone(),
+                },
+            },
+        );
+        self.originate(
+            now,
+            target,
+            id,
+            Body::Call {
+                call: Call::Sink { reset },
+            },
+            false,
+        );
     }
 
     // ----- ping and probes --------------------------------------------------------------------
@@ -2715,6 +2840,10 @@ impl Engine {
                 EchoOwner::Probe { call: from, peer },
                 true,
             ),
+            Call::Sink { reset } => {
+                let r = self.sink_report(reset);
+                self.finish(now, from, CallReply::Sink(r));
+            }
         }
     }
 
@@ -2724,6 +2853,7 @@ impl Engine {
                 let reply = match reply {
                     CallReply::Ping(p) => Reply::Ping(p),
                     CallReply::Probe(p) => Reply::Probes(vec![p]),
+                    CallReply::Sink(r) => Reply::Sink(Ok(r)),
                 };
                 self.push(Output::Reply { token, reply });
             }
@@ -2774,6 +2904,17 @@ impl Engine {
                     "could not reach {from} to run the probe ({at}: {reason})"
                 )),
             }),
+            PendingWhat::Sink { target } => {
+                if let CallFrom::Local { token } = c.from {
+                    self.push(Output::Reply {
+                        token,
+                        reply: Reply::Sink(Err(format!(
+                            "could not read the sink of {target} ({at}: {reason})"
+                        ))),
+                    });
+                }
+                return;
+            }
         };
         self.finish(now, c.from, reply);
     }

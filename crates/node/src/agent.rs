@@ -5,7 +5,8 @@
 //!   dial tasks ───┤ bounded mpsc (Net)      │ bounded mpsc (Command)
 //!   conn readers ─┴──────────► owner task ◄─┘
 //!                                 │  engine.poll_output()
-//!                                 ├─► per-connection writer (bounded) ─► QUIC uni streams
+//!                                 ├─► per-connection lanes ─► two long-lived QUIC uni streams
+//!                                 │   (control first; data on the bulk lane, see [`crate::data`])
 //!                                 ├─► conn.send_datagram (SWIM)
 //!                                 ├─► persister (watch, coalescing) ─► table.snap
 //!                                 └─► event log (ring + broadcast)
@@ -18,6 +19,7 @@
 use crate::config::TlsFiles;
 use crate::config::{AgentConfig, ConfigError};
 use crate::control::{self, Command, EventLog};
+use crate::data::{self, BulkLane, DataPath, DataStats, Queued, Routes, SharedRoutes, ToOwner};
 use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
@@ -31,7 +33,7 @@ use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Handshake, Hello, HelloAck, Refusal, MAX_FRAME, MAX_HANDSHAKE};
+use clusterctl_core::wire::{Handshake, Hello, HelloAck, Lane, Refusal, MAX_HANDSHAKE};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,10 +50,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 256;
-/// Most frames queued for one connection before new ones are dropped.
-const WRITE_QUEUE: usize = 4096;
-/// Most frame writes / reads in flight per connection.
-const STREAMS_IN_FLIGHT: usize = 64;
+/// Most lane streams read at once per connection (a peer opens two; a reconnect may overlap).
+const LANES_IN_FLIGHT: usize = 4;
 /// Two connections of one pair established within this window are a crossing dial.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
 /// Application close code for the losing connection of a simultaneous dial.
@@ -60,6 +60,10 @@ const CLOSE_DUPLICATE: u32 = 3;
 const TLS_FILES_POLL: Duration = Duration::from_secs(2);
 /// Capacity of the channel from connection tasks to the owner.
 const NET_QUEUE: usize = 8192;
+/// Capacity, in batches, of the channel from bulk readers to the owner (data for this node).
+const BULK_TO_OWNER: usize = 32;
+/// The route snapshot is rebuilt at least this often (liveness changes move routes too).
+const ROUTES_EVERY: Duration = Duration::from_millis(250);
 
 /// Options that are not part of the config file.
 #[derive(Debug, Clone)]
@@ -112,7 +116,7 @@ impl AgentError {
 }
 
 /// Messages from connection tasks to the owner.
-enum Net {
+pub(crate) enum Net {
     /// Dialer side: the acceptor answered with an ack; the owner checks it.
     Ack {
         conn: quinn::Connection,
@@ -162,7 +166,7 @@ enum Net {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DialFail {
+pub(crate) enum DialFail {
     /// The peer kept another connection to us (both ends dialed at once).
     Duplicate,
     Unreachable,
@@ -194,7 +198,8 @@ struct ConnEntry {
     /// Who dialed: the connection dialed by the lower name wins a crossing dial.
     dialer: NodeName,
     established: Instant,
-    writer: mpsc::Sender<Vec<u8>>,
+    control: mpsc::Sender<Queued>,
+    bulk: BulkLane,
 }
 
 /// Binds the sockets named in `cfg` and runs the agent until `shutdown` resolves.
@@ -337,6 +342,12 @@ pub async fn run_bound(
 
     let events = Arc::new(EventLog::new(cfg.ident.name.to_string()));
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (bulk_tx, bulk_rx) = mpsc::channel(BULK_TO_OWNER);
+    let data = DataPath {
+        me: cfg.ident.name.clone(),
+        routes: SharedRoutes::default(),
+        stats: Arc::new(DataStats::default()),
+    };
     let control_addr = control_listener
         .local_addr()
         .map_err(|e| AgentError::Io(e.to_string()))?;
@@ -355,6 +366,7 @@ pub async fn run_bound(
         cmd_tx,
         events.clone(),
         info,
+        data.clone(),
     ));
     info!(
         node = %cfg.ident.name,
@@ -386,6 +398,10 @@ pub async fn run_bound(
         conns: HashMap::new(),
         next_conn_id: 1,
         net_tx,
+        bulk_tx,
+        data,
+        routes_key: None,
+        routes_at: Instant::now(),
         pending: HashMap::new(),
         next_token: 1,
         events,
@@ -393,7 +409,9 @@ pub async fn run_bound(
         fatal: None,
     };
     owner.drain(&mut engine);
-    let result = owner.run(&mut engine, net_rx, cmd_rx, shutdown).await;
+    let result = owner
+        .run(&mut engine, net_rx, bulk_rx, cmd_rx, shutdown)
+        .await;
 
     // Final snapshot, then close everything.
     let _ = persist::store(&cfg.data_dir, &engine.records());
@@ -420,6 +438,11 @@ struct Owner {
     conns: HashMap<NodeName, ConnEntry>,
     next_conn_id: u64,
     net_tx: mpsc::Sender<Net>,
+    bulk_tx: mpsc::Sender<ToOwner>,
+    data: DataPath,
+    /// What the published route snapshot was built from, and when.
+    routes_key: Option<(u64, u64, u64)>,
+    routes_at: Instant,
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     next_token: u64,
     events: Arc<EventLog>,
@@ -436,6 +459,7 @@ impl Owner {
         &mut self,
         engine: &mut Engine,
         mut net_rx: mpsc::Receiver<Net>,
+        mut bulk_rx: mpsc::Receiver<ToOwner>,
         mut cmd_rx: mpsc::Receiver<Command>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AgentError> {
@@ -448,7 +472,10 @@ impl Owner {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             let wake = self.epoch + engine.poll_timeout();
+            // Biased: control input (handshakes, control frames, datagrams, commands, timers)
+            // is served before data for this node, so a ping never waits behind a bulk load.
             tokio::select! {
+                biased;
                 _ = &mut shutdown => break,
                 Some(msg) = net_rx.recv() => self.on_net(engine, msg),
                 Some(cmd) = cmd_rx.recv() => self.on_command(engine, cmd),
@@ -473,8 +500,17 @@ impl Owner {
                 } => {
                     self.reload(engine, "SIGHUP");
                 }
+                Some(batch) = bulk_rx.recv() => {
+                    if self.conns.get(&batch.peer).is_some_and(|c| c.id == batch.conn_id) {
+                        let now = self.now();
+                        for f in batch.frames {
+                            engine.handle_frame(now, &batch.peer, f);
+                        }
+                    }
+                }
             }
             self.drain(engine);
+            self.publish_routes(engine);
             if let Some(reason) = self.fatal.take() {
                 error!("{reason}");
                 return Err(AgentError::Forgotten(reason));
@@ -489,7 +525,7 @@ impl Owner {
             && self
                 .conns
                 .values()
-                .any(|c| c.writer.capacity() < WRITE_QUEUE)
+                .any(|c| c.control.capacity() < data::CONTROL_QUEUE)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -515,9 +551,26 @@ impl Owner {
                     ));
                 }
                 Output::Send { to, frame } => {
-                    if let Some(c) = self.conns.get(&to) {
-                        if c.writer.try_send(frame.encode()).is_err() {
-                            warn!(peer = %to, "write queue full: frame dropped");
+                    let Some(c) = self.conns.get(&to) else {
+                        continue;
+                    };
+                    let lane = frame.lane();
+                    let bytes = frame.encode_prefixed();
+                    match lane {
+                        Lane::Control => {
+                            if c.control.try_send(Queued::control(bytes)).is_err() {
+                                warn!(peer = %to, "control queue full: frame dropped");
+                            }
+                        }
+                        // The owner never waits: a data frame that finds the lane full is
+                        // dropped and counted (senders that can wait use the lane directly).
+                        Lane::Bulk => {
+                            if c.bulk.try_send(bytes).is_err() {
+                                self.data
+                                    .stats
+                                    .dropped
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -546,6 +599,38 @@ impl Owner {
                 }
             }
         }
+    }
+
+    /// Rebuilds the route snapshot of the data path when links or the table changed, and at
+    /// least every [`ROUTES_EVERY`] (failure-detector verdicts move routes too).
+    fn publish_routes(&mut self, engine: &Engine) {
+        let key = (
+            engine.links_generation(),
+            engine.table().generation(),
+            self.next_conn_id,
+        );
+        if self.routes_key == Some(key) && self.routes_at.elapsed() < ROUTES_EVERY {
+            return;
+        }
+        self.routes_key = Some(key);
+        self.routes_at = Instant::now();
+        let me = &self.ident.name;
+        let hops = engine
+            .table()
+            .live()
+            .filter(|r| r.name != *me)
+            .filter_map(|r| Some((r.name.clone(), engine.next_hop(&r.name).ok()?)))
+            .collect();
+        let lanes = self
+            .conns
+            .iter()
+            .filter(|(peer, _)| engine.is_linked(peer))
+            .map(|(peer, c)| {
+                let rtt = c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32;
+                (peer.clone(), (c.bulk.clone(), rtt))
+            })
+            .collect();
+        self.data.routes.set(Routes::new(hops, lanes));
     }
 
     fn link_info(
@@ -591,9 +676,18 @@ impl Owner {
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
-        let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(writer(conn.clone(), wrx));
-        tokio::spawn(reader(conn.clone(), peer.clone(), id, self.net_tx.clone()));
+        let (ctx, crx) = mpsc::channel(data::CONTROL_QUEUE);
+        let (bulk, brx) = BulkLane::new();
+        tokio::spawn(data::lane_writer(conn.clone(), Lane::Control, crx));
+        tokio::spawn(data::lane_writer(conn.clone(), Lane::Bulk, brx));
+        tokio::spawn(reader(
+            conn.clone(),
+            peer.clone(),
+            id,
+            self.net_tx.clone(),
+            self.bulk_tx.clone(),
+            self.data.clone(),
+        ));
         let replaced = self
             .conns
             .insert(
@@ -602,7 +696,8 @@ impl Owner {
                     id,
                     conn,
                     dialer,
-                    writer: wtx,
+                    control: ctx,
+                    bulk,
                     established: Instant::now(),
                 },
             )
@@ -811,8 +906,20 @@ impl Owner {
             Command::Secret { req, reply } => {
                 let _ = reply.send(self.keyring_op(engine, now, &req));
             }
+            Command::Sink {
+                target,
+                reset,
+                timeout,
+                reply,
+            } => {
+                let token = self.token(reply);
+                engine.start_sink_read(now, token, target, reset, timeout);
+            }
             Command::Metrics { reply } => {
                 let _ = reply.send(control::MetricsSnapshot {
+                    data_forwarded: DataStats::get(&self.data.stats.forwarded),
+                    data_dropped: DataStats::get(&self.data.stats.dropped),
+                    load_sent: DataStats::get(&self.data.stats.load_sent),
                     counters: engine.counters.clone(),
                     links_up: engine.linked_peers().len() as u64,
                     table_records: engine.table().len() as u64,
@@ -1200,44 +1307,29 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
     }
 }
 
-async fn writer(conn: quinn::Connection, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let limit = Arc::new(Semaphore::new(STREAMS_IN_FLIGHT));
-    while let Some(bytes) = rx.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            if let Ok(mut s) = conn.open_uni().await {
-                if s.write_all(&bytes).await.is_ok() {
-                    let _ = s.finish();
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
-async fn reader(conn: quinn::Connection, peer: NodeName, conn_id: u64, net: mpsc::Sender<Net>) {
-    let limit = Arc::new(Semaphore::new(STREAMS_IN_FLIGHT));
+/// Accepts the lane streams of a connection (each read by its own task, see
+/// [`DataPath::read_lane`]) and its datagrams; reports the close to the owner.
+async fn reader(
+    conn: quinn::Connection,
+    peer: NodeName,
+    conn_id: u64,
+    net: mpsc::Sender<Net>,
+    bulk: mpsc::Sender<ToOwner>,
+    data: DataPath,
+) {
+    let limit = Arc::new(Semaphore::new(LANES_IN_FLIGHT));
     let reason = loop {
         tokio::select! {
             s = conn.accept_uni() => match s {
-                Ok(mut recv) => {
-                    let Ok(permit) = limit.clone().acquire_owned().await else { break "closing".to_string() };
-                    let net = net.clone();
-                    let peer = peer.clone();
+                Ok(recv) => {
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        warn!(peer = %peer, "closed a link whose peer opened more than {LANES_IN_FLIGHT} lanes");
+                        conn.close(4u32.into(), b"too many lanes");
+                        break "the peer opened too many lanes".to_string();
+                    };
+                    let read = data.clone().read_lane(conn.clone(), recv, peer.clone(), conn_id, net.clone(), bulk.clone());
                     tokio::spawn(async move {
-                        match recv.read_to_end(MAX_FRAME).await {
-                            Ok(bytes) => {
-                                let _ = net.send(Net::Frame { peer, conn_id, bytes }).await;
-                            }
-                            Err(quinn::ReadToEndError::TooLong) => {
-                                warn!(peer = %peer, "dropped a frame over {MAX_FRAME} bytes");
-                                let _ = recv.stop(1u32.into());
-                            }
-                            Err(_) => {}
-                        }
+                        read.await;
                         drop(permit);
                     });
                 }

@@ -12,6 +12,7 @@
 //! | GET | `/v1/secrets` | [`Secrets`] (who holds which cluster secret) |
 //! | GET | `/v1/certs` | [`CertsReport`] (which CA and certificate every node presents) |
 //! | POST | `/v1/reload` | [`ReloadReport`] (re-read certificate, key and CA bundle) |
+//! | POST | `/v1/load` | [`LoadRequest`] -> [`LoadReport`] (data messages to a node's `sink`) |
 //! | GET | `/metrics` | Prometheus text format |
 //!
 //! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
@@ -24,10 +25,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clusterctl_api::{
-    ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, Members, NodeInfo,
-    PingRequest, ReloadReport, Role, SecretRequest, Secrets, Topology, API_VERSION,
+    ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, LoadReport,
+    LoadRequest, Members, NodeInfo, PingRequest, ReloadReport, Role, SecretRequest, Secrets,
+    Topology, API_VERSION,
 };
 use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
+use clusterctl_core::name::NodeName;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use std::collections::VecDeque;
@@ -78,6 +81,14 @@ pub enum Command {
     Reload {
         reply: oneshot::Sender<ReloadReport>,
     },
+    /// Read (and with `reset`, zero) the `sink` counters of `target`; answered with
+    /// [`Reply::Sink`].
+    Sink {
+        target: NodeName,
+        reset: bool,
+        timeout: Duration,
+        reply: oneshot::Sender<Reply>,
+    },
 }
 
 /// Numbers for `/metrics`.
@@ -88,6 +99,12 @@ pub struct MetricsSnapshot {
     pub table_records: u64,
     pub clock: u64,
     pub health_score: u64,
+    /// Data messages forwarded by the data path without the owner task.
+    pub data_forwarded: u64,
+    /// Data messages dropped because a bulk lane stayed full.
+    pub data_dropped: u64,
+    /// Data messages sent by the load generator.
+    pub load_sent: u64,
 }
 
 /// What never changes while the agent runs.
@@ -161,6 +178,7 @@ struct Ctx {
     cmd: mpsc::Sender<Command>,
     events: Arc<EventLog>,
     info: Arc<StaticInfo>,
+    data: crate::data::DataPath,
 }
 
 type ApiResult<T> = Result<T, (StatusCode, Json<ApiError>)>;
@@ -200,11 +218,13 @@ pub async fn serve(
     cmd: mpsc::Sender<Command>,
     events: Arc<EventLog>,
     info: StaticInfo,
+    data: crate::data::DataPath,
 ) {
     let ctx = Ctx {
         cmd,
         events,
         info: Arc::new(info),
+        data,
     };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -217,6 +237,7 @@ pub async fn serve(
         .route("/v1/secrets", get(secrets))
         .route("/v1/certs", get(certs))
         .route("/v1/reload", post(reload))
+        .route("/v1/load", post(load))
         .route("/metrics", get(metrics))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
@@ -263,7 +284,7 @@ async fn topology(
         let wait = Duration::from_millis(timeout_ms * 3 + 2000);
         match ask(&ctx, |reply| Command::Probe { timeout_ms, reply }, wait).await? {
             Reply::Probes(p) => Some(p),
-            Reply::Ping(_) => None,
+            Reply::Ping(_) | Reply::Sink(_) => None,
         }
     } else {
         None
@@ -306,7 +327,24 @@ async fn ping(
         + Duration::from_secs(5);
     match ask(&ctx, |reply| Command::Ping { req, reply }, wait).await? {
         Reply::Ping(r) => Ok(Json(r)),
-        Reply::Probes(_) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
+        Reply::Probes(_) | Reply::Sink(_) => {
+            Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"))
+        }
+    }
+}
+
+async fn load(State(ctx): State<Ctx>, Json(req): Json<LoadRequest>) -> ApiResult<Json<LoadReport>> {
+    crate::data::check_load(&ctx.data.me, &req).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    // The load runs in its own task, so a client that hangs up does not cut it short midway.
+    let run = tokio::spawn(crate::data::run_load(
+        ctx.data.clone(),
+        ctx.cmd.clone(),
+        req,
+    ));
+    match run.await {
+        Ok(Ok(r)) => Ok(Json(r)),
+        Ok(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
+        Err(e) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 
@@ -484,6 +522,36 @@ async fn metrics(State(ctx): State<Ctx>) -> ApiResult<Response> {
         "outbox_dropped",
         "Outputs dropped because the outbox was full",
         c.outbox_dropped,
+    );
+    add(
+        "sink_messages",
+        "Data messages the sink process counted",
+        c.sink_messages,
+    );
+    add(
+        "sink_bytes",
+        "Payload bytes the sink process counted",
+        c.sink_bytes,
+    );
+    add(
+        "messages_refused",
+        "Data messages to a process this node does not run (bounced)",
+        c.messages_refused,
+    );
+    add(
+        "data_forwarded",
+        "Data messages forwarded on the bulk lane by the data path",
+        m.data_forwarded,
+    );
+    add(
+        "data_dropped",
+        "Data messages dropped because a bulk lane stayed full",
+        m.data_dropped,
+    );
+    add(
+        "load_sent",
+        "Data messages sent by the load generator",
+        m.load_sent,
     );
     add("links_up", "Links currently up", m.links_up);
     add(
