@@ -440,8 +440,8 @@ struct Owner {
     net_tx: mpsc::Sender<Net>,
     bulk_tx: mpsc::Sender<ToOwner>,
     data: DataPath,
-    /// What the published route snapshot was built from, and when.
-    routes_key: Option<(u64, u64, u64)>,
+    /// The links the published route snapshot was built from, and when.
+    routes_key: Option<(u64, u64)>,
     routes_at: Instant,
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     next_token: u64,
@@ -601,14 +601,11 @@ impl Owner {
         }
     }
 
-    /// Rebuilds the route snapshot of the data path when links or the table changed, and at
-    /// least every [`ROUTES_EVERY`] (failure-detector verdicts move routes too).
+    /// Rebuilds the route snapshot of the data path when a link changed, and every
+    /// [`ROUTES_EVERY`] otherwise (new records and failure-detector verdicts move routes too;
+    /// the period bounds the cost of a busy table).
     fn publish_routes(&mut self, engine: &Engine) {
-        let key = (
-            engine.links_generation(),
-            engine.table().generation(),
-            self.next_conn_id,
-        );
+        let key = (engine.links_generation(), self.next_conn_id);
         if self.routes_key == Some(key) && self.routes_at.elapsed() < ROUTES_EVERY {
             return;
         }

@@ -1225,4 +1225,46 @@ impl Sim {
         }
         None
     }
+
+    /// Runs `f` on a running node's engine at the current virtual time, then delivers what it
+    /// produced.
+    pub fn with_engine<R>(&mut self, name: &str, f: impl FnOnce(&mut Engine, Time) -> R) -> R {
+        let i = self.idx(name);
+        let now = self.now;
+        let seed = self.cfg.seed;
+        let e = self.nodes[i]
+            .engine
+            .as_mut()
+            .unwrap_or_else(|| panic!("{name} is not running (seed {seed})"));
+        let r = f(e, now);
+        self.pump(i);
+        r
+    }
+
+    /// Reads the `sink` counters of `target` from `from` and runs the simulation until the
+    /// answer arrives (or `max`).
+    pub fn sink_read(
+        &mut self,
+        from: &str,
+        target: &str,
+        max: Duration,
+    ) -> Option<Result<clusterctl_api::SinkReport, String>> {
+        let i = self.idx(from);
+        let token = self.next_token;
+        self.next_token += 1;
+        let target = NodeName::new(target).expect("name");
+        self.with_engine(from, |e, now| {
+            e.start_sink_read(now, token, target, false, Duration::from_secs(5))
+        });
+        let start = self.now;
+        while self.now - start <= max {
+            if let Some(Reply::Sink(r)) = self.nodes[i].replies.remove(&token) {
+                return Some(r);
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        None
+    }
 }
