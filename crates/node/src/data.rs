@@ -234,9 +234,11 @@ impl Routes {
         Routes { hops, lanes }
     }
 
-    /// The bulk lane toward `dst` and the RTT of that link, if there is a route.
-    pub fn lane_to(&self, dst: &NodeName) -> Option<&(BulkLane, u32)> {
-        self.lanes.get(self.hops.get(dst)?)
+    /// The next hop toward `dst`, its bulk lane and the RTT of that link, if there is a route.
+    pub fn lane_to(&self, dst: &NodeName) -> Option<(&NodeName, &BulkLane, u32)> {
+        let hop = self.hops.get(dst)?;
+        let (lane, rtt) = self.lanes.get(hop)?;
+        Some((hop, lane, *rtt))
     }
 }
 
@@ -272,27 +274,55 @@ pub struct DataPath {
     pub stats: Arc<DataStats>,
 }
 
+/// Data messages to forward, encoded back to back for one next hop (order kept per hop).
+#[derive(Debug)]
+struct Batch {
+    hop: NodeName,
+    lane: BulkLane,
+    bytes: Vec<u8>,
+    messages: u64,
+}
+
 impl DataPath {
-    /// Forwards a data message for another node on the next hop's bulk lane, waiting for room.
-    /// Returns the message when this node cannot route it (the owner then routes or bounces it).
-    async fn forward(&self, routes: &Routes, mut env: Envelope) -> Option<Envelope> {
+    /// Encodes a data message for another node into the batch of its next hop. Returns the
+    /// message when this node cannot route it (the owner then routes or bounces it).
+    fn stage(&self, routes: &Routes, out: &mut Vec<Batch>, mut env: Envelope) -> Option<Envelope> {
         if env.ttl == 0 {
             return Some(env);
         }
-        let Some((lane, rtt)) = routes.lane_to(&env.dst) else {
+        let Some((hop, lane, rtt)) = routes.lane_to(&env.dst) else {
             return Some(env);
         };
         env.ttl -= 1;
         env.trace.push(Hop {
             node: self.me.clone(),
-            rtt_us: *rtt,
+            rtt_us: rtt,
         });
         let bytes = Frame::Routed(env).encode_prefixed();
-        match tokio::time::timeout(FORWARD_WAIT, lane.send(bytes)).await {
-            Ok(Ok(())) => DataStats::add(&self.stats.forwarded, 1),
-            _ => DataStats::add(&self.stats.dropped, 1),
+        match out.iter_mut().find(|b| b.hop == *hop) {
+            Some(b) => {
+                b.bytes.extend_from_slice(&bytes);
+                b.messages += 1;
+            }
+            None => out.push(Batch {
+                hop: hop.clone(),
+                lane: lane.clone(),
+                bytes,
+                messages: 1,
+            }),
         }
         None
+    }
+
+    /// Queues staged batches on their next hops' bulk lanes, waiting for room (at most
+    /// [`FORWARD_WAIT`] each; then the batch is dropped and counted).
+    async fn flush(&self, out: &mut Vec<Batch>) {
+        for b in out.drain(..) {
+            match tokio::time::timeout(FORWARD_WAIT, b.lane.send(b.bytes)).await {
+                Ok(Ok(())) => DataStats::add(&self.stats.forwarded, b.messages),
+                _ => DataStats::add(&self.stats.dropped, b.messages),
+            }
+        }
     }
 
     /// Reads one lane stream of a link. Control frames go to the owner as bytes (it decodes and
@@ -324,6 +354,7 @@ impl DataPath {
             };
             split.push(&chunk);
             let mut to_owner = Vec::new();
+            let mut staged: Vec<Batch> = Vec::new();
             let mut routes: Option<Arc<Routes>> = None;
             loop {
                 let frame = match split.next_frame() {
@@ -350,8 +381,8 @@ impl DataPath {
                     Ok(Frame::Routed(env))
                         if env.dst != self.me && matches!(env.body, Body::Message { .. }) =>
                     {
-                        let r = routes.get_or_insert_with(|| self.routes.get()).clone();
-                        if let Some(env) = self.forward(&r, env).await {
+                        let r = routes.get_or_insert_with(|| self.routes.get());
+                        if let Some(env) = self.stage(r, &mut staged, env) {
                             to_owner.push(Frame::Routed(env));
                         }
                     }
@@ -369,6 +400,8 @@ impl DataPath {
                     }
                 }
             }
+            // Forwarded messages are batched per read (at most one read plus one frame each).
+            self.flush(&mut staged).await;
             if !to_owner.is_empty() {
                 let msg = ToOwner {
                     peer: peer.clone(),
@@ -461,20 +494,27 @@ pub async fn run_load(
     let mut sent = 0u64;
     let mut error = None;
     let started = Instant::now();
-    let mut current: Option<(BulkLane, Vec<u8>)> = None;
+    // Small messages go to the lane a batch at a time: `per` frames back to back.
+    let mut current: Option<(BulkLane, Vec<u8>, u64)> = None;
     while sent < req.count {
-        let (lane, bytes) = match &current {
+        let (lane, batch, per) = match &current {
             Some(c) => c,
             None => match data.routes.get().lane_to(&target) {
-                Some((lane, rtt)) => current.insert((lane.clone(), frame(*rtt))),
+                Some((_, lane, rtt)) => {
+                    let one = frame(rtt);
+                    let per = (BATCH_BYTES / 4 / one.len()).clamp(1, 4096) as u64;
+                    current.insert((lane.clone(), one.repeat(per as usize), per))
+                }
                 None => {
                     error = Some(format!("no route from {} to {target}", data.me));
                     break;
                 }
             },
         };
-        match tokio::time::timeout_at(deadline, lane.send(bytes.clone())).await {
-            Ok(Ok(())) => sent += 1,
+        let n = (*per).min(req.count - sent);
+        let bytes = batch[..batch.len() / *per as usize * n as usize].to_vec();
+        match tokio::time::timeout_at(deadline, lane.send(bytes)).await {
+            Ok(Ok(())) => sent += n,
             // The link went down: look the route up again (once per message).
             Ok(Err(_)) => {
                 current = None;
