@@ -648,6 +648,10 @@ pub struct SinkReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadRequest {
     pub target: String,
+    /// Node that sends (the request travels there through the cluster); the answering agent
+    /// when absent.
+    #[serde(default)]
+    pub from: Option<String>,
     pub count: u64,
     /// Payload bytes per message.
     pub size: u32,

@@ -35,6 +35,7 @@ fn load(client: &Client, target: &str, count: u64, size: u32) -> anyhow::Result<
         "/v1/load",
         &LoadRequest {
             target: target.into(),
+            from: None,
             count,
             size,
             timeout_ms: RUN_TIMEOUT.as_millis() as u64,

@@ -18,8 +18,8 @@ pub struct Args {
     /// Payload bytes per message (at most 1048576).
     #[arg(long, short, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
     size: u32,
-    /// Node that sends: a lab node name or the control HOST:PORT of its agent (the same as
-    /// --agent; default: the agent answering the CLI).
+    /// Node that sends (the request travels there through the cluster; default: the agent
+    /// answering the CLI).
     #[arg(long)]
     from: Option<String>,
     /// Longest the whole run may take, in milliseconds (sending and confirmation).
@@ -31,11 +31,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let sender = match a.from {
-        Some(f) => AgentArgs { agent: Some(f) },
-        None => agent.clone(),
-    };
-    let client = Client::resolve(&sender)?;
+    let client = Client::resolve(agent)?;
     let client = Client::with_timeout(
         client.addr(),
         Duration::from_millis(a.timeout_ms) + Duration::from_secs(15),
@@ -44,6 +40,7 @@ pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
         "/v1/load",
         &LoadRequest {
             target: a.target,
+            from: a.from,
             count: a.count,
             size: a.size,
             timeout_ms: a.timeout_ms,

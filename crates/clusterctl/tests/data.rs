@@ -37,14 +37,23 @@ fn metric(lab: &Lab, name: &str, gauge: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} has no gauge {gauge} in:\n{text}"))
 }
 
-fn load(lab: &Lab, from: &str, target: &str, count: u64, size: u32) -> LoadReport {
+/// `clusterctl load` from `from`: asked of `from`'s own agent when `local`, else sent there
+/// through the cluster by another agent (`--from`).
+fn load(lab: &Lab, from: &str, local: bool, target: &str, count: u64, size: u32) -> LoadReport {
     let (count, size) = (count.to_string(), size.to_string());
-    let out = lab.cli_within(
-        Duration::from_secs(300),
-        &[
-            "load", target, "--from", from, "--count", &count, "--size", &size, "--json",
-        ],
-    );
+    let other = lab
+        .nodes()
+        .iter()
+        .find(|n| n.name != from && n.name != target)
+        .map(|n| n.name.clone())
+        .expect("a lab has more than two nodes");
+    let mut args = vec!["load", target, "--count", &count, "--size", &size, "--json"];
+    if local {
+        args.extend(["--agent", from]);
+    } else {
+        args.extend(["--agent", other.as_str(), "--from", from]);
+    }
+    let out = lab.cli_within(Duration::from_secs(300), &args);
     out.assert_success();
     out.json()
 }
@@ -54,7 +63,8 @@ fn a_cross_site_load_is_delivered_in_full_and_counted_by_the_sink() {
     let lab = converged_lab();
     let before = metric(&lab, "edge-eu-2", "sink_messages");
 
-    let r = load(&lab, "edge-us-1", "edge-eu-2", 3000, 100);
+    // Asked of another agent: the request travels to edge-us-1, which runs the load.
+    let r = load(&lab, "edge-us-1", false, "edge-eu-2", 3000, 100);
     assert_eq!(
         (r.sent, r.delivered, r.dropped, r.unsent),
         (3000, 3000, 0, 0),
@@ -66,7 +76,7 @@ fn a_cross_site_load_is_delivered_in_full_and_counted_by_the_sink() {
     );
     assert!(r.error.is_none(), "{r:?}");
 
-    let r = load(&lab, "edge-us-1", "edge-eu-2", 50, 64 * 1024);
+    let r = load(&lab, "edge-us-1", true, "edge-eu-2", 50, 64 * 1024);
     assert_eq!((r.sent, r.delivered), (50, 50), "{r:?}");
 
     // The sink counted every message, and both gateways forwarded them on the data path.
@@ -82,7 +92,7 @@ fn a_cross_site_load_is_delivered_in_full_and_counted_by_the_sink() {
 fn pings_keep_getting_answers_while_a_load_fills_the_link() {
     let lab = converged_lab();
     std::thread::scope(|s| {
-        let loader = s.spawn(|| load(&lab, "edge-us-1", "edge-us-2", 2000, 64 * 1024));
+        let loader = s.spawn(|| load(&lab, "edge-us-1", true, "edge-us-2", 2000, 64 * 1024));
         let mut answered = 0;
         for _ in 0..200 {
             if loader.is_finished() && answered >= 10 {

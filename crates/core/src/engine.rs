@@ -29,13 +29,13 @@ use crate::swim::{RingTiming, Swim, SwimId};
 use crate::table::{CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
-    Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
+    LoadSpec, Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
 };
 use crate::Time;
 use clusterctl_api::{
-    EventKind, LinkKind, LinkState, LinkView, MemberView, Members, NodeStatus, NodeView,
-    PingAttempt, PingFailure, PingReport, ProbeResult, Role, SinkCount, SinkReport, SiteView,
-    Topology,
+    EventKind, LinkKind, LinkState, LinkView, LoadReport, MemberView, Members, NodeStatus,
+    NodeView, PingAttempt, PingFailure, PingReport, ProbeResult, Role, SinkCount, SinkReport,
+    SiteView, Topology,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -150,6 +150,8 @@ pub enum Reply {
     Probes(Vec<ProbeResult>),
     /// The counters of a node's `sink`, or why they could not be read.
     Sink(Result<SinkReport, String>),
+    /// A load run on another node, or why it could not run.
+    Load(Result<LoadReport, String>),
 }
 
 /// What the engine asks its driver to do.
@@ -185,6 +187,12 @@ pub enum Output {
     },
     /// This node must stop (it was forgotten by an operator).
     Fatal(String),
+    /// Another node asked this one to send a load (`Call::Load`): run it on the data path and
+    /// hand the result to [`Engine::load_done`] with `handle`.
+    RunLoad {
+        handle: u64,
+        spec: LoadSpec,
+    },
 }
 
 /// What the transport reports about an established link.
@@ -355,6 +363,9 @@ enum PendingWhat {
     Sink {
         target: NodeName,
     },
+    Load {
+        from: NodeName,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -450,6 +461,8 @@ pub struct Engine {
     keyring: Keyring,
     cert: Option<CertSummary>,
     sink: Sink,
+    /// Loads other nodes asked for, running on the data path: handle -> who to answer.
+    loads: BTreeMap<u64, CallFrom>,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -589,6 +602,7 @@ impl Engine {
             keyring: cfg_keyring,
             cert: cfg_cert,
             sink: Sink::default(),
+            loads: BTreeMap::new(),
             counters: Counters::default(),
         };
         e.outbox.push_back(Output::Persist);
@@ -2308,6 +2322,30 @@ impl Engine {
         self.originate(now, dst, id, Body::Message { process, payload }, false);
     }
 
+    /// Asks `from` to send a load to `target`'s sink, answered with [`Output::Reply`] carrying
+    /// `token` and [`Reply::Load`] (a timeout after the load's own timeout and 10 s more).
+    pub fn start_load_from(&mut self, now: Time, token: u64, from: NodeName, spec: LoadSpec) {
+        let id = self.fresh_id();
+        self.calls.insert(
+            id,
+            PendingCall {
+                from: CallFrom::Local { token },
+                deadline: now + Duration::from_millis(spec.timeout_ms) + Duration::from_secs(10),
+                what: PendingWhat::Load { from: from.clone() },
+            },
+        );
+        let call = Call::Load(spec);
+        self.originate(now, from, id, Body::Call { call }, false);
+    }
+
+    /// A load asked for by another node ([`Output::RunLoad`]) finished.
+    pub fn load_done(&mut self, now: Time, handle: u64, result: Result<LoadReport, String>) {
+        if let Some(from) = self.loads.remove(&handle) {
+            let result = result.map_err(|e| short(&e));
+            self.finish(now, from, CallReply::Load(result));
+        }
+    }
+
     /// What this node's `sink` has counted; `reset` zeroes the counters after reading.
     pub fn sink_report(&mut self, reset: bool) -> SinkReport {
         let r = SinkReport {
@@ -2844,6 +2882,16 @@ impl Engine {
                 let r = self.sink_report(reset);
                 self.finish(now, from, CallReply::Sink(r));
             }
+            Call::Load(spec) => {
+                if self.loads.len() >= MAX_PENDING_CALLS {
+                    let why = format!("{} runs too many loads already", self.cfg.me.name);
+                    self.finish(now, from, CallReply::Load(Err(why)));
+                    return;
+                }
+                let handle = self.fresh_id();
+                self.loads.insert(handle, from);
+                self.push(Output::RunLoad { handle, spec });
+            }
         }
     }
 
@@ -2854,6 +2902,7 @@ impl Engine {
                     CallReply::Ping(p) => Reply::Ping(p),
                     CallReply::Probe(p) => Reply::Probes(vec![p]),
                     CallReply::Sink(r) => Reply::Sink(Ok(r)),
+                    CallReply::Load(r) => Reply::Load(r),
                 };
                 self.push(Output::Reply { token, reply });
             }
@@ -2910,6 +2959,17 @@ impl Engine {
                         token,
                         reply: Reply::Sink(Err(format!(
                             "could not read the sink of {target} ({at}: {reason})"
+                        ))),
+                    });
+                }
+                return;
+            }
+            PendingWhat::Load { from } => {
+                if let CallFrom::Local { token } = c.from {
+                    self.push(Output::Reply {
+                        token,
+                        reply: Reply::Load(Err(format!(
+                            "could not run the load on {from} ({at}: {reason})"
                         ))),
                     });
                 }

@@ -15,7 +15,7 @@
 use crate::name::{ClusterName, Ident, NodeName};
 use crate::secret::SecretProof;
 use crate::table::{NodeRecord, RecordError};
-use clusterctl_api::{PingFailure, PingReport, ProbeResult, SinkReport};
+use clusterctl_api::{LoadReport, PingFailure, PingReport, ProbeResult, SinkReport};
 use serde::{Deserialize, Serialize};
 
 /// Version byte in front of every frame and datagram. 2: frames travel length-prefixed on two
@@ -166,6 +166,17 @@ pub enum Call {
     },
     /// Read (and, with `reset`, zero after reading) the called node's `sink` counters.
     Sink { reset: bool },
+    /// Send a load from the called node (`POST /v1/load` with `from`).
+    Load(LoadSpec),
+}
+
+/// `count` data messages of `size` bytes to `target`'s `sink`, within `timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadSpec {
+    pub target: NodeName,
+    pub count: u64,
+    pub size: u32,
+    pub timeout_ms: u64,
 }
 
 /// The answer to a [`Call`].
@@ -174,6 +185,8 @@ pub enum CallReply {
     Probe(ProbeResult),
     Ping(PingReport),
     Sink(SinkReport),
+    /// The load's report, or why it could not run.
+    Load(Result<LoadReport, String>),
 }
 
 /// What a routed message carries.
@@ -487,6 +500,9 @@ fn numbers_are_finite(body: &Body) -> bool {
         Body::CallReply {
             reply: CallReply::Probe(p),
         } => opt(&p.rtt_ms),
+        Body::CallReply {
+            reply: CallReply::Load(Ok(r)),
+        } => ok(&[r.elapsed_ms, r.msgs_per_s, r.mb_per_s]),
         _ => true,
     }
 }
@@ -606,6 +622,42 @@ mod tests {
         assert!(matches!(
             Frame::decode(&Frame::Routed(e).encode()),
             Err(WireError::Message(_))
+        ));
+    }
+
+    #[test]
+    fn load_reports_round_trip_and_non_finite_figures_are_refused() {
+        let report = |mb_per_s: f64| LoadReport {
+            from: "a".into(),
+            target: "b".into(),
+            size: 100,
+            sent: 10,
+            delivered: 10,
+            dropped: 0,
+            unsent: 0,
+            elapsed_ms: 1.5,
+            msgs_per_s: 6666.0,
+            mb_per_s,
+            error: None,
+        };
+        let frame = |reply: CallReply| {
+            let Frame::Routed(mut e) = message(vec![]) else {
+                unreachable!()
+            };
+            e.body = Body::CallReply { reply };
+            Frame::Routed(e)
+        };
+        for reply in [
+            CallReply::Load(Ok(report(0.6))),
+            CallReply::Load(Err("no route".into())),
+        ] {
+            let f = frame(reply);
+            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        }
+        let f = frame(CallReply::Load(Ok(report(f64::NAN))));
+        assert!(matches!(
+            Frame::decode(&f.encode()),
+            Err(WireError::Decode(_))
         ));
     }
 

@@ -33,7 +33,7 @@ use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Handshake, Hello, HelloAck, Lane, Refusal, MAX_HANDSHAKE};
+use clusterctl_core::wire::{Handshake, Hello, HelloAck, Lane, LoadSpec, Refusal, MAX_HANDSHAKE};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -363,7 +363,7 @@ pub async fn run_bound(
     };
     let control_task = tokio::spawn(control::serve(
         control_listener,
-        cmd_tx,
+        cmd_tx.clone(),
         events.clone(),
         info,
         data.clone(),
@@ -400,6 +400,7 @@ pub async fn run_bound(
         net_tx,
         bulk_tx,
         data,
+        cmd_tx,
         routes_key: None,
         routes_at: Instant::now(),
         pending: HashMap::new(),
@@ -440,6 +441,8 @@ struct Owner {
     net_tx: mpsc::Sender<Net>,
     bulk_tx: mpsc::Sender<ToOwner>,
     data: DataPath,
+    /// For tasks that answer the owner later (loads other nodes asked for).
+    cmd_tx: mpsc::Sender<Command>,
     /// The links the published route snapshot was built from, and when.
     routes_key: Option<(u64, u64)>,
     routes_at: Instant,
@@ -596,6 +599,20 @@ impl Owner {
                 Output::Fatal(reason) => {
                     self.persist_tx.send_replace(Some(engine.records()));
                     self.fatal = Some(reason);
+                }
+                Output::RunLoad { handle, spec } => {
+                    let req = clusterctl_api::LoadRequest {
+                        target: spec.target.to_string(),
+                        from: None,
+                        count: spec.count,
+                        size: spec.size,
+                        timeout_ms: spec.timeout_ms,
+                    };
+                    let (data, cmd) = (self.data.clone(), self.cmd_tx.clone());
+                    tokio::spawn(async move {
+                        let result = data::run_load(data, cmd.clone(), req).await;
+                        let _ = cmd.send(Command::LoadDone { handle, result }).await;
+                    });
                 }
             }
         }
@@ -912,6 +929,22 @@ impl Owner {
                 let token = self.token(reply);
                 engine.start_sink_read(now, token, target, reset, timeout);
             }
+            Command::LoadFrom {
+                from,
+                target,
+                req,
+                reply,
+            } => {
+                let token = self.token(reply);
+                let spec = LoadSpec {
+                    target,
+                    count: req.count,
+                    size: req.size,
+                    timeout_ms: req.timeout_ms,
+                };
+                engine.start_load_from(now, token, from, spec);
+            }
+            Command::LoadDone { handle, result } => engine.load_done(now, handle, result),
             Command::Metrics { reply } => {
                 let _ = reply.send(control::MetricsSnapshot {
                     data_forwarded: DataStats::get(&self.data.stats.forwarded),

@@ -89,6 +89,18 @@ pub enum Command {
         timeout: Duration,
         reply: oneshot::Sender<Reply>,
     },
+    /// Ask `from` to run a load (answered with [`Reply::Load`]).
+    LoadFrom {
+        from: NodeName,
+        target: NodeName,
+        req: LoadRequest,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A load another node asked for finished.
+    LoadDone {
+        handle: u64,
+        result: Result<LoadReport, String>,
+    },
 }
 
 /// Numbers for `/metrics`.
@@ -284,7 +296,7 @@ async fn topology(
         let wait = Duration::from_millis(timeout_ms * 3 + 2000);
         match ask(&ctx, |reply| Command::Probe { timeout_ms, reply }, wait).await? {
             Reply::Probes(p) => Some(p),
-            Reply::Ping(_) | Reply::Sink(_) => None,
+            Reply::Ping(_) | Reply::Sink(_) | Reply::Load(_) => None,
         }
     } else {
         None
@@ -327,14 +339,34 @@ async fn ping(
         + Duration::from_secs(5);
     match ask(&ctx, |reply| Command::Ping { req, reply }, wait).await? {
         Reply::Ping(r) => Ok(Json(r)),
-        Reply::Probes(_) | Reply::Sink(_) => {
+        Reply::Probes(_) | Reply::Sink(_) | Reply::Load(_) => {
             Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"))
         }
     }
 }
 
 async fn load(State(ctx): State<Ctx>, Json(req): Json<LoadRequest>) -> ApiResult<Json<LoadReport>> {
-    crate::data::check_load(&ctx.data.me, &req).map_err(|e| err(StatusCode::BAD_REQUEST, e))?;
+    let bad = |e: String| err(StatusCode::BAD_REQUEST, e);
+    let from = match req.from.as_deref() {
+        Some(f) => NodeName::new(f).map_err(|e| bad(format!("from: {e}")))?,
+        None => ctx.data.me.clone(),
+    };
+    let target = crate::data::check_load(&from, &req).map_err(bad)?;
+    if from != ctx.data.me {
+        let wait =
+            Duration::from_millis(req.timeout_ms.clamp(1, 3_600_000)) + Duration::from_secs(20);
+        let make = |reply| Command::LoadFrom {
+            from,
+            target,
+            req,
+            reply,
+        };
+        return match ask(&ctx, make, wait).await? {
+            Reply::Load(Ok(r)) => Ok(Json(r)),
+            Reply::Load(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
+            _ => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
+        };
+    }
     // The load runs in its own task, so a client that hangs up does not cut it short midway.
     let run = tokio::spawn(crate::data::run_load(
         ctx.data.clone(),

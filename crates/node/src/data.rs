@@ -444,7 +444,7 @@ async fn sink_count(
     }
 }
 
-/// Checks a load request before anything is sent.
+/// Checks a load request from `me` (the sending node) before anything is sent.
 pub fn check_load(me: &NodeName, req: &LoadRequest) -> Result<NodeName, String> {
     let target = NodeName::new(req.target.clone()).map_err(|e| format!("target: {e}"))?;
     if target == *me {

@@ -658,6 +658,12 @@ impl Sim {
             Output::Reply { token, reply } => {
                 self.nodes[i].replies.insert(token, reply);
             }
+            // The simulator has no data path: a load asked of a simulated node fails, saying so.
+            Output::RunLoad { handle, .. } => {
+                if let Some(e) = self.nodes[i].engine.as_mut() {
+                    e.load_done(now, handle, Err("the simulator has no data path".into()));
+                }
+            }
             Output::Fatal(reason) => {
                 let name = self.nodes[i].ident.name.clone();
                 self.nodes[i].events.push(EventOut {
