@@ -135,3 +135,61 @@ fn a_load_to_an_unknown_node_fails_with_the_reason() {
         out.describe()
     );
 }
+
+#[test]
+fn a_stalled_target_makes_its_gateway_drop_count_and_report_while_the_sender_only_waits() {
+    let lab = converged_lab();
+    let pid = lab.node("edge-eu-2").pid.to_string();
+    let kill = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(st.success(), "kill {sig} {pid}: {st}");
+    };
+    std::thread::scope(|s| {
+        let loader = s.spawn(|| {
+            lab.cli_within(
+                Duration::from_secs(150),
+                &[
+                    "load",
+                    "edge-eu-2",
+                    "--agent",
+                    "edge-us-1",
+                    "--count",
+                    "1000000",
+                    "--size",
+                    "65536",
+                    "--timeout-ms",
+                    "25000",
+                    "--json",
+                ],
+            )
+        });
+        lab.wait_until(
+            "data flows through gw-eu-1",
+            Duration::from_secs(60),
+            || metric(&lab, "gw-eu-1", "data_forwarded") > 0,
+        );
+        // The target stops reading: the gateway's lane toward it fills, and after waiting for
+        // room (5 s) the gateway drops what it cannot queue.
+        kill("-STOP");
+        lab.wait_until("gw-eu-1 drops data", Duration::from_secs(60), || {
+            metric(&lab, "gw-eu-1", "data_dropped") > 0
+        });
+        kill("-CONT");
+        let out = loader.join().expect("the load thread finished");
+        out.assert_code(1);
+        let r: LoadReport = out.json();
+        assert!(r.dropped > 0 && r.delivered < r.sent, "{r:?}");
+    });
+    // The sender waited for room instead of dropping.
+    assert_eq!(metric(&lab, "edge-us-1", "data_dropped"), 0);
+    let events = lab.events("gw-eu-1");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.contains("data messages: a bulk lane stayed full")),
+        "gw-eu-1 reported no drop: {events:#?}"
+    );
+}

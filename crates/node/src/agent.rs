@@ -401,6 +401,7 @@ pub async fn run_bound(
         bulk_tx,
         data,
         cmd_tx,
+        drops_reported: 0,
         routes_key: None,
         routes_at: Instant::now(),
         pending: HashMap::new(),
@@ -443,6 +444,8 @@ struct Owner {
     data: DataPath,
     /// For tasks that answer the owner later (loads other nodes asked for).
     cmd_tx: mpsc::Sender<Command>,
+    /// Data messages dropped that were already reported as an event.
+    drops_reported: u64,
     /// The links the published route snapshot was built from, and when.
     routes_key: Option<(u64, u64)>,
     routes_at: Instant,
@@ -487,6 +490,7 @@ impl Owner {
                     for (peer, c) in &self.conns {
                         engine.handle_rtt(peer, c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32);
                     }
+                    self.report_drops();
                 }
                 _ = files_every.tick() => {
                     let now_mtimes = self.tls_files.as_ref().map(tls_mtimes);
@@ -615,6 +619,27 @@ impl Owner {
                     });
                 }
             }
+        }
+    }
+
+    /// Reports data messages dropped since the last call (at most once a second: called from
+    /// the RTT tick) as a warning event, so that loss shows in `clusterctl events` and the log
+    /// as well as in `/metrics`.
+    fn report_drops(&mut self) {
+        let dropped = DataStats::get(&self.data.stats.dropped);
+        if dropped > self.drops_reported {
+            let at_ms = self.wall_base_ms + self.now().as_millis() as u64;
+            self.events.record(EventOut {
+                kind: EventKind::Warning,
+                node: Some(self.ident.name.clone()),
+                peer: None,
+                reason: format!(
+                    "dropped {} data messages: a bulk lane stayed full ({dropped} since start, clusterctl_data_dropped)",
+                    dropped - self.drops_reported
+                ),
+                at_ms,
+            });
+            self.drops_reported = dropped;
         }
     }
 
