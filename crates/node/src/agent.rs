@@ -50,7 +50,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 256;
-/// Most lane streams read at once per connection (a peer opens two; a reconnect may overlap).
+/// Most lane streams read at once per connection (a peer opens two: control and bulk).
 const LANES_IN_FLIGHT: usize = 4;
 /// Two connections of one pair established within this window are a crossing dial.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);

@@ -577,7 +577,7 @@ fn insecure_configs(
 /// - 1 MiB of datagram buffer each way (SWIM traffic; datagrams beyond it are dropped, never
 ///   queued behind streams);
 /// - up to 4 concurrent unidirectional streams opened by the peer (its two lanes, control and
-///   bulk, with room for a reconnect's overlap) and 64 bidirectional ones (handshakes).
+///   bulk, and room for two more) and 64 bidirectional ones (handshakes).
 pub fn transport_config() -> quinn::TransportConfig {
     const DATAGRAM_BUFFER: usize = 1 << 20;
     let mut t = quinn::TransportConfig::default();
