@@ -4,8 +4,8 @@
 //! timing: the checks are that every message arrives and is counted, and that pings keep
 //! getting answers while a load fills the link.
 
-use clusterctl_api::{LoadReport, PingReport};
-use clusterctl_testkit::{Lab, LabOptions};
+use clusterctl_api::{LoadReport, PingReport, SinkReport};
+use clusterctl_testkit::{http_get_json, Lab, LabOptions};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -86,6 +86,18 @@ fn a_cross_site_load_is_delivered_in_full_and_counted_by_the_sink() {
         assert!(metric(&lab, gw, "data_forwarded") >= 3050, "{gw}");
         assert_eq!(metric(&lab, gw, "data_dropped"), 0, "{gw}");
     }
+
+    // The sink's counters, read through the cluster from another site, then reset.
+    let at = &lab.node("edge-us-1").control;
+    let sink = |path: &str| -> SinkReport {
+        http_get_json(at, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    };
+    let r = sink("/v1/sink?node=edge-eu-2&reset=true");
+    assert_eq!(r.node, "edge-eu-2");
+    let from_us = r.senders.iter().find(|c| c.from == "edge-us-1");
+    assert!(from_us.is_some_and(|c| c.messages >= 3050), "{r:?}");
+    let r = sink("/v1/sink?node=edge-eu-2");
+    assert!(r.senders.is_empty(), "not reset: {r:?}");
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! | GET | `/v1/certs` | [`CertsReport`] (which CA and certificate every node presents) |
 //! | POST | `/v1/reload` | [`ReloadReport`] (re-read certificate, key and CA bundle) |
 //! | POST | `/v1/load` | [`LoadRequest`] -> [`LoadReport`] (data messages to a node's `sink`) |
+//! | GET | `/v1/sink[?node=NAME&reset=true]` | [`SinkReport`] (a node's `sink` counters; `reset` zeroes them after reading) |
 //! | GET | `/metrics` | Prometheus text format |
 //!
 //! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
@@ -27,7 +28,7 @@ use axum::{Json, Router};
 use clusterctl_api::{
     ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, LoadReport,
     LoadRequest, Members, NodeInfo, PingRequest, ReloadReport, Role, SecretRequest, Secrets,
-    Topology, API_VERSION,
+    SinkReport, Topology, API_VERSION,
 };
 use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
 use clusterctl_core::name::NodeName;
@@ -250,6 +251,7 @@ pub async fn serve(
         .route("/v1/certs", get(certs))
         .route("/v1/reload", post(reload))
         .route("/v1/load", post(load))
+        .route("/v1/sink", get(sink))
         .route("/metrics", get(metrics))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
@@ -377,6 +379,34 @@ async fn load(State(ctx): State<Ctx>, Json(req): Json<LoadRequest>) -> ApiResult
         Ok(Ok(r)) => Ok(Json(r)),
         Ok(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
         Err(e) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SinkQuery {
+    node: Option<String>,
+    #[serde(default)]
+    reset: bool,
+}
+
+async fn sink(State(ctx): State<Ctx>, Query(q): Query<SinkQuery>) -> ApiResult<Json<SinkReport>> {
+    let target = match q.node {
+        Some(n) => {
+            NodeName::new(n).map_err(|e| err(StatusCode::BAD_REQUEST, format!("node: {e}")))?
+        }
+        None => ctx.data.me.clone(),
+    };
+    let timeout = Duration::from_secs(5);
+    let make = |reply| Command::Sink {
+        target,
+        reset: q.reset,
+        timeout,
+        reply,
+    };
+    match ask(&ctx, make, timeout + Duration::from_secs(2)).await? {
+        Reply::Sink(Ok(r)) => Ok(Json(r)),
+        Reply::Sink(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
+        _ => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
     }
 }
 
