@@ -20,8 +20,8 @@
 //!   task never waits, so a data frame it cannot queue is dropped and counted
 //!   ([`DataStats::dropped`]), as is one a forwarder waited [`FORWARD_WAIT`] for in vain.
 //! - **Forwarding without the owner.** A gateway's bulk reader looks the next hop up in the
-//!   [`Routes`] snapshot the owner publishes and queues the message on that link's bulk lane
-//!   itself. Messages for this node, and those without a route (the engine bounces them), go to
+//!   [`Routes`] snapshot the owner publishes and queues the messages of one read, one batch per
+//!   next hop, on that link's bulk lane itself (the load generator also sends 64 KiB batches). Messages for this node, and those without a route (the engine bounces them), go to
 //!   the owner.
 
 use crate::control::Command;
