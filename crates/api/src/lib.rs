@@ -620,3 +620,74 @@ mod tests {
         }
     }
 }
+
+/// What a node's built-in `sink` process has received from one sender.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkCount {
+    /// The sending node.
+    pub from: String,
+    /// Messages counted.
+    pub messages: u64,
+    /// Payload bytes counted.
+    pub bytes: u64,
+}
+
+/// The counters of a node's `sink` process (carried in cluster messages and `POST /v1/load`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkReport {
+    /// The node whose sink this is.
+    pub node: String,
+    /// One entry per sender, sorted by name.
+    pub senders: Vec<SinkCount>,
+    /// Messages from senders beyond the sink's per-sender limit (counted, not attributed).
+    pub unattributed: u64,
+}
+
+/// `POST /v1/load`: send `count` messages of `size` payload bytes to the `sink` process of
+/// `target`, from the answering agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadRequest {
+    pub target: String,
+    /// Node that sends (the request travels there through the cluster); the answering agent
+    /// when absent.
+    #[serde(default)]
+    pub from: Option<String>,
+    pub count: u64,
+    /// Payload bytes per message.
+    pub size: u32,
+    /// How long to wait for the sink to confirm every message (sending included).
+    #[serde(default = "default_load_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_load_timeout_ms() -> u64 {
+    60_000
+}
+
+/// `POST /v1/load` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub from: String,
+    pub target: String,
+    /// Payload bytes per message.
+    pub size: u32,
+    /// Messages handed to the link (after waiting for queue space when the link was busy).
+    pub sent: u64,
+    /// Messages the target's sink confirmed.
+    pub delivered: u64,
+    /// Messages that were sent but not confirmed (`sent - delivered`): lost on the way or not
+    /// arrived before the timeout.
+    pub dropped: u64,
+    /// Messages never sent (no route, the link went down, or the timeout passed while waiting
+    /// for queue space).
+    pub unsent: u64,
+    /// From the first message sent to the sink's confirmation.
+    pub elapsed_ms: f64,
+    /// Delivered messages per second.
+    pub msgs_per_s: f64,
+    /// Delivered payload megabytes (10^6 bytes) per second.
+    pub mb_per_s: f64,
+    /// Why the run ended early, if it did.
+    #[serde(default)]
+    pub error: Option<String>,
+}

@@ -9,6 +9,8 @@
 //!   node (UDP payload and IP level) and idle CPU per agent over `--idle-window-secs`, failure
 //!   detection after `kill -9`, join convergence and false suspicions over `--kills` runs, and
 //!   the same on a second lab of `--membership-sites` when given.
+//! - data messages to `sink`: throughput, ping RTT under a saturating load, memory under load
+//!   (see `bench_load.rs`).
 //!
 //! Figures are meant for BENCHMARKS.md; run the release build (`cargo run --release -- bench`).
 
@@ -34,6 +36,11 @@ pub struct Args {
     /// Seconds the agents idle before memory is read.
     #[arg(long, default_value_t = 5)]
     idle_secs: u64,
+    /// Skip the whole-command timings of `topology` and `members`.
+    #[arg(long)]
+    skip_commands: bool,
+    #[command(flatten)]
+    load: crate::bench_load::LoadArgs,
     #[command(flatten)]
     membership: crate::bench_membership::MembershipArgs,
 }
@@ -81,7 +88,7 @@ fn time_cmd(exe: &PathBuf, args: &[&str], dir: &PathBuf) -> anyhow::Result<f64> 
     Ok(ms)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))?
@@ -144,6 +151,9 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
         ),
         ("`clusterctl members`, whole command, ms", vec!["members"]),
     ] {
+        if a.skip_commands {
+            break;
+        }
         let mut s = Vec::new();
         for _ in 0..a.runs {
             s.push(time_cmd(exe, &args, dir)?);
@@ -205,6 +215,8 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
         ),
         samples: rss,
     });
+    let pids: Vec<u32> = state.nodes.iter().map(|n| n.pid).collect();
+    rows.extend(crate::bench_load::rows(&a.load, &control, &pids)?);
     rows.extend(crate::bench_membership::measure(&a.membership, dir)?);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -69,7 +69,6 @@ impl Client {
     }
 
     /// The control address this client talks to.
-    #[cfg(test)]
     pub fn addr(&self) -> &str {
         &self.addr
     }

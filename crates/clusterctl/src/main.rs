@@ -9,12 +9,14 @@
 
 mod agent;
 mod bench;
+mod bench_load;
 mod bench_membership;
 mod certs;
 mod client;
 mod events;
 mod forget;
 mod lab;
+mod load;
 mod members;
 mod ping;
 mod preflight;
@@ -68,6 +70,8 @@ enum Cmd {
     Topology(topology::Args),
     /// Send probes to a node's `echo` process along the real route.
     Ping(ping::Args),
+    /// Send data messages to a node's `sink` process; report delivery and throughput.
+    Load(load::Args),
     /// List every node of the table with its status as seen by the agent.
     Members(members::Args),
     /// Follow node and link events.
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Cmd::Agent(a) => agent::run(a),
         Cmd::Topology(a) => topology::run(a, &cli.agent),
         Cmd::Ping(a) => ping::run(a, &cli.agent),
+        Cmd::Load(a) => load::run(a, &cli.agent),
         Cmd::Members(a) => members::run(a, &cli.agent),
         Cmd::Events(a) => events::run(a, &cli.agent),
         Cmd::Forget(a) => forget::run(a, &cli.agent),

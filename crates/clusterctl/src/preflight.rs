@@ -32,7 +32,9 @@ use clusterctl_core::contract::Contract;
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
 use clusterctl_core::secret::{Keyring, ProofRole, Secret, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::{NodeRecord, RecordState};
-use clusterctl_core::wire::{Frame, Handshake, Hello, RefusalCode, MAX_FRAME, MAX_HANDSHAKE};
+use clusterctl_core::wire::{
+    Frame, FrameSplitter, Handshake, Hello, Lane, RefusalCode, MAX_HANDSHAKE,
+};
 use clusterctl_node::config::AgentConfig;
 use clusterctl_node::pki::{CertDetails, CertIdentity};
 use clusterctl_node::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
@@ -1457,32 +1459,50 @@ async fn exchange(
     outcome
 }
 
-/// Asks for the seed's whole node table (an empty digest) and collects the records it sends.
+/// Asks for the seed's whole node table (an empty digest, on our control lane) and collects the
+/// records it sends back on its control lane.
 async fn fetch_table(conn: &quinn::Connection) -> Option<BTreeMap<String, NodeRecord>> {
     let mut s = conn.open_uni().await.ok()?;
-    s.write_all(&Frame::Digest(Vec::new(), false).encode())
-        .await
-        .ok()?;
+    let mut ask = vec![Lane::Control as u8];
+    ask.extend(Frame::Digest(Vec::new(), false).encode_prefixed());
+    s.write_all(&ask).await.ok()?;
     let _ = s.finish();
     let deadline = tokio::time::Instant::now() + TABLE_WAIT;
+    let Ok(Ok(mut recv)) = tokio::time::timeout_at(deadline, conn.accept_uni()).await else {
+        return None;
+    };
+    let mut split = FrameSplitter::default();
+    let mut lane_checked = false;
     let mut records: Option<BTreeMap<String, NodeRecord>> = None;
-    for _ in 0..MAX_TABLE_FRAMES {
+    let mut frames = 0;
+    while frames < MAX_TABLE_FRAMES {
         let wait_until = match &records {
             Some(_) => (tokio::time::Instant::now() + TABLE_QUIET).min(deadline),
             None => deadline,
         };
-        let Ok(Ok(mut recv)) = tokio::time::timeout_at(wait_until, conn.accept_uni()).await else {
-            break;
-        };
-        let Ok(Ok(bytes)) = tokio::time::timeout_at(deadline, recv.read_to_end(MAX_FRAME)).await
+        let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout_at(wait_until, recv.read_chunk(64 * 1024, true)).await
         else {
             break;
         };
-        if let Ok(Frame::Records(rs)) = Frame::decode(&bytes) {
-            let map = records.get_or_insert_with(BTreeMap::new);
-            for r in rs {
-                let r = std::sync::Arc::unwrap_or_clone(r);
-                map.insert(r.name.to_string(), r);
+        let mut bytes = &chunk.bytes[..];
+        if !lane_checked {
+            let (&lane, rest) = bytes.split_first()?;
+            if Lane::from_byte(lane) != Some(Lane::Control) {
+                return records;
+            }
+            lane_checked = true;
+            bytes = rest;
+        }
+        split.push(bytes);
+        while let Ok(Some(frame)) = split.next_frame() {
+            frames += 1;
+            if let Ok(Frame::Records(rs)) = Frame::decode(frame) {
+                let map = records.get_or_insert_with(BTreeMap::new);
+                for r in rs {
+                    let r = std::sync::Arc::unwrap_or_clone(r);
+                    map.insert(r.name.to_string(), r);
+                }
             }
         }
     }

@@ -29,12 +29,13 @@ use crate::swim::{RingTiming, Swim, SwimId};
 use crate::table::{CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
-    Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
+    LoadSpec, Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
 };
 use crate::Time;
 use clusterctl_api::{
-    EventKind, LinkKind, LinkState, LinkView, MemberView, Members, NodeStatus, NodeView,
-    PingAttempt, PingFailure, PingReport, ProbeResult, Role, SiteView, Topology,
+    EventKind, LinkKind, LinkState, LinkView, LoadReport, MemberView, Members, NodeStatus,
+    NodeView, PingAttempt, PingFailure, PingReport, ProbeResult, Role, SinkCount, SinkReport,
+    SiteView, Topology,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -54,6 +55,10 @@ pub const MAX_PING_COUNT: u32 = 1000;
 pub const MAX_REFUSALS: usize = 1024;
 /// Most queued outputs before new sends are dropped (counted).
 pub const MAX_OUTBOX: usize = 1 << 20;
+/// Most senders the `sink` process counts separately (later ones are counted together).
+pub const MAX_SINK_SENDERS: usize = 1024;
+/// Name of the built-in process that counts the data messages it receives.
+pub const SINK: &str = "sink";
 
 /// Timing of an engine. Presets: [`Timing::lan`].
 #[derive(Debug, Clone)]
@@ -152,6 +157,10 @@ pub struct EventOut {
 pub enum Reply {
     Ping(PingReport),
     Probes(Vec<ProbeResult>),
+    /// The counters of a node's `sink`, or why they could not be read.
+    Sink(Result<SinkReport, String>),
+    /// A load run on another node, or why it could not run.
+    Load(Result<LoadReport, String>),
 }
 
 /// What the engine asks its driver to do.
@@ -187,6 +196,12 @@ pub enum Output {
     },
     /// This node must stop (it was forgotten by an operator).
     Fatal(String),
+    /// Another node asked this one to send a load (`Call::Load`): run it on the data path and
+    /// hand the result to [`Engine::load_done`] with `handle`.
+    RunLoad {
+        handle: u64,
+        spec: LoadSpec,
+    },
 }
 
 /// What the transport reports about an established link.
@@ -354,6 +369,12 @@ enum PendingWhat {
         to: NodeName,
         kind: LinkKind,
     },
+    Sink {
+        target: NodeName,
+    },
+    Load {
+        from: NodeName,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -376,6 +397,18 @@ pub struct Counters {
     pub routed_undeliverable: u64,
     pub datagrams_dropped: u64,
     pub outbox_dropped: u64,
+    /// Data messages the `sink` process counted, and their payload bytes.
+    pub sink_messages: u64,
+    pub sink_bytes: u64,
+    /// Data messages to a process this node does not run (bounced).
+    pub messages_refused: u64,
+}
+
+/// The built-in `sink` process: counts data messages and payload bytes per sender.
+#[derive(Debug, Clone, Default)]
+struct Sink {
+    per_sender: BTreeMap<NodeName, (u64, u64)>,
+    unattributed: u64,
 }
 
 /// Per-site facts shared by the statuses of that site's nodes.
@@ -442,6 +475,9 @@ pub struct Engine {
     links_grown: Option<(usize, Time, Time)>,
     keyring: Keyring,
     cert: Option<CertSummary>,
+    sink: Sink,
+    /// Loads other nodes asked for, running on the data path: handle -> who to answer.
+    loads: BTreeMap<u64, CallFrom>,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -613,6 +649,8 @@ impl Engine {
             links_grown: None,
             keyring: cfg_keyring,
             cert: cfg_cert,
+            sink: Sink::default(),
+            loads: BTreeMap::new(),
             counters: Counters::default(),
         };
         e.outbox.push_back(Output::Persist);
@@ -2444,7 +2482,132 @@ impl Engine {
             }
             Body::Call { call } => self.handle_call(now, env.src, env.id, call),
             Body::CallReply { reply } => self.call_answered(now, env.id, reply),
+            Body::Message { process, payload } => {
+                if process == SINK {
+                    self.sink_count(env.src, payload.len() as u64);
+                } else {
+                    self.counters.messages_refused += 1;
+                    let me = self.cfg.me.name.clone();
+                    let reason = format!("no process named {process:?} runs on {me}");
+                    env.body = Body::Message {
+                        process,
+                        payload: Vec::new(),
+                    };
+                    self.forward_or_bounce(now, env, Err((PingFailure::Refused, short(&reason))));
+                }
+            }
         }
+    }
+
+    // ----- the sink process -------------------------------------------------------------------
+
+    fn sink_count(&mut self, from: NodeName, bytes: u64) {
+        self.counters.sink_messages += 1;
+        self.counters.sink_bytes += bytes;
+        let full = self.sink.per_sender.len() >= MAX_SINK_SENDERS;
+        match self.sink.per_sender.get_mut(&from) {
+            Some(c) => {
+                c.0 += 1;
+                c.1 += bytes;
+            }
+            None if full => self.sink.unattributed += 1,
+            None => {
+                self.sink.per_sender.insert(from, (1, bytes));
+            }
+        }
+    }
+
+    /// Sends a data message to `process` on `dst` along the routed path (bulk lane). A message
+    /// that cannot be routed is counted in `routed_undeliverable`.
+    pub fn send_message(&mut self, now: Time, dst: NodeName, process: String, payload: Vec<u8>) {
+        let id = self.fresh_id();
+        self.originate(now, dst, id, Body::Message { process, payload }, false);
+    }
+
+    /// Asks `from` to send a load to `target`'s sink, answered with [`Output::Reply`] carrying
+    /// `token` and [`Reply::Load`] (a timeout after the load's own timeout and 10 s more).
+    pub fn start_load_from(&mut self, now: Time, token: u64, from: NodeName, spec: LoadSpec) {
+        let id = self.fresh_id();
+        self.calls.insert(
+            id,
+            PendingCall {
+                from: CallFrom::Local { token },
+                deadline: now + Duration::from_millis(spec.timeout_ms) + Duration::from_secs(10),
+                what: PendingWhat::Load { from: from.clone() },
+            },
+        );
+        let call = Call::Load(spec);
+        self.originate(now, from, id, Body::Call { call }, false);
+    }
+
+    /// A load asked for by another node ([`Output::RunLoad`]) finished.
+    pub fn load_done(&mut self, now: Time, handle: u64, result: Result<LoadReport, String>) {
+        if let Some(from) = self.loads.remove(&handle) {
+            let result = result.map_err(|e| short(&e));
+            self.finish(now, from, CallReply::Load(result));
+        }
+    }
+
+    /// What this node's `sink` has counted; `reset` zeroes the counters after reading.
+    pub fn sink_report(&mut self, reset: bool) -> SinkReport {
+        let r = SinkReport {
+            node: self.cfg.me.name.to_string(),
+            senders: self
+                .sink
+                .per_sender
+                .iter()
+                .map(|(n, (m, b))| SinkCount {
+                    from: n.to_string(),
+                    messages: *m,
+                    bytes: *b,
+                })
+                .collect(),
+            unattributed: self.sink.unattributed,
+        };
+        if reset {
+            self.sink = Sink::default();
+        }
+        r
+    }
+
+    /// Reads the `sink` counters of `target` (this node or another), answered with
+    /// [`Output::Reply`] carrying `token` and [`Reply::Sink`].
+    pub fn start_sink_read(
+        &mut self,
+        now: Time,
+        token: u64,
+        target: NodeName,
+        reset: bool,
+        timeout: Duration,
+    ) {
+        if target == self.cfg.me.name {
+            let r = self.sink_report(reset);
+            self.push(Output::Reply {
+                token,
+                reply: Reply::Sink(Ok(r)),
+            });
+            return;
+        }
+        let id = self.fresh_id();
+        self.calls.insert(
+            id,
+            PendingCall {
+                from: CallFrom::Local { token },
+                deadline: now + timeout,
+                what: PendingWhat::Sink {
+                    target: target.clone(),
+                },
+            },
+        );
+        self.originate(
+            now,
+            target,
+            id,
+            Body::Call {
+                call: Call::Sink { reset },
+            },
+            false,
+        );
     }
 
     // ----- ping and probes --------------------------------------------------------------------
@@ -2917,6 +3080,20 @@ impl Engine {
                 EchoOwner::Probe { call: from, peer },
                 true,
             ),
+            Call::Sink { reset } => {
+                let r = self.sink_report(reset);
+                self.finish(now, from, CallReply::Sink(r));
+            }
+            Call::Load(spec) => {
+                if self.loads.len() >= MAX_PENDING_CALLS {
+                    let why = format!("{} runs too many loads already", self.cfg.me.name);
+                    self.finish(now, from, CallReply::Load(Err(why)));
+                    return;
+                }
+                let handle = self.fresh_id();
+                self.loads.insert(handle, from);
+                self.push(Output::RunLoad { handle, spec });
+            }
         }
     }
 
@@ -2926,6 +3103,8 @@ impl Engine {
                 let reply = match reply {
                     CallReply::Ping(p) => Reply::Ping(p),
                     CallReply::Probe(p) => Reply::Probes(vec![p]),
+                    CallReply::Sink(r) => Reply::Sink(Ok(r)),
+                    CallReply::Load(r) => Reply::Load(r),
                 };
                 self.push(Output::Reply { token, reply });
             }
@@ -2976,6 +3155,28 @@ impl Engine {
                     "could not reach {from} to run the probe ({at}: {reason})"
                 )),
             }),
+            PendingWhat::Sink { target } => {
+                if let CallFrom::Local { token } = c.from {
+                    self.push(Output::Reply {
+                        token,
+                        reply: Reply::Sink(Err(format!(
+                            "could not read the sink of {target} ({at}: {reason})"
+                        ))),
+                    });
+                }
+                return;
+            }
+            PendingWhat::Load { from } => {
+                if let CallFrom::Local { token } = c.from {
+                    self.push(Output::Reply {
+                        token,
+                        reply: Reply::Load(Err(format!(
+                            "could not run the load on {from} ({at}: {reason})"
+                        ))),
+                    });
+                }
+                return;
+            }
         };
         self.finish(now, c.from, reply);
     }

@@ -3,7 +3,10 @@
 //! Transport mapping (see docs/PROTOCOL.md):
 //! - the dialer opens one bidirectional stream and sends a [`Handshake::Hello`]; the acceptor
 //!   answers [`Handshake::Ack`] or [`Handshake::Refuse`]. Only after the ack is the link `up`;
-//! - every later [`Frame`] travels on its own unidirectional stream (one frame per stream);
+//! - every later [`Frame`] travels on one of two long-lived unidirectional streams per
+//!   direction, the lanes: the stream opens with its [`Lane`] byte, then carries frames, each
+//!   prefixed by its length (`u32`, big-endian). Data messages ([`Frame::is_data`]) take the
+//!   bulk lane, everything else the control lane, so control never waits behind bulk;
 //! - failure-detector packets travel as QUIC datagrams: `[version][ring][foca packet]`.
 //!
 //! Decoding is bounded: frames over [`MAX_FRAME`] are refused before they are read, names are
@@ -12,14 +15,42 @@
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::SecretProof;
 use crate::table::{NodeRecord, RecordError, Summary};
-use clusterctl_api::{PingFailure, PingReport, ProbeResult};
+use clusterctl_api::{LoadReport, PingFailure, PingReport, ProbeResult, SinkReport};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Version byte in front of every frame and datagram.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version byte in front of every frame and datagram. 2: frames travel length-prefixed on two
+/// long-lived lanes (1 sent one frame per stream).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame accepted on a stream.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Largest payload of one data message ([`Body::Message`]).
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Longest process name a data message may address.
+pub const MAX_PROCESS_NAME: usize = 64;
+/// Bytes of the length prefix in front of each frame on a lane.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// The two lanes of a link. Each is one long-lived unidirectional stream per direction, opened
+/// with this byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Table sync, digests, echo, calls, leave: small and latency-sensitive. Served first.
+    Control = 0,
+    /// Data messages to processes: large or many, flow-controlled.
+    Bulk = 1,
+}
+
+impl Lane {
+    /// The lane named by a stream's first byte.
+    pub fn from_byte(b: u8) -> Option<Lane> {
+        match b {
+            0 => Some(Lane::Control),
+            1 => Some(Lane::Bulk),
+            _ => None,
+        }
+    }
+}
 /// Largest handshake message accepted.
 pub const MAX_HANDSHAKE: usize = 16 * 1024;
 /// Largest failure-detector packet: fits a QUIC datagram at the minimum MTU.
@@ -134,6 +165,19 @@ pub enum Call {
         count: u32,
         timeout_ms: u64,
     },
+    /// Read (and, with `reset`, zero after reading) the called node's `sink` counters.
+    Sink { reset: bool },
+    /// Send a load from the called node (`POST /v1/load` with `from`).
+    Load(LoadSpec),
+}
+
+/// `count` data messages of `size` bytes to `target`'s `sink`, within `timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadSpec {
+    pub target: NodeName,
+    pub count: u64,
+    pub size: u32,
+    pub timeout_ms: u64,
 }
 
 /// The answer to a [`Call`].
@@ -141,6 +185,9 @@ pub enum Call {
 pub enum CallReply {
     Probe(ProbeResult),
     Ping(PingReport),
+    Sink(SinkReport),
+    /// The load's report, or why it could not run.
+    Load(Result<LoadReport, String>),
 }
 
 /// What a routed message carries.
@@ -169,6 +216,48 @@ pub enum Body {
     CallReply {
         reply: CallReply,
     },
+    /// A data message to the process named `process` on the target (the built-in one is
+    /// `sink`). At most [`MAX_PAYLOAD`] bytes; it travels on the bulk lane.
+    Message {
+        process: String,
+        #[serde(with = "payload_bytes")]
+        payload: Vec<u8>,
+    },
+}
+
+/// Payloads as one byte string (postcard: length, then the bytes) rather than a sequence of
+/// separately encoded `u8`s.
+mod payload_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    struct Visitor;
+
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a byte string of at most {} bytes", super::MAX_PAYLOAD)
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            if v.len() > super::MAX_PAYLOAD {
+                return Err(E::custom(format!(
+                    "payload of {} bytes is over the limit of {}",
+                    v.len(),
+                    super::MAX_PAYLOAD
+                )));
+            }
+            Ok(v.to_vec())
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_bytes(Visitor)
+    }
 }
 
 /// A message routed hop by hop: member -> gateway -> gateway -> member.
@@ -256,6 +345,8 @@ pub enum WireError {
     TooMany(&'static str, usize, usize),
     #[error("unknown ring {0}")]
     Ring(u8),
+    #[error("{0}")]
+    Message(&'static str),
 }
 
 fn encode_versioned<T: Serialize>(value: &T) -> Vec<u8> {
@@ -322,6 +413,36 @@ pub fn record_encoded_len(r: &NodeRecord) -> usize {
 }
 
 impl Frame {
+    /// Encodes with the length prefix of a lane, then the version byte.
+    pub fn encode_prefixed(&self) -> Vec<u8> {
+        let head = || vec![0, 0, 0, 0, PROTOCOL_VERSION];
+        // Serializing our own in-memory values into a Vec cannot fail.
+        let mut out = postcard::to_extend(self, head()).unwrap_or_else(|_| head());
+        let len = u32::try_from(out.len() - LENGTH_PREFIX).unwrap_or(u32::MAX);
+        out[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+        out
+    }
+
+    /// Whether this frame is a data message (bulk lane) rather than control.
+    pub fn is_data(&self) -> bool {
+        matches!(
+            self,
+            Frame::Routed(Envelope {
+                body: Body::Message { .. },
+                ..
+            })
+        )
+    }
+
+    /// The lane this frame travels on.
+    pub fn lane(&self) -> Lane {
+        if self.is_data() {
+            Lane::Bulk
+        } else {
+            Lane::Control
+        }
+    }
+
     /// Decodes and validates a frame (at most [`MAX_FRAME`] bytes).
     pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
         let f: Frame = decode_versioned(bytes, MAX_FRAME)?;
@@ -355,6 +476,13 @@ impl Frame {
                         HOP_LIMIT as usize + 1,
                     ));
                 }
+                if let Body::Message { process, .. } = &e.body {
+                    if process.is_empty() || process.len() > MAX_PROCESS_NAME {
+                        return Err(WireError::Message(
+                            "a data message needs a process name of 1 to 64 bytes",
+                        ));
+                    }
+                }
                 if !numbers_are_finite(&e.body) {
                     return Err(WireError::Decode(
                         "a non-finite number (NaN or infinity)".into(),
@@ -383,6 +511,52 @@ impl Frame {
     }
 }
 
+/// Splits the byte stream of a lane into frames (each `[u32 big-endian length][frame]`).
+///
+/// Bounded: a length over [`MAX_FRAME`] is an error (the stream cannot be resynchronised, so
+/// the caller closes it), and at most one frame plus one read is buffered.
+#[derive(Debug, Default)]
+pub struct FrameSplitter {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameSplitter {
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame (without its length prefix), if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, WireError> {
+        let rest = &self.buf[self.start..];
+        let Some(prefix) = rest.get(..LENGTH_PREFIX) else {
+            return Ok(None);
+        };
+        let mut len = [0u8; LENGTH_PREFIX];
+        len.copy_from_slice(prefix);
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge(len, MAX_FRAME));
+        }
+        if rest.len() < LENGTH_PREFIX + len {
+            return Ok(None);
+        }
+        let begin = self.start + LENGTH_PREFIX;
+        self.start = begin + len;
+        Ok(Some(&self.buf[begin..begin + len]))
+    }
+
+    /// Bytes buffered and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
 /// Reports carried between nodes hold only finite numbers: a NaN or infinity from a peer would
 /// turn into `null` in the control API's JSON and break every client reading it.
 fn numbers_are_finite(body: &Body) -> bool {
@@ -402,6 +576,9 @@ fn numbers_are_finite(body: &Body) -> bool {
         Body::CallReply {
             reply: CallReply::Probe(p),
         } => opt(&p.rtt_ms),
+        Body::CallReply {
+            reply: CallReply::Load(Ok(r)),
+        } => ok(&[r.elapsed_ms, r.msgs_per_s, r.mb_per_s]),
         _ => true,
     }
 }
@@ -514,6 +691,127 @@ mod tests {
         r.addr = "x".repeat(crate::table::MAX_ADDR_LEN + 1);
         let bytes = Frame::Records(vec![Arc::new(r)]).encode();
         assert!(matches!(Frame::decode(&bytes), Err(WireError::Record(_))));
+    }
+
+    fn message(payload: Vec<u8>) -> Frame {
+        Frame::Routed(Envelope {
+            id: 9,
+            src: NodeName::new("a").unwrap(),
+            dst: NodeName::new("b").unwrap(),
+            ttl: HOP_LIMIT,
+            trace: vec![],
+            body: Body::Message {
+                process: "sink".into(),
+                payload,
+            },
+        })
+    }
+
+    #[test]
+    fn data_messages_round_trip_on_the_bulk_lane() {
+        for len in [0, 100, 65_536, MAX_PAYLOAD] {
+            let f = message(vec![7; len]);
+            assert!(f.is_data());
+            assert_eq!(f.lane(), Lane::Bulk);
+            let bytes = f.encode();
+            // The payload is one byte string: a few bytes of overhead, not one per byte.
+            assert!(bytes.len() < len + 32, "{len} -> {}", bytes.len());
+            assert_eq!(Frame::decode(&bytes).unwrap(), f);
+        }
+        assert_eq!(Frame::Leaving.lane(), Lane::Control);
+    }
+
+    #[test]
+    fn oversized_payloads_and_bad_process_names_are_refused() {
+        let f = message(vec![0; MAX_PAYLOAD + 1]);
+        assert!(matches!(
+            Frame::decode(&f.encode()),
+            Err(WireError::Decode(_))
+        ));
+        let Frame::Routed(mut e) = message(vec![1]) else {
+            unreachable!()
+        };
+        e.body = Body::Message {
+            process: String::new(),
+            payload: vec![1],
+        };
+        assert!(matches!(
+            Frame::decode(&Frame::Routed(e.clone()).encode()),
+            Err(WireError::Message(_))
+        ));
+        e.body = Body::Message {
+            process: "p".repeat(MAX_PROCESS_NAME + 1),
+            payload: vec![1],
+        };
+        assert!(matches!(
+            Frame::decode(&Frame::Routed(e).encode()),
+            Err(WireError::Message(_))
+        ));
+    }
+
+    #[test]
+    fn load_reports_round_trip_and_non_finite_figures_are_refused() {
+        let report = |mb_per_s: f64| LoadReport {
+            from: "a".into(),
+            target: "b".into(),
+            size: 100,
+            sent: 10,
+            delivered: 10,
+            dropped: 0,
+            unsent: 0,
+            elapsed_ms: 1.5,
+            msgs_per_s: 6666.0,
+            mb_per_s,
+            error: None,
+        };
+        let frame = |reply: CallReply| {
+            let Frame::Routed(mut e) = message(vec![]) else {
+                unreachable!()
+            };
+            e.body = Body::CallReply { reply };
+            Frame::Routed(e)
+        };
+        for reply in [
+            CallReply::Load(Ok(report(0.6))),
+            CallReply::Load(Err("no route".into())),
+        ] {
+            let f = frame(reply);
+            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        }
+        let f = frame(CallReply::Load(Ok(report(f64::NAN))));
+        assert!(matches!(
+            Frame::decode(&f.encode()),
+            Err(WireError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn a_lane_splits_back_into_its_frames_whatever_the_read_sizes() {
+        let frames = [
+            message(vec![3; 100]),
+            Frame::Leaving,
+            message(vec![4; 70_000]),
+        ];
+        let stream: Vec<u8> = frames.iter().flat_map(Frame::encode_prefixed).collect();
+        for read in [1, 3, 4, 5, 1000, stream.len()] {
+            let mut s = FrameSplitter::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(read) {
+                s.push(chunk);
+                while let Some(f) = s.next_frame().unwrap() {
+                    got.push(Frame::decode(f).unwrap());
+                }
+            }
+            assert_eq!(got, frames, "reads of {read} bytes");
+            assert_eq!(s.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn a_lane_length_over_the_frame_limit_is_an_error() {
+        let mut s = FrameSplitter::default();
+        s.push(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        assert!(matches!(s.next_frame(), Err(WireError::TooLarge(..))));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   dial tasks ───┤ bounded mpsc (Net)      │ bounded mpsc (Command)
 //!   conn readers ─┴──────────► owner task ◄─┘
 //!                                 │  engine.poll_output()
-//!                                 ├─► per-connection writer (bounded) ─► QUIC uni streams
+//!                                 ├─► per-connection lanes ─► two long-lived QUIC uni streams
+//!                                 │   (control first; data on the bulk lane, see [`crate::data`])
 //!                                 ├─► conn.send_datagram (SWIM)
 //!                                 ├─► persister (watch, coalescing) ─► table.snap
 //!                                 └─► event log (ring + broadcast)
@@ -18,6 +19,7 @@
 use crate::config::TlsFiles;
 use crate::config::{AgentConfig, ConfigError};
 use crate::control::{self, Command, EventLog};
+use crate::data::{self, BulkLane, DataPath, DataStats, Queued, Routes, SharedRoutes, ToOwner};
 use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
@@ -31,7 +33,7 @@ use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Handshake, Hello, HelloAck, Refusal, MAX_FRAME, MAX_HANDSHAKE};
+use clusterctl_core::wire::{Handshake, Hello, HelloAck, Lane, LoadSpec, Refusal, MAX_HANDSHAKE};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,10 +50,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 256;
-/// Most frames queued for one connection before new ones are dropped.
-const WRITE_QUEUE: usize = 4096;
-/// Most frame writes / reads in flight per connection.
-const STREAMS_IN_FLIGHT: usize = 64;
+/// Most lane streams read at once per connection (a peer opens two: control and bulk).
+const LANES_IN_FLIGHT: usize = 4;
 /// Two connections of one pair established within this window are a crossing dial.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
 /// Application close code for the losing connection of a simultaneous dial.
@@ -60,6 +60,10 @@ const CLOSE_DUPLICATE: u32 = 3;
 const TLS_FILES_POLL: Duration = Duration::from_secs(2);
 /// Capacity of the channel from connection tasks to the owner.
 const NET_QUEUE: usize = 8192;
+/// Capacity, in batches, of the channel from bulk readers to the owner (data for this node).
+const BULK_TO_OWNER: usize = 32;
+/// The route snapshot is rebuilt at least this often (liveness changes move routes too).
+const ROUTES_EVERY: Duration = Duration::from_millis(250);
 
 /// Options that are not part of the config file.
 #[derive(Debug, Clone)]
@@ -112,7 +116,7 @@ impl AgentError {
 }
 
 /// Messages from connection tasks to the owner.
-enum Net {
+pub(crate) enum Net {
     /// Dialer side: the acceptor answered with an ack; the owner checks it.
     Ack {
         conn: quinn::Connection,
@@ -162,7 +166,7 @@ enum Net {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DialFail {
+pub(crate) enum DialFail {
     /// The peer kept another connection to us (both ends dialed at once).
     Duplicate,
     Unreachable,
@@ -194,7 +198,8 @@ struct ConnEntry {
     /// Who dialed: the connection dialed by the lower name wins a crossing dial.
     dialer: NodeName,
     established: Instant,
-    writer: mpsc::Sender<Vec<u8>>,
+    control: mpsc::Sender<Queued>,
+    bulk: BulkLane,
 }
 
 /// Binds the sockets named in `cfg` and runs the agent until `shutdown` resolves.
@@ -337,6 +342,12 @@ pub async fn run_bound(
 
     let events = Arc::new(EventLog::new(cfg.ident.name.to_string()));
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (bulk_tx, bulk_rx) = mpsc::channel(BULK_TO_OWNER);
+    let data = DataPath {
+        me: cfg.ident.name.clone(),
+        routes: SharedRoutes::default(),
+        stats: Arc::new(DataStats::default()),
+    };
     let control_addr = control_listener
         .local_addr()
         .map_err(|e| AgentError::Io(e.to_string()))?;
@@ -352,9 +363,10 @@ pub async fn run_bound(
     };
     let control_task = tokio::spawn(control::serve(
         control_listener,
-        cmd_tx,
+        cmd_tx.clone(),
         events.clone(),
         info,
+        data.clone(),
     ));
     info!(
         node = %cfg.ident.name,
@@ -386,6 +398,12 @@ pub async fn run_bound(
         conns: HashMap::new(),
         next_conn_id: 1,
         net_tx,
+        bulk_tx,
+        data,
+        cmd_tx,
+        drops_reported: 0,
+        routes_key: None,
+        routes_at: Instant::now(),
         pending: HashMap::new(),
         next_token: 1,
         events,
@@ -394,7 +412,9 @@ pub async fn run_bound(
         meter: Arc::default(),
     };
     owner.drain(&mut engine);
-    let result = owner.run(&mut engine, net_rx, cmd_rx, shutdown).await;
+    let result = owner
+        .run(&mut engine, net_rx, bulk_rx, cmd_rx, shutdown)
+        .await;
 
     // Final snapshot, then close everything.
     let _ = persist::store(&cfg.data_dir, &engine.records());
@@ -421,6 +441,15 @@ struct Owner {
     conns: HashMap<NodeName, ConnEntry>,
     next_conn_id: u64,
     net_tx: mpsc::Sender<Net>,
+    bulk_tx: mpsc::Sender<ToOwner>,
+    data: DataPath,
+    /// For tasks that answer the owner later (loads other nodes asked for).
+    cmd_tx: mpsc::Sender<Command>,
+    /// Data messages dropped that were already reported as an event.
+    drops_reported: u64,
+    /// The links the published route snapshot was built from, and when.
+    routes_key: Option<(u64, u64)>,
+    routes_at: Instant,
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     next_token: u64,
     events: Arc<EventLog>,
@@ -439,6 +468,7 @@ impl Owner {
         &mut self,
         engine: &mut Engine,
         mut net_rx: mpsc::Receiver<Net>,
+        mut bulk_rx: mpsc::Receiver<ToOwner>,
         mut cmd_rx: mpsc::Receiver<Command>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AgentError> {
@@ -451,7 +481,10 @@ impl Owner {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             let wake = self.epoch + engine.poll_timeout();
+            // Biased: control input (handshakes, control frames, datagrams, commands, timers)
+            // is served before data for this node, so a ping never waits behind a bulk load.
             tokio::select! {
+                biased;
                 _ = &mut shutdown => break,
                 Some(msg) = net_rx.recv() => self.on_net(engine, msg),
                 Some(cmd) = cmd_rx.recv() => self.on_command(engine, cmd),
@@ -460,6 +493,7 @@ impl Owner {
                     for (peer, c) in &self.conns {
                         engine.handle_rtt(peer, c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32);
                     }
+                    self.report_drops();
                 }
                 _ = files_every.tick() => {
                     let now_mtimes = self.tls_files.as_ref().map(tls_mtimes);
@@ -476,8 +510,17 @@ impl Owner {
                 } => {
                     self.reload(engine, "SIGHUP");
                 }
+                Some(batch) = bulk_rx.recv() => {
+                    if self.conns.get(&batch.peer).is_some_and(|c| c.id == batch.conn_id) {
+                        let now = self.now();
+                        for f in batch.frames {
+                            engine.handle_frame(now, &batch.peer, f);
+                        }
+                    }
+                }
             }
             self.drain(engine);
+            self.publish_routes(engine);
             if let Some(reason) = self.fatal.take() {
                 error!("{reason}");
                 return Err(AgentError::Forgotten(reason));
@@ -492,7 +535,7 @@ impl Owner {
             && self
                 .conns
                 .values()
-                .any(|c| c.writer.capacity() < WRITE_QUEUE)
+                .any(|c| c.control.capacity() < data::CONTROL_QUEUE)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -518,9 +561,26 @@ impl Owner {
                     ));
                 }
                 Output::Send { to, frame } => {
-                    if let Some(c) = self.conns.get(&to) {
-                        if c.writer.try_send(frame.encode()).is_err() {
-                            warn!(peer = %to, "write queue full: frame dropped");
+                    let Some(c) = self.conns.get(&to) else {
+                        continue;
+                    };
+                    let lane = frame.lane();
+                    let bytes = frame.encode_prefixed();
+                    match lane {
+                        Lane::Control => {
+                            if c.control.try_send(Queued::control(bytes)).is_err() {
+                                warn!(peer = %to, "control queue full: frame dropped");
+                            }
+                        }
+                        // The owner never waits: a data frame that finds the lane full is
+                        // dropped and counted (senders that can wait use the lane directly).
+                        Lane::Bulk => {
+                            if c.bulk.try_send(bytes).is_err() {
+                                self.data
+                                    .stats
+                                    .dropped
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -547,8 +607,72 @@ impl Owner {
                     self.persist_tx.send_replace(Some(engine.records()));
                     self.fatal = Some(reason);
                 }
+                Output::RunLoad { handle, spec } => {
+                    let req = clusterctl_api::LoadRequest {
+                        target: spec.target.to_string(),
+                        from: None,
+                        count: spec.count,
+                        size: spec.size,
+                        timeout_ms: spec.timeout_ms,
+                    };
+                    let (data, cmd) = (self.data.clone(), self.cmd_tx.clone());
+                    tokio::spawn(async move {
+                        let result = data::run_load(data, cmd.clone(), req).await;
+                        let _ = cmd.send(Command::LoadDone { handle, result }).await;
+                    });
+                }
             }
         }
+    }
+
+    /// Reports data messages dropped since the last call (at most once a second: called from
+    /// the RTT tick) as a warning event, so that loss shows in `clusterctl events` and the log
+    /// as well as in `/metrics`.
+    fn report_drops(&mut self) {
+        let dropped = DataStats::get(&self.data.stats.dropped);
+        if dropped > self.drops_reported {
+            let at_ms = self.wall_base_ms + self.now().as_millis() as u64;
+            self.events.record(EventOut {
+                kind: EventKind::Warning,
+                node: Some(self.ident.name.clone()),
+                peer: None,
+                reason: format!(
+                    "dropped {} data messages: a bulk lane stayed full ({dropped} since start, clusterctl_data_dropped)",
+                    dropped - self.drops_reported
+                ),
+                at_ms,
+            });
+            self.drops_reported = dropped;
+        }
+    }
+
+    /// Rebuilds the route snapshot of the data path when a link changed, and every
+    /// [`ROUTES_EVERY`] otherwise (new records and failure-detector verdicts move routes too;
+    /// the period bounds the cost of a busy table).
+    fn publish_routes(&mut self, engine: &Engine) {
+        let key = (engine.links_generation(), self.next_conn_id);
+        if self.routes_key == Some(key) && self.routes_at.elapsed() < ROUTES_EVERY {
+            return;
+        }
+        self.routes_key = Some(key);
+        self.routes_at = Instant::now();
+        let me = &self.ident.name;
+        let hops = engine
+            .table()
+            .live()
+            .filter(|r| r.name != *me)
+            .filter_map(|r| Some((r.name.clone(), engine.next_hop(&r.name).ok()?)))
+            .collect();
+        let lanes = self
+            .conns
+            .iter()
+            .filter(|(peer, _)| engine.is_linked(peer))
+            .map(|(peer, c)| {
+                let rtt = c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32;
+                (peer.clone(), (c.bulk.clone(), rtt))
+            })
+            .collect();
+        self.data.routes.set(Routes::new(hops, lanes));
     }
 
     fn link_info(
@@ -594,9 +718,18 @@ impl Owner {
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
-        let (wtx, wrx) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(writer(conn.clone(), wrx));
-        tokio::spawn(reader(conn.clone(), peer.clone(), id, self.net_tx.clone()));
+        let (ctx, crx) = mpsc::channel(data::CONTROL_QUEUE);
+        let (bulk, brx) = BulkLane::new();
+        tokio::spawn(data::lane_writer(conn.clone(), Lane::Control, crx));
+        tokio::spawn(data::lane_writer(conn.clone(), Lane::Bulk, brx));
+        tokio::spawn(reader(
+            conn.clone(),
+            peer.clone(),
+            id,
+            self.net_tx.clone(),
+            self.bulk_tx.clone(),
+            self.data.clone(),
+        ));
         let replaced = self
             .conns
             .insert(
@@ -605,7 +738,8 @@ impl Owner {
                     id,
                     conn,
                     dialer,
-                    writer: wtx,
+                    control: ctx,
+                    bulk,
                     established: Instant::now(),
                 },
             )
@@ -816,8 +950,36 @@ impl Owner {
             Command::Secret { req, reply } => {
                 let _ = reply.send(self.keyring_op(engine, now, &req));
             }
+            Command::Sink {
+                target,
+                reset,
+                timeout,
+                reply,
+            } => {
+                let token = self.token(reply);
+                engine.start_sink_read(now, token, target, reset, timeout);
+            }
+            Command::LoadFrom {
+                from,
+                target,
+                req,
+                reply,
+            } => {
+                let token = self.token(reply);
+                let spec = LoadSpec {
+                    target,
+                    count: req.count,
+                    size: req.size,
+                    timeout_ms: req.timeout_ms,
+                };
+                engine.start_load_from(now, token, from, spec);
+            }
+            Command::LoadDone { handle, result } => engine.load_done(now, handle, result),
             Command::Metrics { reply } => {
                 let _ = reply.send(control::MetricsSnapshot {
+                    data_forwarded: DataStats::get(&self.data.stats.forwarded),
+                    data_dropped: DataStats::get(&self.data.stats.dropped),
+                    load_sent: DataStats::get(&self.data.stats.load_sent),
                     counters: engine.counters.clone(),
                     links_up: engine.linked_peers().len() as u64,
                     table_records: engine.table().len() as u64,
@@ -1206,44 +1368,29 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
     }
 }
 
-async fn writer(conn: quinn::Connection, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let limit = Arc::new(Semaphore::new(STREAMS_IN_FLIGHT));
-    while let Some(bytes) = rx.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            if let Ok(mut s) = conn.open_uni().await {
-                if s.write_all(&bytes).await.is_ok() {
-                    let _ = s.finish();
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
-async fn reader(conn: quinn::Connection, peer: NodeName, conn_id: u64, net: mpsc::Sender<Net>) {
-    let limit = Arc::new(Semaphore::new(STREAMS_IN_FLIGHT));
+/// Accepts the lane streams of a connection (each read by its own task, see
+/// [`DataPath::read_lane`]) and its datagrams; reports the close to the owner.
+async fn reader(
+    conn: quinn::Connection,
+    peer: NodeName,
+    conn_id: u64,
+    net: mpsc::Sender<Net>,
+    bulk: mpsc::Sender<ToOwner>,
+    data: DataPath,
+) {
+    let limit = Arc::new(Semaphore::new(LANES_IN_FLIGHT));
     let reason = loop {
         tokio::select! {
             s = conn.accept_uni() => match s {
-                Ok(mut recv) => {
-                    let Ok(permit) = limit.clone().acquire_owned().await else { break "closing".to_string() };
-                    let net = net.clone();
-                    let peer = peer.clone();
+                Ok(recv) => {
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        warn!(peer = %peer, "closed a link whose peer opened more than {LANES_IN_FLIGHT} lanes");
+                        conn.close(4u32.into(), b"too many lanes");
+                        break "the peer opened too many lanes".to_string();
+                    };
+                    let read = data.clone().read_lane(conn.clone(), recv, peer.clone(), conn_id, net.clone(), bulk.clone());
                     tokio::spawn(async move {
-                        match recv.read_to_end(MAX_FRAME).await {
-                            Ok(bytes) => {
-                                let _ = net.send(Net::Frame { peer, conn_id, bytes }).await;
-                            }
-                            Err(quinn::ReadToEndError::TooLong) => {
-                                warn!(peer = %peer, "dropped a frame over {MAX_FRAME} bytes");
-                                let _ = recv.stop(1u32.into());
-                            }
-                            Err(_) => {}
-                        }
+                        read.await;
                         drop(permit);
                     });
                 }

@@ -12,6 +12,8 @@
 //! | GET | `/v1/secrets` | [`Secrets`] (who holds which cluster secret) |
 //! | GET | `/v1/certs` | [`CertsReport`] (which CA and certificate every node presents) |
 //! | POST | `/v1/reload` | [`ReloadReport`] (re-read certificate, key and CA bundle) |
+//! | POST | `/v1/load` | [`LoadRequest`] -> [`LoadReport`] (data messages to a node's `sink`) |
+//! | GET | `/v1/sink[?node=NAME&reset=true]` | [`SinkReport`] (a node's `sink` counters; `reset` zeroes them after reading) |
 //! | GET | `/metrics` | Prometheus text format |
 //!
 //! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
@@ -24,10 +26,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clusterctl_api::{
-    ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, Members, NodeInfo,
-    PingRequest, ReloadReport, Role, SecretRequest, Secrets, Topology, API_VERSION,
+    ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, LoadReport,
+    LoadRequest, Members, NodeInfo, PingRequest, ReloadReport, Role, SecretRequest, Secrets,
+    SinkReport, Topology, API_VERSION,
 };
 use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
+use clusterctl_core::name::NodeName;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use std::collections::VecDeque;
@@ -78,6 +82,26 @@ pub enum Command {
     Reload {
         reply: oneshot::Sender<ReloadReport>,
     },
+    /// Read (and with `reset`, zero) the `sink` counters of `target`; answered with
+    /// [`Reply::Sink`].
+    Sink {
+        target: NodeName,
+        reset: bool,
+        timeout: Duration,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// Ask `from` to run a load (answered with [`Reply::Load`]).
+    LoadFrom {
+        from: NodeName,
+        target: NodeName,
+        req: LoadRequest,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// A load another node asked for finished.
+    LoadDone {
+        handle: u64,
+        result: Result<LoadReport, String>,
+    },
 }
 
 /// Numbers for `/metrics`.
@@ -90,6 +114,12 @@ pub struct MetricsSnapshot {
     pub health_score: u64,
     /// UDP traffic of this node's connections (see [`crate::meter`]).
     pub wire: crate::meter::WireTotals,
+    /// Data messages forwarded by the data path without the owner task.
+    pub data_forwarded: u64,
+    /// Data messages dropped because a bulk lane stayed full.
+    pub data_dropped: u64,
+    /// Data messages sent by the load generator.
+    pub load_sent: u64,
 }
 
 /// What never changes while the agent runs.
@@ -163,6 +193,7 @@ struct Ctx {
     cmd: mpsc::Sender<Command>,
     events: Arc<EventLog>,
     info: Arc<StaticInfo>,
+    data: crate::data::DataPath,
 }
 
 type ApiResult<T> = Result<T, (StatusCode, Json<ApiError>)>;
@@ -202,11 +233,13 @@ pub async fn serve(
     cmd: mpsc::Sender<Command>,
     events: Arc<EventLog>,
     info: StaticInfo,
+    data: crate::data::DataPath,
 ) {
     let ctx = Ctx {
         cmd,
         events,
         info: Arc::new(info),
+        data,
     };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -219,6 +252,8 @@ pub async fn serve(
         .route("/v1/secrets", get(secrets))
         .route("/v1/certs", get(certs))
         .route("/v1/reload", post(reload))
+        .route("/v1/load", post(load))
+        .route("/v1/sink", get(sink))
         .route("/metrics", get(metrics))
         .with_state(ctx);
     if let Err(e) = axum::serve(listener, app).await {
@@ -265,7 +300,7 @@ async fn topology(
         let wait = Duration::from_millis(timeout_ms * 3 + 2000);
         match ask(&ctx, |reply| Command::Probe { timeout_ms, reply }, wait).await? {
             Reply::Probes(p) => Some(p),
-            Reply::Ping(_) => None,
+            Reply::Ping(_) | Reply::Sink(_) | Reply::Load(_) => None,
         }
     } else {
         None
@@ -308,7 +343,72 @@ async fn ping(
         + Duration::from_secs(5);
     match ask(&ctx, |reply| Command::Ping { req, reply }, wait).await? {
         Reply::Ping(r) => Ok(Json(r)),
-        Reply::Probes(_) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
+        Reply::Probes(_) | Reply::Sink(_) | Reply::Load(_) => {
+            Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"))
+        }
+    }
+}
+
+async fn load(State(ctx): State<Ctx>, Json(req): Json<LoadRequest>) -> ApiResult<Json<LoadReport>> {
+    let bad = |e: String| err(StatusCode::BAD_REQUEST, e);
+    let from = match req.from.as_deref() {
+        Some(f) => NodeName::new(f).map_err(|e| bad(format!("from: {e}")))?,
+        None => ctx.data.me.clone(),
+    };
+    let target = crate::data::check_load(&from, &req).map_err(bad)?;
+    if from != ctx.data.me {
+        let wait =
+            Duration::from_millis(req.timeout_ms.clamp(1, 3_600_000)) + Duration::from_secs(20);
+        let make = |reply| Command::LoadFrom {
+            from,
+            target,
+            req,
+            reply,
+        };
+        return match ask(&ctx, make, wait).await? {
+            Reply::Load(Ok(r)) => Ok(Json(r)),
+            Reply::Load(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
+            _ => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
+        };
+    }
+    // The load runs in its own task, so a client that hangs up does not cut it short midway.
+    let run = tokio::spawn(crate::data::run_load(
+        ctx.data.clone(),
+        ctx.cmd.clone(),
+        req,
+    ));
+    match run.await {
+        Ok(Ok(r)) => Ok(Json(r)),
+        Ok(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
+        Err(e) => Err(err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SinkQuery {
+    node: Option<String>,
+    #[serde(default)]
+    reset: bool,
+}
+
+async fn sink(State(ctx): State<Ctx>, Query(q): Query<SinkQuery>) -> ApiResult<Json<SinkReport>> {
+    let target = match q.node {
+        Some(n) => {
+            NodeName::new(n).map_err(|e| err(StatusCode::BAD_REQUEST, format!("node: {e}")))?
+        }
+        None => ctx.data.me.clone(),
+    };
+    let timeout = Duration::from_secs(5);
+    let make = |reply| Command::Sink {
+        target,
+        reset: q.reset,
+        timeout,
+        reply,
+    };
+    match ask(&ctx, make, timeout + Duration::from_secs(2)).await? {
+        Reply::Sink(Ok(r)) => Ok(Json(r)),
+        Reply::Sink(Err(e)) => Err(err(StatusCode::BAD_GATEWAY, e)),
+        _ => Err(err(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer")),
     }
 }
 
@@ -486,6 +586,36 @@ async fn metrics(State(ctx): State<Ctx>) -> ApiResult<Response> {
         "outbox_dropped",
         "Outputs dropped because the outbox was full",
         c.outbox_dropped,
+    );
+    add(
+        "sink_messages",
+        "Data messages the sink process counted",
+        c.sink_messages,
+    );
+    add(
+        "sink_bytes",
+        "Payload bytes the sink process counted",
+        c.sink_bytes,
+    );
+    add(
+        "messages_refused",
+        "Data messages to a process this node does not run (bounced)",
+        c.messages_refused,
+    );
+    add(
+        "data_forwarded",
+        "Data messages forwarded on the bulk lane by the data path",
+        m.data_forwarded,
+    );
+    add(
+        "data_dropped",
+        "Data messages dropped because a bulk lane stayed full",
+        m.data_dropped,
+    );
+    add(
+        "load_sent",
+        "Data messages sent by the load generator",
+        m.load_sent,
     );
     add("links_up", "Links currently up", m.links_up);
     add(

@@ -576,8 +576,8 @@ fn insecure_configs(
 /// - keep-alive every 2 s, so NAT bindings stay open and a dead path is seen within the timeout;
 /// - 1 MiB of datagram buffer each way (SWIM traffic; datagrams beyond it are dropped, never
 ///   queued behind streams);
-/// - up to 1024 concurrent unidirectional streams (one per message) and 64 bidirectional ones
-///   (requests, table sync, probes) opened by the peer.
+/// - up to 4 concurrent unidirectional streams opened by the peer (its two lanes, control and
+///   bulk, and room for two more) and 64 bidirectional ones (handshakes).
 pub fn transport_config() -> quinn::TransportConfig {
     const DATAGRAM_BUFFER: usize = 1 << 20;
     let mut t = quinn::TransportConfig::default();
@@ -587,7 +587,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     t.datagram_send_buffer_size(DATAGRAM_BUFFER);
-    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(1024));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(4));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t
 }

@@ -716,6 +716,12 @@ impl Sim {
             Output::Reply { token, reply } => {
                 self.nodes[i].replies.insert(token, reply);
             }
+            // The simulator has no data path: a load asked of a simulated node fails, saying so.
+            Output::RunLoad { handle, .. } => {
+                if let Some(e) = self.nodes[i].engine.as_mut() {
+                    e.load_done(now, handle, Err("the simulator has no data path".into()));
+                }
+            }
             Output::Fatal(reason) => {
                 let name = self.nodes[i].ident.name.clone();
                 self.nodes[i].events.push(EventOut {
@@ -1303,6 +1309,48 @@ impl Sim {
         let start = self.now;
         while self.now - start <= max {
             if let Some(Reply::Ping(r)) = self.nodes[i].replies.remove(&token) {
+                return Some(r);
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        None
+    }
+
+    /// Runs `f` on a running node's engine at the current virtual time, then delivers what it
+    /// produced.
+    pub fn with_engine<R>(&mut self, name: &str, f: impl FnOnce(&mut Engine, Time) -> R) -> R {
+        let i = self.idx(name);
+        let now = self.now;
+        let seed = self.cfg.seed;
+        let e = self.nodes[i]
+            .engine
+            .as_mut()
+            .unwrap_or_else(|| panic!("{name} is not running (seed {seed})"));
+        let r = f(e, now);
+        self.pump(i);
+        r
+    }
+
+    /// Reads the `sink` counters of `target` from `from` and runs the simulation until the
+    /// answer arrives (or `max`).
+    pub fn sink_read(
+        &mut self,
+        from: &str,
+        target: &str,
+        max: Duration,
+    ) -> Option<Result<clusterctl_api::SinkReport, String>> {
+        let i = self.idx(from);
+        let token = self.next_token;
+        self.next_token += 1;
+        let target = NodeName::new(target).expect("name");
+        self.with_engine(from, |e, now| {
+            e.start_sink_read(now, token, target, false, Duration::from_secs(5))
+        });
+        let start = self.now;
+        while self.now - start <= max {
+            if let Some(Reply::Sink(r)) = self.nodes[i].replies.remove(&token) {
                 return Some(r);
             }
             if !self.step() {

@@ -86,7 +86,10 @@ pub fn send_hello(
             if let Some(f) = frame {
                 // Best effort: the agent may already have closed the connection.
                 if let Ok(mut s) = conn.open_uni().await {
-                    let _ = s.write_all(&f.encode()).await;
+                    // On the control lane: the lane byte, then the length-prefixed frame.
+                    let mut bytes = vec![clusterctl_core::wire::Lane::Control as u8];
+                    bytes.extend(f.encode_prefixed());
+                    let _ = s.write_all(&bytes).await;
                     let _ = s.finish();
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;

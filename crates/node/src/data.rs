@@ -1,0 +1,568 @@
+//! The data path: the two lanes of a link, the route snapshot, and the load generator.
+//!
+//! ```text
+//!  owner task ── control frames (try_send, 4096 frames) ──► control lane ─┐ long-lived uni
+//!  owner task ── data frames (try_send) ─┐                                ├► streams, control
+//!  load generator ── send().await ───────┼──► bulk lane (8 MiB budget) ──┘  at higher priority
+//!  bulk reader (forwarding) ─ send().await┘
+//! ```
+//!
+//! - **Lanes.** Every link has two long-lived unidirectional streams per direction: the control
+//!   lane (table sync, digests, echo, calls, leave) and the bulk lane (data messages). Each has
+//!   its own queue and writer task; the control stream has the higher QUIC priority, so its
+//!   bytes go out before bulk bytes already buffered. On the receiving side each lane has its
+//!   own reader, and the owner task serves control input before bulk input. SWIM datagrams are
+//!   not on either lane.
+//! - **Framing.** Frames are length-prefixed ([`FrameSplitter`]); a writer takes every frame
+//!   already queued (up to [`BATCH_BYTES`]) and hands them to QUIC in one write.
+//! - **Backpressure.** The bulk lane holds at most [`BULK_BUDGET`] bytes. The load generator and
+//!   forwarding gateways wait for room (QUIC flow control then pushes back upstream); the owner
+//!   task never waits, so a data frame it cannot queue is dropped and counted
+//!   ([`DataStats::dropped`]), as is one a forwarder waited [`FORWARD_WAIT`] for in vain.
+//! - **Forwarding without the owner.** A gateway's bulk reader looks the next hop up in the
+//!   [`Routes`] snapshot the owner publishes and queues the messages of one read, one batch per
+//!   next hop, on that link's bulk lane itself (the load generator also sends 64 KiB batches). Messages for this node, and those without a route (the engine bounces them), go to
+//!   the owner.
+
+use crate::control::Command;
+use bytes::Bytes;
+use clusterctl_api::{LoadReport, LoadRequest};
+use clusterctl_core::engine::Reply;
+use clusterctl_core::name::NodeName;
+use clusterctl_core::wire::{
+    Body, Envelope, Frame, FrameSplitter, Hop, Lane, HOP_LIMIT, MAX_PAYLOAD,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// Most control frames queued for one link before new ones are dropped.
+pub const CONTROL_QUEUE: usize = 4096;
+/// Most bytes queued on one link's bulk lane.
+pub const BULK_BUDGET: usize = 8 * 1024 * 1024;
+/// Most frames queued on one link's bulk lane (small messages; the byte budget binds first for
+/// messages over 128 bytes).
+pub const BULK_QUEUE: usize = 65_536;
+/// Most bytes a lane writer hands to QUIC in one write.
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// Most bytes read from a lane at once.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Longest a forwarding gateway waits for room on the next hop's bulk lane before it drops the
+/// message (counted).
+pub const FORWARD_WAIT: Duration = Duration::from_secs(5);
+/// Largest `count` of one `POST /v1/load`.
+pub const MAX_LOAD_COUNT: u64 = 100_000_000;
+/// How often the load generator asks the target's sink whether everything arrived.
+const SINK_POLL: Duration = Duration::from_millis(5);
+/// Time allowed for one sink read.
+const SINK_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counters of the data path (exported in `/metrics`).
+#[derive(Debug, Default)]
+pub struct DataStats {
+    /// Data messages a gateway forwarded without the owner task.
+    pub forwarded: AtomicU64,
+    /// Data messages dropped because a bulk lane stayed full.
+    pub dropped: AtomicU64,
+    /// Data messages the load generator sent.
+    pub load_sent: AtomicU64,
+}
+
+impl DataStats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value of a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// A frame queued on a lane, with its share of the lane's byte budget.
+#[derive(Debug)]
+pub struct Queued {
+    bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    /// A control frame (the control lane is bounded in frames, not bytes).
+    pub fn control(bytes: Vec<u8>) -> Queued {
+        Queued {
+            bytes: Bytes::from(bytes),
+            _budget: None,
+        }
+    }
+}
+
+/// The sending end of one link's bulk lane: bounded in bytes, waited on by producers that may
+/// wait, tried by those that may not.
+#[derive(Debug, Clone)]
+pub struct BulkLane {
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+}
+
+/// Why a frame did not go on a bulk lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneError {
+    /// The lane stayed full.
+    Full,
+    /// The link is gone.
+    Closed,
+}
+
+impl BulkLane {
+    /// A lane and the receiver its writer drains.
+    pub fn new() -> (BulkLane, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(BULK_QUEUE);
+        let budget = Arc::new(Semaphore::new(BULK_BUDGET));
+        (BulkLane { tx, budget }, rx)
+    }
+
+    fn cost(len: usize) -> u32 {
+        len.clamp(1, BULK_BUDGET) as u32
+    }
+
+    /// Queues a frame, waiting for room.
+    pub async fn send(&self, bytes: Vec<u8>) -> Result<(), LaneError> {
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(Self::cost(bytes.len()))
+            .await
+            .map_err(|_| LaneError::Closed)?;
+        let q = Queued {
+            bytes: Bytes::from(bytes),
+            _budget: Some(permit),
+        };
+        self.tx.send(q).await.map_err(|_| LaneError::Closed)
+    }
+
+    /// Queues a frame if there is room now.
+    pub fn try_send(&self, bytes: Vec<u8>) -> Result<(), LaneError> {
+        let permit = match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(Self::cost(bytes.len()))
+        {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(LaneError::Full),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(LaneError::Closed),
+        };
+        let q = Queued {
+            bytes: Bytes::from(bytes),
+            _budget: Some(permit),
+        };
+        self.tx.try_send(q).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => LaneError::Full,
+            mpsc::error::TrySendError::Closed(_) => LaneError::Closed,
+        })
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_idle(&self) -> bool {
+        self.budget.available_permits() == BULK_BUDGET
+    }
+}
+
+/// Drains one lane of a link into its long-lived stream, taking every frame already queued
+/// into one write. Ends when the queue closes or the connection fails.
+pub async fn lane_writer(conn: quinn::Connection, lane: Lane, mut rx: mpsc::Receiver<Queued>) {
+    let mut stream: Option<quinn::SendStream> = None;
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.bytes.len();
+        batch.push(first);
+        while bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(q) => {
+                    bytes += q.bytes.len();
+                    batch.push(q);
+                }
+                Err(_) => break,
+            }
+        }
+        if stream.is_none() {
+            let Ok(s) = conn.open_uni().await else {
+                return;
+            };
+            // Control is served first: its bytes go out before bulk bytes already buffered.
+            let _ = s.set_priority(match lane {
+                Lane::Control => 1,
+                Lane::Bulk => 0,
+            });
+            chunks.push(Bytes::from_static(match lane {
+                Lane::Control => &[Lane::Control as u8],
+                Lane::Bulk => &[Lane::Bulk as u8],
+            }));
+            stream = Some(s);
+        }
+        let Some(s) = stream.as_mut() else { return };
+        chunks.extend(batch.iter().map(|q| q.bytes.clone()));
+        if s.write_all_chunks(&mut chunks).await.is_err() {
+            return;
+        }
+        chunks.clear();
+        // Dropping the batch returns its bytes to the lane's budget.
+        batch.clear();
+    }
+    if let Some(mut s) = stream {
+        let _ = s.finish();
+    }
+}
+
+/// The next hop toward every node the owner can route to, and each link's bulk lane.
+#[derive(Debug, Default)]
+pub struct Routes {
+    hops: HashMap<NodeName, NodeName>,
+    lanes: HashMap<NodeName, (BulkLane, u32)>,
+}
+
+impl Routes {
+    /// A snapshot from next hops (`dst -> hop`) and the lanes of the links up (`peer -> (lane,
+    /// rtt_us)`).
+    pub fn new(
+        hops: HashMap<NodeName, NodeName>,
+        lanes: HashMap<NodeName, (BulkLane, u32)>,
+    ) -> Routes {
+        Routes { hops, lanes }
+    }
+
+    /// The next hop toward `dst`, its bulk lane and the RTT of that link, if there is a route.
+    pub fn lane_to(&self, dst: &NodeName) -> Option<(&NodeName, &BulkLane, u32)> {
+        let hop = self.hops.get(dst)?;
+        let (lane, rtt) = self.lanes.get(hop)?;
+        Some((hop, lane, *rtt))
+    }
+}
+
+/// The route snapshot, replaced whole by the owner and read by the data path.
+#[derive(Debug, Clone, Default)]
+pub struct SharedRoutes(Arc<RwLock<Arc<Routes>>>);
+
+impl SharedRoutes {
+    /// The current snapshot.
+    pub fn get(&self) -> Arc<Routes> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Publishes a new snapshot.
+    pub fn set(&self, r: Routes) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
+    }
+}
+
+/// What a bulk reader hands to the owner task.
+#[derive(Debug)]
+pub struct ToOwner {
+    pub peer: NodeName,
+    pub conn_id: u64,
+    pub frames: Vec<Frame>,
+}
+
+/// What the data path of one node needs.
+#[derive(Debug, Clone)]
+pub struct DataPath {
+    pub me: NodeName,
+    pub routes: SharedRoutes,
+    pub stats: Arc<DataStats>,
+}
+
+/// Data messages to forward, encoded back to back for one next hop (order kept per hop).
+#[derive(Debug)]
+struct Batch {
+    hop: NodeName,
+    lane: BulkLane,
+    bytes: Vec<u8>,
+    messages: u64,
+}
+
+impl DataPath {
+    /// Encodes a data message for another node into the batch of its next hop. Returns the
+    /// message when this node cannot route it (the owner then routes or bounces it).
+    fn stage(&self, routes: &Routes, out: &mut Vec<Batch>, mut env: Envelope) -> Option<Envelope> {
+        if env.ttl == 0 {
+            return Some(env);
+        }
+        let Some((hop, lane, rtt)) = routes.lane_to(&env.dst) else {
+            return Some(env);
+        };
+        env.ttl -= 1;
+        env.trace.push(Hop {
+            node: self.me.clone(),
+            rtt_us: rtt,
+        });
+        let bytes = Frame::Routed(env).encode_prefixed();
+        match out.iter_mut().find(|b| b.hop == *hop) {
+            Some(b) => {
+                b.bytes.extend_from_slice(&bytes);
+                b.messages += 1;
+            }
+            None => out.push(Batch {
+                hop: hop.clone(),
+                lane: lane.clone(),
+                bytes,
+                messages: 1,
+            }),
+        }
+        None
+    }
+
+    /// Queues staged batches on their next hops' bulk lanes, waiting for room (at most
+    /// [`FORWARD_WAIT`] each; then the batch is dropped and counted).
+    async fn flush(&self, out: &mut Vec<Batch>) {
+        for b in out.drain(..) {
+            match tokio::time::timeout(FORWARD_WAIT, b.lane.send(b.bytes)).await {
+                Ok(Ok(())) => DataStats::add(&self.stats.forwarded, b.messages),
+                _ => DataStats::add(&self.stats.dropped, b.messages),
+            }
+        }
+    }
+
+    /// Reads one lane stream of a link. Control frames go to the owner as bytes (it decodes and
+    /// counts bad ones); bulk frames are decoded here, forwarded when they are for another node,
+    /// and handed to the owner in batches otherwise. A broken stream closes the connection.
+    pub(crate) async fn read_lane(
+        self,
+        conn: quinn::Connection,
+        mut recv: quinn::RecvStream,
+        peer: NodeName,
+        conn_id: u64,
+        control: mpsc::Sender<crate::agent::Net>,
+        bulk: mpsc::Sender<ToOwner>,
+    ) {
+        let lane = match recv.read_chunk(1, true).await {
+            Ok(Some(c)) => c.bytes.first().copied().and_then(Lane::from_byte),
+            _ => return,
+        };
+        let Some(lane) = lane else {
+            tracing::warn!(peer = %peer, "closed a link whose peer opened a stream of no known lane");
+            conn.close(4u32.into(), b"unknown lane");
+            return;
+        };
+        let mut split = FrameSplitter::default();
+        loop {
+            let chunk = match recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(c)) => c.bytes,
+                Ok(None) | Err(_) => return,
+            };
+            split.push(&chunk);
+            let mut to_owner = Vec::new();
+            let mut staged: Vec<Batch> = Vec::new();
+            let mut routes: Option<Arc<Routes>> = None;
+            loop {
+                let frame = match split.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(peer = %peer, "closed a link whose {lane:?} lane broke: {e}");
+                        conn.close(4u32.into(), b"bad lane framing");
+                        return;
+                    }
+                };
+                if lane == Lane::Control {
+                    let msg = crate::agent::Net::Frame {
+                        peer: peer.clone(),
+                        conn_id,
+                        bytes: frame.to_vec(),
+                    };
+                    if control.send(msg).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                match Frame::decode(frame) {
+                    Ok(Frame::Routed(env))
+                        if env.dst != self.me && matches!(env.body, Body::Message { .. }) =>
+                    {
+                        let r = routes.get_or_insert_with(|| self.routes.get());
+                        if let Some(env) = self.stage(r, &mut staged, env) {
+                            to_owner.push(Frame::Routed(env));
+                        }
+                    }
+                    Ok(f) => to_owner.push(f),
+                    // The owner counts and reports it.
+                    Err(_) => {
+                        let msg = crate::agent::Net::Frame {
+                            peer: peer.clone(),
+                            conn_id,
+                            bytes: frame.to_vec(),
+                        };
+                        if control.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // Forwarded messages are batched per read (at most one read plus one frame each).
+            self.flush(&mut staged).await;
+            if !to_owner.is_empty() {
+                let msg = ToOwner {
+                    peer: peer.clone(),
+                    conn_id,
+                    frames: to_owner,
+                };
+                if bulk.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Asks the owner for `target`'s sink counters and returns how many messages it counted from
+/// `from`.
+async fn sink_count(
+    cmd: &mpsc::Sender<Command>,
+    target: &NodeName,
+    from: &NodeName,
+) -> Result<u64, String> {
+    let (tx, rx) = oneshot::channel();
+    cmd.send(Command::Sink {
+        target: target.clone(),
+        reset: false,
+        timeout: SINK_READ_TIMEOUT,
+        reply: tx,
+    })
+    .await
+    .map_err(|_| "the agent is shutting down".to_string())?;
+    match tokio::time::timeout(SINK_READ_TIMEOUT + Duration::from_secs(1), rx).await {
+        Ok(Ok(Reply::Sink(Ok(r)))) => Ok(r
+            .senders
+            .iter()
+            .find(|s| s.from == from.as_str())
+            .map_or(0, |s| s.messages)),
+        Ok(Ok(Reply::Sink(Err(e)))) => Err(e),
+        Ok(_) => Err("the agent gave no sink answer".into()),
+        Err(_) => Err(format!("no answer from the sink of {target} in time")),
+    }
+}
+
+/// Checks a load request from `me` (the sending node) before anything is sent.
+pub fn check_load(me: &NodeName, req: &LoadRequest) -> Result<NodeName, String> {
+    let target = NodeName::new(req.target.clone()).map_err(|e| format!("target: {e}"))?;
+    if target == *me {
+        return Err(format!(
+            "{me} cannot load itself (nothing would cross a link); choose another node"
+        ));
+    }
+    if req.count == 0 || req.count > MAX_LOAD_COUNT {
+        return Err(format!("count must be between 1 and {MAX_LOAD_COUNT}"));
+    }
+    if req.size as usize > MAX_PAYLOAD {
+        return Err(format!("size must be at most {MAX_PAYLOAD} bytes"));
+    }
+    Ok(target)
+}
+
+/// Sends `req.count` messages of `req.size` bytes to the `sink` of `req.target`, waiting for
+/// room on the link rather than dropping, then polls the sink until it has counted them all (or
+/// the timeout passes).
+pub async fn run_load(
+    data: DataPath,
+    cmd: mpsc::Sender<Command>,
+    req: LoadRequest,
+) -> Result<LoadReport, String> {
+    let target = check_load(&data.me, &req)?;
+    let deadline = Instant::now() + Duration::from_millis(req.timeout_ms.clamp(1, 3_600_000));
+    let before = sink_count(&cmd, &target, &data.me).await?;
+    // Every message of one load is the same frame (the id only matters for bounces, which the
+    // load does not track), so it is encoded once and copied.
+    let frame = |rtt_us: u32| {
+        Frame::Routed(Envelope {
+            id: 0,
+            src: data.me.clone(),
+            dst: target.clone(),
+            ttl: HOP_LIMIT,
+            trace: vec![Hop {
+                node: data.me.clone(),
+                rtt_us,
+            }],
+            body: Body::Message {
+                process: clusterctl_core::engine::SINK.into(),
+                payload: vec![0xa5; req.size as usize],
+            },
+        })
+        .encode_prefixed()
+    };
+    let mut sent = 0u64;
+    let mut error = None;
+    let started = Instant::now();
+    // Small messages go to the lane a batch at a time: `per` frames back to back.
+    let mut current: Option<(BulkLane, Vec<u8>, u64)> = None;
+    while sent < req.count {
+        let (lane, batch, per) = match &current {
+            Some(c) => c,
+            None => match data.routes.get().lane_to(&target) {
+                Some((_, lane, rtt)) => {
+                    let one = frame(rtt);
+                    let per = (BATCH_BYTES / 4 / one.len()).clamp(1, 4096) as u64;
+                    current.insert((lane.clone(), one.repeat(per as usize), per))
+                }
+                None => {
+                    error = Some(format!("no route from {} to {target}", data.me));
+                    break;
+                }
+            },
+        };
+        let n = (*per).min(req.count - sent);
+        let bytes = batch[..batch.len() / *per as usize * n as usize].to_vec();
+        match tokio::time::timeout_at(deadline, lane.send(bytes)).await {
+            Ok(Ok(())) => sent += n,
+            // The link went down: look the route up again (once per message).
+            Ok(Err(_)) => {
+                current = None;
+                if data.routes.get().lane_to(&target).is_none() {
+                    error = Some(format!("the route from {} to {target} went down", data.me));
+                    break;
+                }
+            }
+            Err(_) => {
+                error = Some("the timeout passed while waiting for room on the link".into());
+                break;
+            }
+        }
+    }
+    DataStats::add(&data.stats.load_sent, sent);
+    let mut delivered = 0;
+    loop {
+        match sink_count(&cmd, &target, &data.me).await {
+            Ok(n) => delivered = n.saturating_sub(before),
+            Err(e) => {
+                error.get_or_insert(e);
+                break;
+            }
+        }
+        if delivered >= sent || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(SINK_POLL).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered = delivered.min(sent);
+    if delivered < sent && error.is_none() {
+        error = Some(format!(
+            "the sink of {target} confirmed {delivered} of {sent} messages before the timeout"
+        ));
+    }
+    let per_s = |n: f64| if elapsed > 0.0 { n / elapsed } else { 0.0 };
+    Ok(LoadReport {
+        from: data.me.to_string(),
+        target: target.to_string(),
+        size: req.size,
+        sent,
+        delivered,
+        dropped: sent - delivered,
+        unsent: req.count - sent,
+        elapsed_ms: elapsed * 1000.0,
+        msgs_per_s: per_s(delivered as f64),
+        mb_per_s: per_s(delivered as f64 * f64::from(req.size)) / 1e6,
+        error,
+    })
+}
