@@ -55,7 +55,9 @@ impl Stats {
     fn row(&self) -> String {
         let mut v = self.samples.clone();
         v.sort_by(f64::total_cmp);
-        let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+        // Nearest rank: the smallest sample with at least a fraction q of the samples at or
+        // below it (the median of two samples is the lower one, not the maximum).
+        let pick = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
         if v.is_empty() {
             return format!("| {} | - | - | - | 0 |", self.name);
         }
@@ -238,4 +240,29 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
         out.push('\n');
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stats;
+
+    fn row(samples: &[f64]) -> String {
+        Stats {
+            name: "x".into(),
+            samples: samples.to_vec(),
+        }
+        .row()
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        assert_eq!(row(&[2.0, 1.0]), "| x | 1.00 | 2.00 | 2.00 | 2 |");
+        assert_eq!(
+            row(&[5.0, 1.0, 3.0, 2.0, 4.0]),
+            "| x | 3.00 | 5.00 | 5.00 | 5 |"
+        );
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(row(&hundred), "| x | 50.00 | 99.00 | 100.00 | 100 |");
+        assert_eq!(row(&[]), "| x | - | - | - | 0 |");
+    }
 }
