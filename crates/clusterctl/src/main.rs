@@ -82,7 +82,9 @@ enum Cmd {
     ///
     /// Rows (each names its unit; samples are runs, pings or agents): `lab up` to converged;
     /// whole-command times of `topology`, `topology --probe` and `members`; ping round trips
-    /// inside a site and across sites; agent resident memory at idle; links up per node beside a
+    /// inside a site and across sites; agent resident memory at idle; data messages to `sink`
+    /// (100-byte msgs/s and 64 KiB MB/s, same site and across sites, ping RTT while a 64 KiB load
+    /// saturates the link, memory under load; --load-runs 0 skips them); links up per node beside a
     /// full mesh (N-1); bytes sent per node per second at idle over --idle-window-secs, as UDP
     /// payload and at IP level (+28 bytes of IPv4/UDP header per datagram); CPU per agent at idle
     /// (% of one core, utime+stime); over --kills runs of `kill -9` of a member: ms until a member
