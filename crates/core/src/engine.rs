@@ -102,6 +102,12 @@ impl Timing {
     }
 }
 
+/// Smallest change of a link's RTT (besides a factor of 1.5) that makes a node publish its record
+/// again at the next RTT refresh. Record RTTs are for display (a node's own links show live
+/// ones); below a millisecond the jitter of a busy host would make every node rewrite its record
+/// every refresh and send it to the whole cluster (on loopback that was ~45% of idle traffic).
+pub const RTT_REPORT_MIN_CHANGE_US: u32 = 1000;
+
 /// Everything an engine is built from.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -1885,7 +1891,8 @@ impl Engine {
             && self.links.values().any(|l| {
                 let a = f64::from(l.rtt_us.max(1));
                 let b = f64::from(l.reported_rtt_us.max(1));
-                l.up && (a / b > 1.5 || b / a > 1.5) && l.rtt_us.abs_diff(l.reported_rtt_us) > 100
+                l.up && (a / b > 1.5 || b / a > 1.5)
+                    && l.rtt_us.abs_diff(l.reported_rtt_us) > RTT_REPORT_MIN_CHANGE_US
             });
         if !(structural || rtt_moved || force) {
             self.links_grown = None;
@@ -4118,6 +4125,77 @@ mod tests {
         let mine = e.table().summary();
         e.handle_frame(ms(6000), &edge3, Frame::Summary(mine));
         assert!(sent(&mut e).is_empty());
+    }
+
+    #[test]
+    fn rtt_jitter_below_a_millisecond_does_not_republish_the_record() {
+        use crate::contract::Contract;
+        use crate::name::{ClusterName, Ident, SiteName};
+        use crate::secret::{Keyring, Secret};
+        let contract =
+            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
+                .unwrap();
+        let id = |n: &str| Ident {
+            name: NodeName::new(n).unwrap(),
+            site: SiteName::new("us").unwrap(),
+            role: Role::Member,
+        };
+        let cfg = EngineConfig {
+            cluster: ClusterName::new("c").unwrap(),
+            me: id("edge-1"),
+            addr: "10.0.0.1:7400".into(),
+            wan_addr: None,
+            contract: contract.clone(),
+            secure: true,
+            version: "t".into(),
+            seeds: vec![],
+            rejoin: false,
+            timing: Timing::lan(),
+            wall_base_ms: 0,
+            seed: 1,
+            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
+            cert: None,
+            cert_warn_fraction: 0.33,
+        };
+        let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
+        let peer = NodeName::new("edge-2").unwrap();
+        e.handle_link_up(
+            Time::ZERO + Duration::from_millis(1),
+            LinkInfo {
+                peer: id("edge-2"),
+                contract_hash: contract.hash().to_string(),
+                secure: true,
+                protocol: "tls1.3".into(),
+                rtt_us: 100,
+                key: None,
+            },
+        );
+        // Runs the engine's timers up to `until` (at most one step per 50 ms of virtual time).
+        let run = |e: &mut Engine, from: Duration, until: Duration| {
+            let mut now = from;
+            while now < until {
+                now = (e.poll_timeout() - Time::ZERO).clamp(now, until);
+                e.handle_timeout(Time::ZERO + now);
+                while e.poll_output().is_some() {}
+                now += Duration::from_millis(50);
+            }
+        };
+        let refresh = Timing::lan().rtt_refresh;
+        run(&mut e, Duration::ZERO, refresh);
+        let settled = e.clock();
+        // 100 us -> 600 us: six times slower, but half a millisecond: jitter, not news.
+        e.handle_rtt(&peer, 600);
+        run(&mut e, refresh, refresh * 3);
+        assert_eq!(e.clock(), settled, "jitter republished the record");
+        // 100 us -> 5 ms: the record says so at the next refresh.
+        e.handle_rtt(&peer, 5_000);
+        run(&mut e, refresh * 3, refresh * 5);
+        assert!(e.clock() > settled, "a real RTT change was not published");
+        let own = e.table().get(e.me().name.as_str()).expect("own record");
+        assert_eq!(
+            own.links.iter().map(|l| l.rtt_us).collect::<Vec<_>>(),
+            [5_000]
+        );
     }
 
     #[test]
