@@ -102,7 +102,11 @@ cleanup() {
     fi
     # Let the log stampers see end of file and exit.
     wait 2>/dev/null || true
-    [ -n "$WORK" ] && rm -rf "$WORK"
+    if [ -n "${PEERS_KEEP:-}" ]; then
+        log "kept $WORK"
+    elif [ -n "$WORK" ]; then
+        rm -rf "$WORK"
+    fi
     exit "$status"
 }
 
@@ -233,7 +237,7 @@ erlang_bench() {
     make_certs
     erlc -o "$WORK" "$HERE/peers/peerbench.erl" || die "erlc failed on $HERE/peers/peerbench.erl"
     local dist label
-    for dist in tcp tls; do
+    for dist in ${PEERS_DISTS:-tcp tls}; do
         if [ $dist = tcp ]; then
             label="Erlang distribution over TCP (inet_tcp_dist)"
         else
