@@ -281,7 +281,7 @@ pair_phase() ->
 
 connect_sample(Target, I) ->
     Name = "c" ++ integer_to_list(I),
-    File = filename:join(cfg(dir), Name ++ ".result"),
+    File = result_file(Name),
     Node = spawn_node(Name, ["-s", "peerbench", "connect_probe", atom_to_list(Target), File]),
     {true, Us} = wait_file(File),
     kill_node(Node, "-9"),
@@ -380,7 +380,7 @@ ensure_mesh(Mesh) ->
 %% whether the mesh was still whole after the node went down.
 join_kill_round(Mesh = [First | _], I, Signal) ->
     Name = "j" ++ integer_to_list(I),
-    File = filename:join(cfg(dir), Name ++ ".result"),
+    File = result_file(Name),
     Joiner = spawn_node(Name, ["-s", "peerbench", "join_probe", atom_to_list(First), File]),
     {true, T0} = wait_file(File),
     Ups = wait_events(Mesh, nodeup, Joiner, 180000),
@@ -489,6 +489,13 @@ wait_loop(Fun, Deadline, What) ->
                 false -> timer:sleep(20), wait_loop(Fun, Deadline, What)
             end
     end.
+
+%% A file for a probe's result, unique in the run directory (every driver
+%% of a run shares it).
+result_file(Name) ->
+    File = filename:join(cfg(dir), lists:concat([cfg(label), "-", cfg(phase), "-", Name, ".result"])),
+    _ = file:delete(File),
+    File.
 
 wait_file(File) ->
     wait_until(fun() -> filelib:is_regular(File) end, 60000, {no_result, File}),
