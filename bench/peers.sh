@@ -323,8 +323,12 @@ serf_cluster() {
 }
 
 # Gossip traffic counters: bytes sent by each agent address on lo, without
-# the RPC port (CLI traffic).
+# the RPC port (CLI traffic). Agents bind their address, but the kernel gives
+# the TCP connections they dial (push-pull) the source 127.0.0.1: those bytes
+# are counted by one more rule, "dialled", for the whole cluster NET.0/24.
 nft_setup() {
+    local net=$1
+    shift
     if [ "$(id -u)" -ne 0 ]; then
         log "not root: the Serf byte counters (nft) are skipped"
         return 1
@@ -337,11 +341,16 @@ nft_setup() {
         nft add rule inet "$NFT_TABLE" out oifname lo ip saddr "${SERF_ADDR[$name]}" \
             meta l4proto '{ tcp, udp }' th sport != $SERF_RPC th dport != $SERF_RPC counter
     done
+    nft add rule inet "$NFT_TABLE" out oifname lo ip saddr 127.0.0.1 ip daddr "$net.0/24" \
+        tcp dport $SERF_PORT counter comment '"dialled"'
 }
 
-# nft_bytes ADDR: the byte counter of ADDR's rule.
+# nft_bytes ADDR|dialled: the byte counter of ADDR's rule, or of the rule
+# for TCP dialled from 127.0.0.1.
 nft_bytes() {
-    nft list chain inet "$NFT_TABLE" out | awk -v a="$1" '$0 ~ ("saddr " a " ") { for (i = 1; i < NF; i++) if ($i == "bytes") print $(i + 1) }'
+    local match="saddr $1 "
+    [ "$1" = dialled ] && match='comment "dialled"'
+    nft list chain inet "$NFT_TABLE" out | awk -v m="$match" 'index($0, m) { for (i = 1; i < NF; i++) if ($i == "bytes") print $(i + 1) }'
 }
 
 nft_teardown() {
@@ -366,21 +375,30 @@ serf_idle() {
     local hz
     hz=$(getconf CLK_TCK)
     local counting=false
-    nft_setup "$@" && counting=true
+    local agents=$# dialled_before dialled_after dialled=0
+    nft_setup "${SERF_ADDR[$1]%.*}" "$@" && counting=true
     sleep 5
-    if $counting; then for name in "$@"; do before+=("$(nft_bytes "${SERF_ADDR[$name]}")"); done; fi
+    if $counting; then
+        for name in "$@"; do before+=("$(nft_bytes "${SERF_ADDR[$name]}")"); done
+        dialled_before=$(nft_bytes dialled)
+    fi
     sleep 10
     for name in "$@"; do t1+=("$(cpu_ticks "${SERF_PID[$name]}")"); done
     sleep 10
     for name in "$@"; do t2+=("$(cpu_ticks "${SERF_PID[$name]}")"); done
     sleep 10
-    if $counting; then for name in "$@"; do after+=("$(nft_bytes "${SERF_ADDR[$name]}")"); done; fi
+    if $counting; then
+        for name in "$@"; do after+=("$(nft_bytes "${SERF_ADDR[$name]}")"); done
+        dialled_after=$(nft_bytes dialled)
+        dialled=$(((dialled_after - dialled_before) / agents))
+    fi
     for name in "$@"; do rss+=("$(rss_kib "${SERF_PID[$name]}")"); done
     for i in "${!t1[@]}"; do cpu+=("$(((t2[i] - t1[i]) * 100000 / hz))"); done
     if $counting; then
-        for i in "${!before[@]}"; do bytes+=("$(((after[i] - before[i]) / 30))"); done
+        for i in "${!before[@]}"; do bytes+=("$(((after[i] - before[i] + dialled) / 30))"); done
         nft_teardown
-        row "gossip bytes sent per agent per second, $label, idle 30 s (IP bytes, RPC port excluded), B/s" 1 "${bytes[@]}"
+        row "gossip bytes sent per agent per second, $label, idle 30 s (IP bytes, RPC port excluded; incl. an even share of the next row), B/s" 1 "${bytes[@]}"
+        row "gossip TCP sent from 127.0.0.1 (dials not bound to an agent address; shared evenly in the row above), per agent, B/s" 1 "$((dialled / 30))"
     else
         row_text "gossip bytes sent per agent per second, $label, B/s" "n/a: needs root for nft"
     fi
