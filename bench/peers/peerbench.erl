@@ -271,12 +271,12 @@ pair_phase() ->
             log("erl_call, ~b samples", [CallN]),
             Args = ["-name", node_name(A), "-c", cfg(cookie), "-timeout", "30", "-a", "erlang nodes"],
             row("erl_call -a 'erlang nodes', whole command, ms",
-                us_to_ms([command_us(ErlCall, Args) || _ <- lists:seq(1, CallN)]))
+                us_to_ms([command_us(ErlCall, Args, node_name(B)) || _ <- lists:seq(1, CallN)]))
     end,
     RpcN = samples(3, 10),
     log("fresh erl node rpc, ~b samples", [RpcN]),
     row("fresh `erl` node: rpc:call(Node, erlang, nodes, []) and halt, whole command, ms",
-        us_to_ms([fresh_rpc_us(A, I) || I <- lists:seq(1, RpcN)])),
+        us_to_ms([fresh_rpc_us(A, B, I) || I <- lists:seq(1, RpcN)])),
     stop_nodes([A, B]).
 
 connect_sample(Target, I) ->
@@ -289,12 +289,12 @@ connect_sample(Target, I) ->
 
 %% `erl` started fresh, asks Node for nodes() and halts: the equivalent of
 %% erl_call over any distribution protocol.
-fresh_rpc_us(Node, I) ->
+fresh_rpc_us(Node, Expect, I) ->
     Eval = io_lib:format("io:format(\"~~p~~n\", [rpc:call('~s', erlang, nodes, [])]), halt().",
                          [Node]),
     Args = ["-noshell", "-noinput", "-hidden", "-name", "q" ++ integer_to_list(I) ++ "@" ++ ?HOST]
         ++ common_args() ++ ["-eval", lists:flatten(Eval)],
-    command_us(cfg(erl), Args).
+    command_us(cfg(erl), Args, node_name(Expect)).
 
 %% Six nodes in a full mesh: idle memory and CPU, then rounds of "a seventh
 %% node joins through one of them, then is killed with SIGKILL"; then one
@@ -451,7 +451,7 @@ kill_node(Node, Signal) ->
     case os_pid(Node) of
         undefined -> ok;
         Pid ->
-            {0, _} = command(["/bin/kill", Signal, integer_to_list(Pid)]),
+            {0, _, _} = command(["/bin/kill", Signal, integer_to_list(Pid)]),
             Signal =:= "-9" andalso erase({pid, Node}),
             ok
     end.
@@ -502,24 +502,31 @@ wait_file(File) ->
     {ok, [Term]} = file:consult(File),
     Term.
 
-%% Run a program to its end; {exit status, microseconds from spawn to exit}.
+%% Run a program to its end; {exit status, microseconds from spawn to exit,
+%% its output}.
 command([Prog | Args]) ->
     T0 = erlang:monotonic_time(),
     Port = open_port({spawn_executable, Prog}, [{args, Args}, exit_status, stderr_to_stdout]),
     record_pid(Port),
-    Status = collect_exit(Port, 60000),
-    {Status, elapsed_us(T0)}.
+    {Status, Output} = collect_exit(Port, [], 60000),
+    {Status, elapsed_us(T0), Output}.
 
-command_us(Prog, Args) ->
+%% Microseconds a program took; it must exit 0 and print Expect (so that a
+%% failed rpc is not timed as a success).
+command_us(Prog, Args, Expect) ->
     case command([Prog | Args]) of
-        {0, Us} -> Us;
-        {Status, _} -> error({command_failed, Prog, Args, Status})
+        {0, Us, Output} ->
+            string:find(Output, Expect) =/= nomatch
+                orelse error({unexpected_output, Prog, Args, Output}),
+            Us;
+        {Status, _, Output} ->
+            error({command_failed, Prog, Args, Status, Output})
     end.
 
-collect_exit(Port, TimeoutMs) ->
+collect_exit(Port, Acc, TimeoutMs) ->
     receive
-        {Port, {data, _}} -> collect_exit(Port, TimeoutMs);
-        {Port, {exit_status, S}} -> S
+        {Port, {data, D}} -> collect_exit(Port, [Acc, D], TimeoutMs);
+        {Port, {exit_status, S}} -> {S, lists:flatten(Acc)}
     after TimeoutMs -> error({command_timeout, erlang:port_info(Port)})
     end.
 
