@@ -193,14 +193,20 @@ make_certs() {
 [{server, [$common, {fail_if_no_peer_cert, true}]},
  {client, [$common]}].
 EOF
+    # The same without a client certificate: the nodes must refuse it.
+    cat >"$d/nocert.conf" <<EOF
+[{server, [$common, {fail_if_no_peer_cert, true}]},
+ {client, [{cacertfile, "$d/ca.pem"}, {verify, verify_peer}]}].
+EOF
 }
 
 # erlang_driver LABEL DIST PHASE TICKTIME: run one driver, print its rows.
 erlang_driver() {
     local label=$1 dist=$2 phase=$3 tick=$4
-    local dist_args erl_call cfg=$WORK/$dist-$phase.config
+    local dist_args erl_call reject_args=none cfg=$WORK/$dist-$phase.config
     if [ "$dist" = tls ]; then
         dist_args="[\"-proto_dist\", \"inet_tls\", \"-ssl_dist_optfile\", \"$WORK/tls/dist.conf\"]"
+        reject_args="[\"-proto_dist\", \"inet_tls\", \"-ssl_dist_optfile\", \"$WORK/tls/nocert.conf\"]"
         erl_call=none
     else
         dist_args="[]"
@@ -210,6 +216,7 @@ erlang_driver() {
 {dir, "$WORK"}.
 {erl, "$(command -v erl)"}.
 {erl_call, $erl_call}.
+{reject_args, $reject_args}.
 {cookie, "$RUN"}.
 {dist_args, $dist_args}.
 {ticktime, $tick}.

@@ -194,7 +194,8 @@ elapsed_us(T0) ->
 %% Config is a file of Erlang terms written by bench/peers.sh:
 %% {dir, Dir}. {erl, Path}. {erl_call, Path | none}. {cookie, String}.
 %% {dist_args, [String]}. {ticktime, default | Seconds}. {phase, main | stop}.
-%% {quick, Bool}. {label, String}.
+%% {quick, Bool}. {label, String}. {reject_args, [String] | none}: distribution
+%% arguments without a client certificate, which must be refused.
 driver([ConfigFile]) ->
     Result =
         try
@@ -273,6 +274,10 @@ pair_phase() ->
             row("erl_call -a 'erlang nodes', whole command, ms",
                 us_to_ms([command_us(ErlCall, Args, node_name(B)) || _ <- lists:seq(1, CallN)]))
     end,
+    case cfg(reject_args) of
+        none -> ok;
+        RejectArgs -> refused_check(A, RejectArgs)
+    end,
     RpcN = samples(3, 10),
     log("fresh erl node rpc, ~b samples", [RpcN]),
     row("fresh `erl` node: rpc:call(Node, erlang, nodes, []) and halt, whole command, ms",
@@ -286,6 +291,23 @@ connect_sample(Target, I) ->
     {true, Us} = wait_file(File),
     kill_node(Node, "-9"),
     Us.
+
+%% A node whose distribution options hold no client certificate must not
+%% get in: a check that the peer really is verified, not a measurement.
+refused_check(Node, RejectArgs) ->
+    Eval = io_lib:format("io:format(\"~~p~~n\", [net_adm:ping('~s')]), halt().", [Node]),
+    Args = ["-noshell", "-noinput", "-hidden", "-name", "nocert@" ++ ?HOST,
+            "-setcookie", cfg(cookie), "-start_epmd", "false",
+            "-kernel", "inet_dist_use_interface", "{127,0,0,1}"] ++ RejectArgs
+        ++ ["-eval", lists:flatten(Eval)],
+    case command([cfg(erl) | Args]) of
+        {0, _, Output} ->
+            string:find(Output, "pang") =/= nomatch
+                orelse error({node_without_certificate_got_in, Output}),
+            row_text("check: a node without a client certificate is refused", "yes (ping: pang)");
+        Other ->
+            error({refused_check_failed, Other})
+    end.
 
 %% `erl` started fresh, asks Node for nodes() and halts: the equivalent of
 %% erl_call over any distribution protocol.
