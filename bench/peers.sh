@@ -516,8 +516,11 @@ serf_bench() {
 
 main() {
     install_missing
-    command -v erl >/dev/null && command -v serf >/dev/null && command -v nft >/dev/null ||
-        die "erl, serf or nft not found although the packages are installed"
+    command -v erl >/dev/null && command -v serf >/dev/null ||
+        die "erl or serf not found on PATH although their packages are installed"
+    if [ "$(id -u)" -eq 0 ] && ! command -v nft >/dev/null; then
+        die "nft not found on PATH although nftables is installed"
+    fi
     WORK=$(mktemp -d /tmp/peers-bench.XXXXXX)
     RUN=$(basename "$WORK")
     RUN=${RUN//./_}
