@@ -450,6 +450,9 @@ pub struct Engine {
     direction: BTreeMap<NodeName, Direction>,
     /// Peers that told us they are leaving (until they come back with a newer alive record).
     left_peers: BTreeSet<NodeName>,
+    /// Nodes of our site that linked to us while we held them dead, until their new record
+    /// arrives (passed into the site like a newcomer's).
+    returning: BTreeSet<NodeName>,
     site_ring: Swim,
     wan_ring: Option<Swim>,
     rng: StdRng,
@@ -633,6 +636,7 @@ impl Engine {
             announced: BTreeMap::new(),
             direction: BTreeMap::new(),
             left_peers: BTreeSet::new(),
+            returning: BTreeSet::new(),
             site_ring,
             wan_ring,
             outbox: VecDeque::new(),
@@ -959,6 +963,11 @@ impl Engine {
 
     /// A dial of ours failed before any handshake (unreachable, TLS refused, timeout).
     pub fn handle_dial_failed(&mut self, now: Time, peer: &NodeName, reason: &str, refused: bool) {
+        if self.is_linked(peer) {
+            // A stale dial (one started before the peer came back, which then linked by
+            // another dial) says nothing about a link that is up.
+            return;
+        }
         self.backoff(now, peer, refused);
         if refused {
             self.counters.refused_out += 1;
@@ -1286,6 +1295,9 @@ impl Engine {
             debug_assert!(false, "link up that the contract does not allow");
             return;
         };
+        if info.peer.site == self.cfg.me.site && self.status_of(&peer) == NodeStatus::Dead {
+            self.returning.insert(peer.clone());
+        }
         self.dialing.remove(&peer);
         self.refused.remove(&peer);
         if self.left_peers.remove(&peer) {
@@ -1376,6 +1388,7 @@ impl Engine {
         l.since = now;
         l.reason = Some(short(reason));
         let kind = l.kind;
+        self.returning.remove(peer);
         self.backoff(now, peer, false);
         self.event(
             now,
@@ -1532,9 +1545,13 @@ impl Engine {
         rs: Vec<Arc<NodeRecord>>,
     ) {
         let mut changed = Vec::new();
-        // Records of our own site's nodes we knew nothing about (a node joining links to its
-        // seeds first; the rest of its site learns of it, and dials it, through its gateway).
+        // Records of our own site's nodes we knew nothing about, or held dead (a node joining or
+        // coming back links to its seeds first; the rest of its site learns of it, and dials
+        // it, through its gateway).
         let mut newcomers = Vec::new();
+        // Peers held dead whose new record we have: dialed again at once, not at the end of a
+        // backoff grown while they were down.
+        let mut returned = Vec::new();
         for r in rs {
             if r.name == self.cfg.me.name {
                 self.handle_own_record(now, r);
@@ -1544,6 +1561,14 @@ impl Engine {
             let was_tomb = prev.is_some_and(NodeRecord::is_tombstone);
             // A link-up placeholder (no address) does not count as knowing the node.
             let unknown = prev.is_none_or(|p| p.addr.is_empty());
+            let same_site = r.site == self.cfg.me.site;
+            let newer = prev.is_some_and(|p| p.clock < r.clock);
+            let was_dead = !unknown
+                && same_site
+                && r.state == RecordState::Alive
+                && newer
+                && (self.returning.remove(&r.name)
+                    || (!self.is_linked(&r.name) && self.status_of(&r.name) == NodeStatus::Dead));
             match self.table.merge(r.clone()) {
                 m if m.changed() => {
                     self.counters.records_merged += 1;
@@ -1556,8 +1581,11 @@ impl Engine {
                     if r.is_tombstone() && !was_tomb {
                         self.on_forgotten(now, &r.name);
                     }
-                    if unknown && r.site == self.cfg.me.site && kind == LinkKind::Site {
+                    if (unknown || was_dead) && same_site && kind == LinkKind::Site {
                         newcomers.push(r.clone());
+                    }
+                    if was_dead {
+                        returned.push(r.name.clone());
                     }
                     changed.push(r);
                 }
@@ -1567,6 +1595,26 @@ impl Engine {
         }
         if changed.is_empty() {
             return;
+        }
+        let min = self.cfg.timing.dial_backoff_min;
+        let redial = !returned.is_empty();
+        for peer in returned {
+            if let Some(d) = self.dialing.get_mut(&peer) {
+                // The lower name dials first, as on a first dial (see `dial_wanted`).
+                let grace = if self.cfg.me.name > peer {
+                    min * 4
+                } else {
+                    Duration::ZERO
+                };
+                // A dial still in flight went to the dead instance and may hang until it times
+                // out: dial again (the transport keeps one connection if both succeed).
+                d.in_flight = false;
+                d.backoff = min;
+                d.next = d.next.min(now + grace);
+            }
+        }
+        if redial {
+            self.dial_wanted(now);
         }
         self.push(Output::Persist);
         // Forward: the origin pushed to all of its links; a node passes updates on only across

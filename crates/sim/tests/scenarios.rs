@@ -633,3 +633,35 @@ fn a_record_missed_while_cut_off_is_repaired_by_anti_entropy() {
         "repaired without a site digest (seed {seed})"
     );
 }
+
+#[test]
+fn a_node_back_from_dead_is_dialed_by_its_site_at_once() {
+    let seed = seed_from_env(11);
+    let mut sim = converged(seed, 1);
+    // edge-eu-2 is the higher name of the pair: on its own it would dial edge-eu-1 only after
+    // its dial grace (1 s), and edge-eu-1's redial backoff grew while edge-eu-2 was down.
+    sim.crash("edge-eu-2");
+    sim.run_until(Duration::from_secs(30), |s| {
+        s.names()
+            .iter()
+            .filter(|n| n.as_str() != "edge-eu-2")
+            .all(|n| s.status(n, "edge-eu-2") == NodeStatus::Dead)
+    })
+    .unwrap_or_else(|| panic!("edge-eu-2 not dead everywhere (seed {seed})"));
+    sim.run_for(Duration::from_secs(10));
+    sim.restart("edge-eu-2");
+    let peer = clusterctl_core::name::NodeName::new("edge-eu-2").expect("a name");
+    let took = sim
+        .run_until(Duration::from_secs(30), |s| {
+            s.engine("edge-eu-1").is_linked(&peer)
+        })
+        .unwrap_or_else(|| panic!("edge-eu-1 never linked to edge-eu-2 again (seed {seed})"));
+    // Its gateway passes the new record into the site, and edge-eu-1 (the lower name) dials at
+    // once: well within the 1 s the returning node would wait.
+    assert!(
+        took < Duration::from_millis(800),
+        "edge-eu-1 linked to the returning edge-eu-2 only after {took:?} (seed {seed})"
+    );
+    sim.run_until(CONVERGE, Sim::converged)
+        .unwrap_or_else(|| panic!("no reconvergence (seed {seed})"));
+}
