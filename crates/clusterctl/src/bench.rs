@@ -90,6 +90,39 @@ fn time_cmd(exe: &PathBuf, args: &[&str], dir: &PathBuf) -> anyhow::Result<f64> 
     Ok(ms)
 }
 
+/// `n` round trips of a 100-byte datagram to an echo thread over loopback, in ms: what the
+/// operating system alone costs, for comparison with the pings between agents.
+fn udp_round_trips(n: u32) -> anyhow::Result<Vec<f64>> {
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let to = echo.local_addr()?;
+    echo.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let count = n;
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        for _ in 0..count {
+            let Ok((len, from)) = echo.recv_from(&mut buf) else {
+                return;
+            };
+            if echo.send_to(&buf[..len], from).is_err() {
+                return;
+            }
+        }
+    });
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let payload = [7u8; 100];
+    let mut buf = [0u8; 256];
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let t = Instant::now();
+        sock.send_to(&payload, to)?;
+        sock.recv_from(&mut buf)?;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = thread.join();
+    Ok(out)
+}
+
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -203,6 +236,10 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
                 .collect(),
         });
     }
+    rows.push(Stats {
+        name: "raw UDP round trip on loopback (a 100-byte datagram to an echo thread and back; the floor for the pings above), RTT ms".into(),
+        samples: udp_round_trips(a.pings)?,
+    });
     std::thread::sleep(Duration::from_secs(a.idle_secs));
     let rss: Vec<f64> = state
         .nodes
@@ -252,6 +289,13 @@ mod tests {
             samples: samples.to_vec(),
         }
         .row()
+    }
+
+    #[test]
+    fn raw_udp_round_trips_are_measured_one_per_datagram() {
+        let rtts = super::udp_round_trips(20).expect("loopback UDP works");
+        assert_eq!(rtts.len(), 20);
+        assert!(rtts.iter().all(|ms| *ms > 0.0 && *ms < 2000.0), "{rtts:?}");
     }
 
     #[test]
