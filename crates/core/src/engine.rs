@@ -479,6 +479,8 @@ pub struct Engine {
     forgotten: bool,
     /// Our record changed since it was last sent to peers.
     own_unsent: bool,
+    /// When a gateway last sent its record at once on a change of its site's view.
+    view_flushed: Time,
     /// New links our record does not list yet (see [`Timing::link_settle`]): how many links
     /// there were when the last one came up, when the first came up and when the last did.
     links_grown: Option<(usize, Time, Time)>,
@@ -656,6 +658,7 @@ impl Engine {
             leaving: false,
             forgotten: false,
             own_unsent: false,
+            view_flushed: now,
             links_grown: None,
             keyring: cfg_keyring,
             cert: cfg_cert,
@@ -1563,12 +1566,10 @@ impl Engine {
             let unknown = prev.is_none_or(|p| p.addr.is_empty());
             let same_site = r.site == self.cfg.me.site;
             let newer = prev.is_some_and(|p| p.clock < r.clock);
-            let was_dead = !unknown
-                && same_site
-                && r.state == RecordState::Alive
-                && newer
-                && (self.returning.remove(&r.name)
-                    || (!self.is_linked(&r.name) && self.status_of(&r.name) == NodeStatus::Dead));
+            let candidate = !unknown && same_site && r.state == RecordState::Alive && newer;
+            // Linked to us since it came back (see `handle_link_up`), or held dead here.
+            let relinked = candidate && self.returning.remove(&r.name);
+            let was_dead = candidate && (relinked || self.status_of(&r.name) == NodeStatus::Dead);
             match self.table.merge(r.clone()) {
                 m if m.changed() => {
                     self.counters.records_merged += 1;
@@ -1585,7 +1586,7 @@ impl Engine {
                         newcomers.push(r.clone());
                     }
                     if was_dead {
-                        returned.push(r.name.clone());
+                        returned.push((r.name.clone(), relinked));
                     }
                     changed.push(r);
                 }
@@ -1598,7 +1599,16 @@ impl Engine {
         }
         let min = self.cfg.timing.dial_backoff_min;
         let redial = !returned.is_empty();
-        for peer in returned {
+        for (peer, relinked) in returned {
+            if !relinked && self.is_linked(&peer) {
+                // A connection still open to the dead instance (QUIC has not timed it out yet):
+                // close it, so that the dial below reaches the new one.
+                self.push(Output::Close {
+                    peer: peer.clone(),
+                    reason: "the peer restarted".into(),
+                });
+                self.handle_link_down(now, &peer, "the peer restarted");
+            }
             if let Some(d) = self.dialing.get_mut(&peer) {
                 // The lower name dials first, as on a first dial (see `dial_wanted`).
                 let grace = if self.cfg.me.name > peer {
@@ -2012,6 +2022,15 @@ impl Engine {
         }
         if changed {
             self.refresh_own(now, false);
+            // A gateway's view is how other sites learn that a node of its site is alive or
+            // dead: the first change in a tick goes out at once, later ones with the tick (so
+            // a cold start, where the view changes with every member, still coalesces).
+            if self.cfg.me.role == Role::Gateway
+                && now.saturating_sub(self.view_flushed) >= self.cfg.timing.tick
+            {
+                self.view_flushed = now;
+                self.flush_own();
+            }
             self.diff_statuses(now);
         }
     }

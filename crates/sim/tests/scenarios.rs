@@ -648,7 +648,10 @@ fn a_node_back_from_dead_is_dialed_by_its_site_at_once() {
             .all(|n| s.status(n, "edge-eu-2") == NodeStatus::Dead)
     })
     .unwrap_or_else(|| panic!("edge-eu-2 not dead everywhere (seed {seed})"));
-    sim.run_for(Duration::from_secs(10));
+    // Restarted at once: edge-eu-1 still holds its connection to the dead instance (QUIC has
+    // not timed it out), which must not keep it from dialing the new one.
+    let stale = clusterctl_core::name::NodeName::new("edge-eu-2").expect("a name");
+    assert!(sim.engine("edge-eu-1").is_linked(&stale), "seed {seed}");
     sim.restart("edge-eu-2");
     let peer = clusterctl_core::name::NodeName::new("edge-eu-2").expect("a name");
     let took = sim
@@ -661,6 +664,26 @@ fn a_node_back_from_dead_is_dialed_by_its_site_at_once() {
     assert!(
         took < Duration::from_millis(800),
         "edge-eu-1 linked to the returning edge-eu-2 only after {took:?} (seed {seed})"
+    );
+    sim.run_until(CONVERGE, Sim::converged)
+        .unwrap_or_else(|| panic!("no reconvergence (seed {seed})"));
+    // Once more, restarted after every connection to the dead instance has timed out: the other
+    // site learns it is alive from its gateway's view, which goes out at once on a change (not
+    // at the gateway's next tick): one WAN crossing, not a tick.
+    sim.crash("edge-eu-2");
+    sim.run_until(Duration::from_secs(60), |s| {
+        !s.engine("edge-eu-1").is_linked(&peer) && !s.engine("gw-eu-1").is_linked(&peer)
+    })
+    .unwrap_or_else(|| panic!("connections to the dead edge-eu-2 never closed (seed {seed})"));
+    sim.restart("edge-eu-2");
+    let far = sim
+        .run_until(Duration::from_secs(30), |s| {
+            s.status("edge-us-1", "edge-eu-2") == NodeStatus::Alive
+        })
+        .unwrap_or_else(|| panic!("edge-us-1 never saw edge-eu-2 alive again (seed {seed})"));
+    assert!(
+        far < Duration::from_millis(200),
+        "edge-us-1 saw the returning edge-eu-2 alive only after {far:?} (seed {seed})"
     );
     sim.run_until(CONVERGE, Sim::converged)
         .unwrap_or_else(|| panic!("no reconvergence (seed {seed})"));
