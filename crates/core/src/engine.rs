@@ -3946,6 +3946,29 @@ pub fn format_rfc3339_ms(ms: u64) -> String {
 mod tests {
     use super::*;
 
+    /// An engine config for unit tests: cluster `c`, LAN timing, a fixed secret and seed.
+    fn test_config(contract: &crate::contract::Contract, me: Ident) -> EngineConfig {
+        EngineConfig {
+            cluster: ClusterName::new("c").unwrap(),
+            me,
+            addr: "10.0.0.1:7400".into(),
+            wan_addr: None,
+            contract: contract.clone(),
+            secure: true,
+            version: "t".into(),
+            seeds: vec![],
+            rejoin: false,
+            timing: Timing::lan(),
+            wall_base_ms: 0,
+            seed: 1,
+            keyring: crate::secret::Keyring::new(
+                crate::secret::Secret::from_bytes(&[1; 32]).unwrap(),
+            ),
+            cert: None,
+            cert_warn_fraction: 0.33,
+        }
+    }
+
     #[test]
     fn rfc3339_formatting() {
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
@@ -3962,8 +3985,7 @@ mod tests {
     #[test]
     fn gateways_dial_each_other_at_their_wan_address_and_members_at_the_site_address() {
         use crate::contract::Contract;
-        use crate::name::{ClusterName, Ident, SiteName};
-        use crate::secret::{Keyring, Secret};
+        use crate::name::{Ident, SiteName};
         let contract = Contract::parse(
             "cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n[[site]]\nname = \"eu\"\ngateways = [\"gw-eu\"]\n[[link]]\nbetween = [\"us\", \"eu\"]\n",
         )
@@ -3973,23 +3995,8 @@ mod tests {
             site: SiteName::new(s).unwrap(),
             role: r,
         };
-        let cfg = |me: Ident| EngineConfig {
-            cluster: ClusterName::new("c").unwrap(),
-            me,
-            addr: "10.0.0.1:7400".into(),
-            wan_addr: None,
-            contract: contract.clone(),
-            secure: true,
-            version: "t".into(),
-            seeds: vec![],
-            rejoin: false,
-            timing: Timing::lan(),
-            wall_base_ms: 0,
-            seed: 1,
-            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
-            cert: None,
-            cert_warn_fraction: 0.33,
-        };
+        let cfg = |me: Ident| test_config(&contract, me);
+
         let mut gw_us = NodeRecord::new(
             &id("gw-us", "us", Role::Gateway),
             3,
@@ -4024,8 +4031,7 @@ mod tests {
     #[test]
     fn a_seed_pointing_elsewhere_than_the_table_is_flagged_as_dns_drift() {
         use crate::contract::Contract;
-        use crate::name::{ClusterName, Ident, SiteName};
-        use crate::secret::{Keyring, Secret};
+        use crate::name::{Ident, SiteName};
         let contract =
             Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
                 .unwrap();
@@ -4043,22 +4049,11 @@ mod tests {
             true,
         );
         let cfg = |seed: &str| EngineConfig {
-            cluster: ClusterName::new("c").unwrap(),
-            me: id("edge-us", Role::Member),
             addr: "10.1.0.2:7400".into(),
-            wan_addr: None,
-            contract: contract.clone(),
-            secure: true,
-            version: "t".into(),
             seeds: vec![(gw.name.clone(), seed.to_string())],
-            rejoin: false,
-            timing: Timing::lan(),
-            wall_base_ms: 0,
-            seed: 1,
-            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
-            cert: None,
-            cert_warn_fraction: 0.33,
+            ..test_config(&contract, id("edge-us", Role::Member))
         };
+
         let ok = Engine::new(cfg("10.1.0.1:7400"), vec![gw.clone()], Time::ZERO).unwrap();
         assert!(ok.seed_drift().is_empty());
         let drifted = Engine::new(cfg("10.1.0.9:7400"), vec![gw.clone()], Time::ZERO).unwrap();
@@ -4073,8 +4068,7 @@ mod tests {
     #[test]
     fn link_ups_and_differing_summaries_start_one_exchange_per_sync_period() {
         use crate::contract::Contract;
-        use crate::name::{ClusterName, Ident, SiteName};
-        use crate::secret::{Keyring, Secret};
+        use crate::name::{Ident, SiteName};
         use crate::table::Summary;
         let contract =
             Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
@@ -4084,23 +4078,8 @@ mod tests {
             site: SiteName::new("us").unwrap(),
             role: Role::Member,
         };
-        let cfg = EngineConfig {
-            cluster: ClusterName::new("c").unwrap(),
-            me: id("edge-1"),
-            addr: "10.0.0.1:7400".into(),
-            wan_addr: None,
-            contract: contract.clone(),
-            secure: true,
-            version: "t".into(),
-            seeds: vec![],
-            rejoin: false,
-            timing: Timing::lan(),
-            wall_base_ms: 0,
-            seed: 1,
-            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
-            cert: None,
-            cert_warn_fraction: 0.33,
-        };
+        let cfg = test_config(&contract, id("edge-1"));
+
         let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
         let sent = |e: &mut Engine| {
             let mut out = Vec::new();
@@ -4197,8 +4176,7 @@ mod tests {
     #[test]
     fn rtt_jitter_below_a_millisecond_does_not_republish_the_record() {
         use crate::contract::Contract;
-        use crate::name::{ClusterName, Ident, SiteName};
-        use crate::secret::{Keyring, Secret};
+        use crate::name::{Ident, SiteName};
         let contract =
             Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
                 .unwrap();
@@ -4207,23 +4185,8 @@ mod tests {
             site: SiteName::new("us").unwrap(),
             role: Role::Member,
         };
-        let cfg = EngineConfig {
-            cluster: ClusterName::new("c").unwrap(),
-            me: id("edge-1"),
-            addr: "10.0.0.1:7400".into(),
-            wan_addr: None,
-            contract: contract.clone(),
-            secure: true,
-            version: "t".into(),
-            seeds: vec![],
-            rejoin: false,
-            timing: Timing::lan(),
-            wall_base_ms: 0,
-            seed: 1,
-            keyring: Keyring::new(Secret::from_bytes(&[1; 32]).unwrap()),
-            cert: None,
-            cert_warn_fraction: 0.33,
-        };
+        let cfg = test_config(&contract, id("edge-1"));
+
         let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
         let peer = NodeName::new("edge-2").unwrap();
         e.handle_link_up(

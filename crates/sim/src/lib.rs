@@ -133,6 +133,28 @@ pub struct SimNode {
 }
 
 impl SimNode {
+    /// A node not started yet, with no persisted table and zeroed counters.
+    fn new(ident: Ident, addr: String, cfg: EngineConfig) -> SimNode {
+        SimNode {
+            ident,
+            addr,
+            engine: None,
+            cfg,
+            persisted: BTreeMap::new(),
+            persisted_gen: 0,
+            checked_links_gen: None,
+            events: Vec::new(),
+            replies: BTreeMap::new(),
+            wake: None,
+            isolated: false,
+            max_clock: 0,
+            frames_sent: 0,
+            frame_bytes_sent: 0,
+            datagrams_sent: 0,
+            datagram_bytes_sent: 0,
+        }
+    }
+
     /// Whether the node is running.
     pub fn is_up(&self) -> bool {
         self.engine.is_some()
@@ -378,24 +400,7 @@ impl Sim {
                 cert_warn_fraction: 1.0 / 3.0,
             };
             index.insert(id.name.clone(), i);
-            nodes.push(SimNode {
-                ident: id.clone(),
-                addr,
-                engine: None,
-                cfg: ecfg,
-                persisted: BTreeMap::new(),
-                persisted_gen: 0,
-                checked_links_gen: None,
-                events: Vec::new(),
-                replies: BTreeMap::new(),
-                wake: None,
-                isolated: false,
-                max_clock: 0,
-                frames_sent: 0,
-                frame_bytes_sent: 0,
-                datagrams_sent: 0,
-                datagram_bytes_sent: 0,
-            });
+            nodes.push(SimNode::new(id.clone(), addr, ecfg));
         }
         let mut sim = Sim {
             rng: StdRng::seed_from_u64(cfg.seed),
@@ -1158,24 +1163,8 @@ impl Sim {
             .collect();
         ecfg.seed = self.cfg.seed.wrapping_mul(31).wrapping_add(i as u64);
         self.index.insert(name.clone(), i);
-        self.nodes.push(SimNode {
-            ident,
-            addr: ecfg.addr.clone(),
-            engine: None,
-            cfg: ecfg,
-            persisted: BTreeMap::new(),
-            persisted_gen: 0,
-            checked_links_gen: None,
-            events: Vec::new(),
-            replies: BTreeMap::new(),
-            wake: None,
-            isolated: false,
-            max_clock: 0,
-            frames_sent: 0,
-            frame_bytes_sent: 0,
-            datagrams_sent: 0,
-            datagram_bytes_sent: 0,
-        });
+        let addr = ecfg.addr.clone();
+        self.nodes.push(SimNode::new(ident, addr, ecfg));
         self.start(i);
         name.to_string()
     }
