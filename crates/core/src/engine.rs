@@ -921,15 +921,11 @@ impl Engine {
 
     fn dial_wanted(&mut self, now: Time) {
         let min = self.cfg.timing.dial_backoff_min;
-        let me = self.cfg.me.name.clone();
         for (peer, addr) in self.wanted_links() {
             if self.links.get(&peer).is_some_and(|l| l.up) {
                 continue;
             }
-            // Both ends want the link; the lower name dials first and the higher one only after
-            // a grace period, so that simultaneous dials (and the duplicate connection one of
-            // them must close) are rare.
-            let grace = if me > peer { min * 4 } else { Duration::ZERO };
+            let grace = self.dial_grace(&peer);
             let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
                 next: now + grace,
                 backoff: min,
@@ -940,6 +936,17 @@ impl Engine {
             }
             d.in_flight = true;
             self.push(Output::Dial { peer, addr });
+        }
+    }
+
+    /// Both ends want a link; the lower name dials first and the higher one only after a grace
+    /// period, so that simultaneous dials (and the duplicate connection one of them must close)
+    /// are rare.
+    fn dial_grace(&self, peer: &NodeName) -> Duration {
+        if self.cfg.me.name > *peer {
+            self.cfg.timing.dial_backoff_min * 4
+        } else {
+            Duration::ZERO
         }
     }
 
@@ -1597,35 +1604,7 @@ impl Engine {
         if changed.is_empty() {
             return;
         }
-        let min = self.cfg.timing.dial_backoff_min;
-        let redial = !returned.is_empty();
-        for (peer, relinked) in returned {
-            if !relinked && self.is_linked(&peer) {
-                // A connection still open to the dead instance (QUIC has not timed it out yet):
-                // close it, so that the dial below reaches the new one.
-                self.push(Output::Close {
-                    peer: peer.clone(),
-                    reason: "the peer restarted".into(),
-                });
-                self.handle_link_down(now, &peer, "the peer restarted");
-            }
-            if let Some(d) = self.dialing.get_mut(&peer) {
-                // The lower name dials first, as on a first dial (see `dial_wanted`).
-                let grace = if self.cfg.me.name > peer {
-                    min * 4
-                } else {
-                    Duration::ZERO
-                };
-                // A dial still in flight went to the dead instance and may hang until it times
-                // out: dial again (the transport keeps one connection if both succeed).
-                d.in_flight = false;
-                d.backoff = min;
-                d.next = d.next.min(now + grace);
-            }
-        }
-        if redial {
-            self.dial_wanted(now);
-        }
+        self.redial_returned(now, returned);
         self.push(Output::Persist);
         // Forward: the origin pushed to all of its links; a node passes updates on only across
         // a boundary (site -> WAN, WAN -> site, WAN -> other WAN links). Across a site
@@ -1675,6 +1654,36 @@ impl Engine {
                 frame: Frame::Records(records),
             });
         }
+    }
+
+    /// Peers back from the dead (with whether they linked to us since): a connection still open
+    /// to the dead instance is closed, and each is dialed again at once, not at the end of a
+    /// backoff grown while it was down.
+    fn redial_returned(&mut self, now: Time, returned: Vec<(NodeName, bool)>) {
+        if returned.is_empty() {
+            return;
+        }
+        for (peer, relinked) in returned {
+            if !relinked && self.is_linked(&peer) {
+                // QUIC has not timed the old connection out yet: close it, so that the dial
+                // below reaches the new instance.
+                self.push(Output::Close {
+                    peer: peer.clone(),
+                    reason: "the peer restarted".into(),
+                });
+                self.handle_link_down(now, &peer, "the peer restarted");
+            }
+            let grace = self.dial_grace(&peer);
+            let min = self.cfg.timing.dial_backoff_min;
+            if let Some(d) = self.dialing.get_mut(&peer) {
+                // A dial still in flight went to the dead instance and may hang until it times
+                // out: dial again (the transport keeps one connection if both succeed).
+                d.in_flight = false;
+                d.backoff = min;
+                d.next = d.next.min(now + grace);
+            }
+        }
+        self.dial_wanted(now);
     }
 
     /// Whether this gateway is the one of its site that passes `name`'s record across the
