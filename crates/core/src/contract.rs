@@ -25,6 +25,7 @@ use clusterctl_api::{LinkKind, Role};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Most sites a contract may hold.
 pub const MAX_SITES: usize = 1024;
@@ -44,8 +45,10 @@ pub struct SiteSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contract {
     pub cluster: ClusterName,
-    sites: BTreeMap<SiteName, SiteSpec>,
-    links: BTreeSet<(SiteName, SiteName)>,
+    /// Shared: every engine holds the contract, and a clone must not copy a hundred sites and
+    /// their thousands of allowed pairs.
+    sites: Arc<BTreeMap<SiteName, SiteSpec>>,
+    links: Arc<BTreeSet<(SiteName, SiteName)>>,
     hash: String,
 }
 
@@ -202,8 +205,8 @@ impl Contract {
         }
         let mut c = Contract {
             cluster,
-            sites,
-            links,
+            sites: Arc::new(sites),
+            links: Arc::new(links),
             hash: String::new(),
         };
         c.hash = c.compute_hash();
@@ -225,7 +228,7 @@ impl Contract {
                 }
             }
         }
-        for (a, b) in &self.links {
+        for (a, b) in self.links.iter() {
             h.update(format!("link={a},{b}\n"));
         }
         let digest = h.finalize();

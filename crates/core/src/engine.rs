@@ -428,14 +428,19 @@ struct SiteFacts {
 #[derive(Debug, Default)]
 struct SiteCache(BTreeMap<SiteName, SiteFacts>);
 
-/// Generations of everything a status depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StatusInputs {
+/// What the statuses were last computed from (see [`Engine::diff_statuses`]).
+#[derive(Debug, Default)]
+struct StatusBasis {
+    /// False until the first computation.
+    valid: bool,
+    /// Table generation.
     table: u64,
-    links: u64,
-    site_ring: u64,
     left_peers: u64,
     leaving: bool,
+    /// Remote sites this node had a path to.
+    reachable: BTreeSet<SiteName>,
+    /// Nodes of our site whose liveness in the site ring changed since (bounded by the ring).
+    ring: BTreeSet<NodeName>,
 }
 
 /// One node.
@@ -464,12 +469,14 @@ pub struct Engine {
     next_full_sync: Time,
     last_rtt_refresh: Time,
     statuses: BTreeMap<NodeName, NodeStatus>,
+    /// The links the contract wants (peer, address) and the table generation they were read at.
+    wanted: (u64, BTreeMap<NodeName, String>),
     /// Rises whenever a link is added, goes up or down, or is removed.
     links_generation: u64,
     /// Rises whenever `left_peers` changes.
     left_peers_generation: u64,
     /// The status inputs of the last diff (None: never diffed).
-    diffed_inputs: Option<StatusInputs>,
+    status_basis: StatusBasis,
     echoes: BTreeMap<u64, PendingEcho>,
     calls: BTreeMap<u64, PendingCall>,
     sessions: BTreeMap<u64, PingSession>,
@@ -505,6 +512,18 @@ impl std::fmt::Debug for Engine {
 
 /// Whether `new` is `old` plus links in state `Up` (RTTs aside). Both are sorted by peer, one
 /// report per peer, as [`Engine`] writes them.
+/// The address `me` dials `r` at, when the contract wants a link to it.
+fn wanted_addr(cfg: &EngineConfig, r: &NodeRecord) -> Option<String> {
+    if r.name == cfg.me.name || r.state != RecordState::Alive || r.addr.is_empty() {
+        return None;
+    }
+    match cfg.contract.check_link(&cfg.me, &r.ident()) {
+        Ok(LinkKind::Wan) => Some(r.wan_addr.clone().unwrap_or_else(|| r.addr.clone())),
+        Ok(LinkKind::Site) => Some(r.addr.clone()),
+        Err(_) => None,
+    }
+}
+
 fn only_new_up(old: &[LinkReport], new: &[LinkReport]) -> bool {
     let same = |a: &LinkReport, b: &LinkReport| {
         a.peer == b.peer
@@ -647,9 +666,10 @@ impl Engine {
             next_full_sync: now,
             last_rtt_refresh: now,
             statuses: BTreeMap::new(),
+            wanted: (0, BTreeMap::new()),
             links_generation: 0,
             left_peers_generation: 0,
-            diffed_inputs: None,
+            status_basis: StatusBasis::default(),
             echoes: BTreeMap::new(),
             calls: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -888,44 +908,63 @@ impl Engine {
 
     // ----- links ------------------------------------------------------------------------------
 
-    /// Peers this node wants links to, with their addresses.
+    /// Peers this node wants links to, with their addresses (computed from the whole table;
+    /// the engine itself keeps the same answer up to date from the table's changes).
     pub fn wanted_links(&self) -> Vec<(NodeName, String)> {
-        let me = &self.cfg.me;
-        let mut out: BTreeMap<NodeName, String> = BTreeMap::new();
-        for r in self.table.live() {
-            if r.name == me.name || r.state != RecordState::Alive || r.addr.is_empty() {
-                continue;
-            }
-            match self.cfg.contract.check_link(me, &r.ident()) {
-                Ok(LinkKind::Wan) => {
-                    let addr = r.wan_addr.clone().unwrap_or_else(|| r.addr.clone());
-                    out.insert(r.name.clone(), addr);
-                }
-                Ok(LinkKind::Site) => {
-                    out.insert(r.name.clone(), r.addr.clone());
-                }
-                Err(_) => {}
-            }
-        }
-        // Seeds we have not learned a record for yet (their site is unknown until they answer).
+        let mut out: BTreeMap<NodeName, String> = self
+            .table
+            .live()
+            .filter_map(|r| wanted_addr(&self.cfg, r).map(|a| (r.name.clone(), a)))
+            .collect();
+        self.add_wanted_seeds(&mut out);
+        out.into_iter().collect()
+    }
+
+    /// Seeds we have not learned a record for yet (their site is unknown until they answer).
+    fn add_wanted_seeds(&self, out: &mut BTreeMap<NodeName, String>) {
         for (name, addr) in &self.cfg.seeds {
-            if *name != me.name
+            if *name != self.cfg.me.name
                 && self.table.get(name.as_str()).is_none()
                 && !self.refused.contains_key(name)
             {
                 out.entry(name.clone()).or_insert_with(|| addr.clone());
             }
         }
-        out.into_iter().collect()
+    }
+
+    /// Brings [`Engine::wanted`] up to date with the records stored since it was last read: a
+    /// tick costs the changes, not the table (a member wants its site, of any size; a gateway
+    /// also the other sites' gateways).
+    fn refresh_wanted(&mut self) {
+        let gen = self.table.generation();
+        if self.wanted.0 == gen {
+            return;
+        }
+        for r in self.table.changed_since(self.wanted.0) {
+            match wanted_addr(&self.cfg, r) {
+                Some(addr) => {
+                    self.wanted.1.insert(r.name.clone(), addr);
+                }
+                None => {
+                    self.wanted.1.remove(&r.name);
+                }
+            }
+        }
+        self.wanted.0 = gen;
     }
 
     fn dial_wanted(&mut self, now: Time) {
         let min = self.cfg.timing.dial_backoff_min;
-        for (peer, addr) in self.wanted_links() {
-            if self.links.get(&peer).is_some_and(|l| l.up) {
+        self.refresh_wanted();
+        let mut seeds = BTreeMap::new();
+        self.add_wanted_seeds(&mut seeds);
+        let wanted = std::mem::take(&mut self.wanted.1);
+        // Seeds are never in the table, so the two never name the same peer.
+        for (peer, addr) in wanted.iter().chain(&seeds) {
+            if self.links.get(peer).is_some_and(|l| l.up) {
                 continue;
             }
-            let grace = self.dial_grace(&peer);
+            let grace = self.dial_grace(peer);
             let d = self.dialing.entry(peer.clone()).or_insert(Dialing {
                 next: now + grace,
                 backoff: min,
@@ -935,8 +974,12 @@ impl Engine {
                 continue;
             }
             d.in_flight = true;
-            self.push(Output::Dial { peer, addr });
+            self.push(Output::Dial {
+                peer: peer.clone(),
+                addr: addr.clone(),
+            });
         }
+        self.wanted.1 = wanted;
     }
 
     /// Both ends want a link; the lower name dials first and the higher one only after a grace
@@ -2028,6 +2071,11 @@ impl Engine {
                 }
             }
             changed |= !changes.is_empty();
+            if ring == Ring::Site {
+                self.status_basis
+                    .ring
+                    .extend(changes.into_iter().map(|c| c.name));
+            }
         }
         if changed {
             self.refresh_own(now, false);
@@ -2079,9 +2127,51 @@ impl Engine {
             .map(|(n, _)| n)
     }
 
+    /// The status of `name` as this node last reported it (in events): [`Engine::status_of`]
+    /// as of the last tick or failure-detector change, read without computing anything.
+    pub fn reported_status(&self, name: &NodeName) -> Option<NodeStatus> {
+        self.statuses.get(name).copied()
+    }
+
+    /// How many nodes this node last reported as `status`.
+    pub fn reported_count(&self, status: NodeStatus) -> usize {
+        self.statuses.values().filter(|s| **s == status).count()
+    }
+
     /// The status of `name` as this node sees it.
     pub fn status_of(&self, name: &NodeName) -> NodeStatus {
         self.status_with(name, None)
+    }
+
+    /// Checks that what the engine keeps up to date incrementally (the statuses it reports
+    /// events from, the links it wants) equals the same computed from scratch, wherever it is
+    /// current. For simulations and tests: it costs a pass over the whole table.
+    pub fn check_caches(&self) -> Result<(), String> {
+        if self.statuses_current(&self.reachable_sites()) {
+            for (name, s) in self.statuses() {
+                let held = self.statuses.get(&name).copied();
+                if held != Some(s) && !(held.is_none() && s == NodeStatus::Unknown) {
+                    return Err(format!(
+                        "{}: status of {name} held as {held:?}, computed {s:?}",
+                        self.cfg.me.name
+                    ));
+                }
+            }
+        }
+        if self.wanted.0 == self.table.generation() {
+            let mut held = self.wanted.1.clone();
+            self.add_wanted_seeds(&mut held);
+            let computed: BTreeMap<NodeName, String> = self.wanted_links().into_iter().collect();
+            if held != computed {
+                return Err(format!(
+                    "{}: wanted links held as {:?}, computed {:?}",
+                    self.cfg.me.name,
+                    held.keys().collect::<Vec<_>>(),
+                    computed.keys().collect::<Vec<_>>()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The status of every node in the table (but this one) as this node sees it: the same
@@ -2207,25 +2297,106 @@ impl Engine {
         SiteFacts { reachable, views }
     }
 
-    /// What statuses depend on, as generations: when none moved since the last diff, no status
-    /// can have changed.
-    fn status_inputs(&self) -> StatusInputs {
-        StatusInputs {
-            table: self.table.generation(),
-            links: self.links_generation,
-            site_ring: self.site_ring.generation(),
-            left_peers: self.left_peers_generation,
-            leaving: self.leaving,
+    /// The remote sites this node has a path to: over its own WAN links (a gateway), or through
+    /// a live gateway of its site that reports reaching them ([`Engine::site_reachable`] for
+    /// every site at once).
+    fn reachable_sites(&self) -> BTreeSet<SiteName> {
+        let me = &self.cfg.me;
+        let mut out = BTreeSet::new();
+        for (n, l) in self.links.iter().filter(|(_, l)| l.up) {
+            if me.role == Role::Gateway && l.kind == LinkKind::Wan {
+                out.insert(l.ident.site.clone());
+            }
+            if l.kind == LinkKind::Site
+                && l.ident.role == Role::Gateway
+                && self.site_ring.liveness(n) != Some(Liveness::Dead)
+            {
+                if let Some(r) = self.table.get(n.as_str()) {
+                    out.extend(r.reach.iter().cloned());
+                }
+            }
         }
+        out.remove(&me.site);
+        out
     }
 
+    /// Whether the statuses held are those of the current state, with `reachable` the current
+    /// [`Engine::reachable_sites`].
+    fn statuses_current(&self, reachable: &BTreeSet<SiteName>) -> bool {
+        let b = &self.status_basis;
+        b.valid
+            && b.table == self.table.generation()
+            && b.left_peers == self.left_peers_generation
+            && b.leaving == self.leaving
+            && b.ring.is_empty()
+            && b.reachable == *reachable
+    }
+
+    /// The nodes whose status may have moved since the last computation, or None when any may
+    /// have (or when so many may have that one pass over the table is cheaper).
+    ///
+    /// A status reads the node's record, the site ring (our site), and for a node of another
+    /// site whether that site is reachable and what its gateways' records report. So it can
+    /// move only for a node whose record changed, a node of our site whose ring liveness
+    /// changed, and every node of a remote site whose reachability flipped or one of whose
+    /// gateways' records changed. Left peers and our own leaving move everything (both rare).
+    fn stale_statuses(&self, reachable: &BTreeSet<SiteName>) -> Option<BTreeSet<NodeName>> {
+        let b = &self.status_basis;
+        if !b.valid || b.left_peers != self.left_peers_generation || b.leaving != self.leaving {
+            return None;
+        }
+        let changed = self.table.changed_since(b.table);
+        if (changed.len() + b.ring.len()) * 4 > self.table.len() {
+            return None;
+        }
+        let mut names: BTreeSet<NodeName> = b.ring.clone();
+        let mut sites: BTreeSet<&SiteName> = b.reachable.symmetric_difference(reachable).collect();
+        for r in changed {
+            if r.role == Role::Gateway && r.site != self.cfg.me.site {
+                sites.insert(&r.site);
+            }
+            names.insert(r.name.clone());
+        }
+        if !sites.is_empty() {
+            names.extend(
+                self.table
+                    .iter()
+                    .filter(|r| sites.contains(&r.site))
+                    .map(|r| r.name.clone()),
+            );
+        }
+        names.remove(&self.cfg.me.name);
+        Some(names)
+    }
+
+    /// Brings the statuses up to date and emits an event for each that moved. Costs the nodes
+    /// whose status may have moved ([`Engine::stale_statuses`]), not the table.
     fn diff_statuses(&mut self, now: Time) {
-        let inputs = self.status_inputs();
-        if self.diffed_inputs == Some(inputs) {
+        let reachable = self.reachable_sites();
+        if self.statuses_current(&reachable) {
             return;
         }
-        self.diffed_inputs = Some(inputs);
-        let current = self.statuses();
+        let current: Vec<(NodeName, NodeStatus)> = match self.stale_statuses(&reachable) {
+            Some(names) => {
+                let mut cache = SiteCache::default();
+                names
+                    .into_iter()
+                    .map(|n| {
+                        let s = self.status_with(&n, Some(&mut cache));
+                        (n, s)
+                    })
+                    .collect()
+            }
+            None => self.statuses().into_iter().collect(),
+        };
+        self.status_basis = StatusBasis {
+            valid: true,
+            table: self.table.generation(),
+            left_peers: self.left_peers_generation,
+            leaving: self.leaving,
+            reachable,
+            ring: BTreeSet::new(),
+        };
         for (name, s) in current {
             let prev = self.statuses.insert(name.clone(), s);
             if prev == Some(s) || (prev.is_none() && s == NodeStatus::Unknown) {

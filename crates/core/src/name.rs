@@ -42,12 +42,14 @@ pub fn validate_label(s: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+// Names are shared, not copied: a name is held by the table, the statuses, the rings and every
+// frame that carries it (thousands of copies of each at scale), so a clone only bumps a count.
 macro_rules! label_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
         #[serde(try_from = "String")]
-        pub struct $name(String);
+        pub struct $name(std::sync::Arc<str>);
 
         // By hand rather than `into = "String"`: encoding a name must not copy it.
         impl Serialize for $name {
@@ -61,7 +63,7 @@ macro_rules! label_type {
             pub fn new(s: impl Into<String>) -> Result<Self, NameError> {
                 let s = s.into();
                 validate_label(&s)?;
-                Ok(Self(s))
+                Ok(Self(s.into()))
             }
 
             /// The name as a string slice.
@@ -79,7 +81,7 @@ macro_rules! label_type {
 
         impl From<$name> for String {
             fn from(n: $name) -> String {
-                n.0
+                n.0.to_string()
             }
         }
 
@@ -110,7 +112,7 @@ macro_rules! label_type {
 
         impl PartialEq<str> for $name {
             fn eq(&self, other: &str) -> bool {
-                self.0 == other
+                &*self.0 == other
             }
         }
     };

@@ -61,6 +61,14 @@ pub struct SimConfig {
     pub share_frames: bool,
     /// Timing of every engine (default [`Timing::lan`]).
     pub timing: Timing,
+    /// After every step, check that each node handled keeps its statuses and wanted links equal
+    /// to the same computed from scratch (a pass over its table: large runs turn it off).
+    pub check_caches: bool,
+    /// Keep each node's persisted table as a copy updated on every [`Output::Persist`]
+    /// (default). Off, a crash takes the running table as the persisted one, which is the same
+    /// as long as every change of the table is persisted in the step that made it (checked at
+    /// each crash); large runs turn it off to save one table per node.
+    pub copy_persisted: bool,
 }
 
 impl SimConfig {
@@ -76,6 +84,8 @@ impl SimConfig {
             record_events: true,
             share_frames: false,
             timing: Timing::lan(),
+            check_caches: true,
+            copy_persisted: true,
         }
     }
 }
@@ -481,6 +491,10 @@ impl Sim {
             .values()
             .map(|r| NodeRecord::clone(r))
             .collect();
+        if !self.cfg.copy_persisted {
+            // The next crash takes the running table again.
+            self.nodes[i].persisted.clear();
+        }
         self.nodes[i].persisted_gen = 0;
         self.nodes[i].checked_links_gen = None;
         let cfg = self.nodes[i].cfg.clone();
@@ -705,7 +719,9 @@ impl Sim {
                 let node = &mut self.nodes[i];
                 if let Some(e) = node.engine.as_ref() {
                     let gen = e.table().generation();
-                    if gen != node.persisted_gen {
+                    if !self.cfg.copy_persisted {
+                        node.persisted_gen = gen;
+                    } else if gen != node.persisted_gen {
                         for r in e.table().changed_since(node.persisted_gen) {
                             node.persisted.insert(r.name.clone(), r.clone());
                         }
@@ -1036,6 +1052,13 @@ impl Sim {
                 }
             }
         }
+        if self.cfg.check_caches {
+            for &i in &touched {
+                if let Some(Err(why)) = self.nodes[i].engine.as_ref().map(Engine::check_caches) {
+                    panic!("invariant broken: {why} (seed {})", self.cfg.seed);
+                }
+            }
+        }
         for &i in &touched {
             let gen = self.nodes[i].engine.as_ref().map(Engine::links_generation);
             self.nodes[i].checked_links_gen = gen;
@@ -1098,7 +1121,23 @@ impl Sim {
     }
 
     fn crash_idx(&mut self, i: usize) {
-        self.nodes[i].engine = None;
+        let engine = self.nodes[i].engine.take();
+        if let (false, Some(e)) = (self.cfg.copy_persisted, engine) {
+            let node = &mut self.nodes[i];
+            assert_eq!(
+                e.table().generation(),
+                node.persisted_gen,
+                "{}: the table changed after its last persist (seed {})",
+                node.ident.name,
+                self.cfg.seed
+            );
+            node.persisted = e
+                .table()
+                .changed_since(0)
+                .into_iter()
+                .map(|r| (r.name.clone(), r.clone()))
+                .collect();
+        }
         self.nodes[i].wake = None;
         // The crashed process's connections are gone; its peers notice at their idle timeout
         // (unless a new connection from its next life replaced them first).
