@@ -130,6 +130,55 @@ fn pings_keep_getting_answers_while_a_load_fills_the_link() {
 }
 
 #[test]
+fn gateways_forward_pings_on_the_control_lane_without_their_owner_task() {
+    let lab = converged_lab();
+    let gauges = |node: &str| {
+        [
+            "control_forwarded",
+            "echo_answered",
+            "control_dropped",
+            "data_forwarded",
+        ]
+        .map(|g| metric(&lab, node, g))
+    };
+    let nodes = ["gw-us-1", "gw-eu-1", "edge-eu-2"];
+    let before = nodes.map(gauges);
+    let out = lab.cli(&[
+        "ping",
+        "edge-eu-2",
+        "--from",
+        "edge-us-1",
+        "--count",
+        "5",
+        "--json",
+    ]);
+    out.assert_success();
+    let p: PingReport = out.json();
+    assert_eq!(p.received, 5, "{}", out.describe());
+    for a in &p.attempts {
+        assert_eq!(a.path, ["edge-us-1", "gw-us-1", "gw-eu-1", "edge-eu-2"]);
+    }
+    let after = nodes.map(gauges);
+    for (i, node) in nodes.iter().enumerate() {
+        let [forwarded, answered, dropped, data] =
+            std::array::from_fn(|g| after[i][g] - before[i][g]);
+        if node.starts_with("gw-") {
+            // Every request and every reply crossed each gateway's data path, on the control
+            // lane (nothing went on the bulk lane).
+            assert!(
+                forwarded >= 10,
+                "{node} forwarded {forwarded} control frames"
+            );
+            assert_eq!(data, 0, "{node} forwarded pings on the bulk lane");
+        } else {
+            // The target's control reader answered every echo request.
+            assert!(answered >= 5, "{node} answered {answered} echo requests");
+        }
+        assert_eq!(dropped, 0, "{node}");
+    }
+}
+
+#[test]
 fn a_load_to_an_unknown_node_fails_with_the_reason() {
     let lab = converged_lab();
     let out = lab.cli(&["load", "nowhere-1", "--from", "edge-us-1", "--count", "1"]);

@@ -12,6 +12,10 @@
 //!                                 └─► event log (ring + broadcast)
 //! ```
 //!
+//! Lane readers settle routed frames for other nodes themselves (and answer echo requests for
+//! this node), from the route snapshot the owner publishes (see [`crate::data`]); everything
+//! else reaches the owner decoded.
+//!
 //! A connection is registered (and its frames read) only after the hello/ack passed every check
 //! of [`Engine::check_hello`] / [`Engine::check_ack`]: a refused peer never gets an application
 //! frame processed.
@@ -19,7 +23,9 @@
 use crate::config::TlsFiles;
 use crate::config::{AgentConfig, ConfigError};
 use crate::control::{self, Command, EventLog};
-use crate::data::{self, BulkLane, DataPath, DataStats, Queued, Routes, SharedRoutes, ToOwner};
+use crate::data::{
+    self, BulkLane, DataPath, DataStats, LinkLanes, Queued, Routes, SharedRoutes, ToOwner,
+};
 use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
@@ -33,7 +39,9 @@ use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Handshake, Hello, HelloAck, Lane, LoadSpec, Refusal, MAX_HANDSHAKE};
+use clusterctl_core::wire::{
+    Frame, Handshake, Hello, HelloAck, Lane, LoadSpec, Refusal, MAX_HANDSHAKE,
+};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -148,7 +156,14 @@ pub(crate) enum Net {
         claimed: Option<String>,
         reason: String,
     },
+    /// A control frame, decoded by the lane reader.
     Frame {
+        peer: NodeName,
+        conn_id: u64,
+        frame: Frame,
+    },
+    /// A frame that did not decode: the engine counts and reports it.
+    BadFrame {
         peer: NodeName,
         conn_id: u64,
         bytes: Vec<u8>,
@@ -663,16 +678,21 @@ impl Owner {
             .filter(|r| r.name != *me)
             .filter_map(|r| Some((r.name.clone(), engine.next_hop(&r.name).ok()?)))
             .collect();
-        let lanes = self
+        let links = self
             .conns
             .iter()
             .filter(|(peer, _)| engine.is_linked(peer))
             .map(|(peer, c)| {
-                let rtt = c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32;
-                (peer.clone(), (c.bulk.clone(), rtt))
+                let lanes = LinkLanes {
+                    conn_id: c.id,
+                    control: c.control.clone(),
+                    bulk: c.bulk.clone(),
+                    rtt_us: c.conn.rtt().as_micros().min(u128::from(u32::MAX)) as u32,
+                };
+                (peer.clone(), lanes)
             })
             .collect();
-        self.data.routes.set(Routes::new(hops, lanes));
+        self.data.routes.set(Routes::new(hops, links));
     }
 
     fn link_info(
@@ -859,6 +879,15 @@ impl Owner {
             Net::Frame {
                 peer,
                 conn_id,
+                frame,
+            } => {
+                if self.conns.get(&peer).is_some_and(|c| c.id == conn_id) {
+                    engine.handle_frame(now, &peer, frame);
+                }
+            }
+            Net::BadFrame {
+                peer,
+                conn_id,
                 bytes,
             } => {
                 if self.conns.get(&peer).is_some_and(|c| c.id == conn_id) {
@@ -980,6 +1009,9 @@ impl Owner {
                     data_forwarded: DataStats::get(&self.data.stats.forwarded),
                     data_dropped: DataStats::get(&self.data.stats.dropped),
                     load_sent: DataStats::get(&self.data.stats.load_sent),
+                    control_forwarded: DataStats::get(&self.data.stats.control_forwarded),
+                    echo_answered: DataStats::get(&self.data.stats.echo_answered),
+                    control_dropped: DataStats::get(&self.data.stats.control_dropped),
                     counters: engine.counters.clone(),
                     links_up: engine.linked_peers().len() as u64,
                     table_records: engine.table().len() as u64,

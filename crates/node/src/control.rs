@@ -120,6 +120,12 @@ pub struct MetricsSnapshot {
     pub data_dropped: u64,
     /// Data messages sent by the load generator.
     pub load_sent: u64,
+    /// Routed control frames forwarded by the data path without the owner task.
+    pub control_forwarded: u64,
+    /// Echo requests answered by the data path without the owner task.
+    pub echo_answered: u64,
+    /// Routed control frames the data path dropped on a full control lane.
+    pub control_dropped: u64,
 }
 
 /// What never changes while the agent runs.
@@ -616,6 +622,21 @@ async fn metrics(State(ctx): State<Ctx>) -> ApiResult<Response> {
         "load_sent",
         "Data messages sent by the load generator",
         m.load_sent,
+    );
+    add(
+        "control_forwarded",
+        "Routed control frames (echo, calls, replies, bounces) forwarded on the control lane by the data path",
+        m.control_forwarded,
+    );
+    add(
+        "echo_answered",
+        "Echo requests answered by the data path",
+        m.echo_answered,
+    );
+    add(
+        "control_dropped",
+        "Routed control frames the data path dropped because a control lane was full",
+        m.control_dropped,
     );
     add("links_up", "Links currently up", m.links_up);
     add(

@@ -1,9 +1,10 @@
 //! The data path: the two lanes of a link, the route snapshot, and the load generator.
 //!
 //! ```text
-//!  owner task ── control frames (try_send, 4096 frames) ──► control lane ─┐ long-lived uni
-//!  owner task ── data frames (try_send) ─┐                                ├► streams, control
-//!  load generator ── send().await ───────┼──► bulk lane (8 MiB budget) ──┘  at higher priority
+//!  owner task ── control frames (try_send, 4096 frames) ─┬► control lane ─┐ long-lived uni
+//!  control reader (forwarding, echo) ── try_send ────────┘                ├► streams, control
+//!  owner task ── data frames (try_send) ─┐                                │  at higher priority
+//!  load generator ── send().await ───────┼──► bulk lane (8 MiB budget) ──┘
 //!  bulk reader (forwarding) ─ send().await┘
 //! ```
 //!
@@ -19,10 +20,22 @@
 //!   forwarding gateways wait for room (QUIC flow control then pushes back upstream); the owner
 //!   task never waits, so a data frame it cannot queue is dropped and counted
 //!   ([`DataStats::dropped`]), as is one a forwarder waited [`FORWARD_WAIT`] for in vain.
+//! - **The route snapshot.** The owner publishes [`Routes`]: the next hop the engine chooses
+//!   toward every node it can route to, and the lanes and connection of every link up. It is
+//!   rebuilt when a link changes and every 250 ms otherwise; routing policy stays in the engine.
 //! - **Forwarding without the owner.** A gateway's bulk reader looks the next hop up in the
-//!   [`Routes`] snapshot the owner publishes and queues the messages of one read, one batch per
-//!   next hop, on that link's bulk lane itself (the load generator also sends 64 KiB batches). Messages for this node, and those without a route (the engine bounces them), go to
-//!   the owner.
+//!   snapshot and queues the messages of one read, one batch per next hop, on that link's bulk
+//!   lane itself (the load generator also sends 64 KiB batches). Messages for this node, and
+//!   those without a route (the engine bounces them), go to the owner.
+//! - **Control without the owner.** A control reader decodes each frame. A routed frame for
+//!   another node (echo requests and replies, calls and their replies, bounces) goes straight
+//!   onto the next hop's *control* lane, never waiting ([`DataPath::route_control`]: hop limit
+//!   checked and decremented, this hop recorded in the trace, as the engine forwards); an echo
+//!   request for this node is answered the same way. A full control lane drops the frame,
+//!   counted ([`DataStats::control_dropped`]), as the owner drops its own. Everything else goes
+//!   to the owner decoded: frames for this node, no hops left, no route, a link the snapshot
+//!   does not hold up, data messages, frames over [`FAST_FRAME`] (a frame that does not decode
+//!   goes as bytes; the engine counts it).
 
 use crate::control::Command;
 use bytes::Bytes;
@@ -30,7 +43,7 @@ use clusterctl_api::{LoadReport, LoadRequest};
 use clusterctl_core::engine::Reply;
 use clusterctl_core::name::NodeName;
 use clusterctl_core::wire::{
-    Body, Envelope, Frame, FrameSplitter, Hop, Lane, HOP_LIMIT, MAX_PAYLOAD,
+    Body, Envelope, Frame, FrameSplitter, Hop, Lane, HOP_LIMIT, MAX_FRAME, MAX_PAYLOAD,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +63,11 @@ pub const BULK_QUEUE: usize = 65_536;
 pub const BATCH_BYTES: usize = 256 * 1024;
 /// Most bytes read from a lane at once.
 pub const READ_CHUNK: usize = 64 * 1024;
+/// Largest routed control frame a control reader forwards itself; larger ones (big call
+/// replies) go through the owner. Far below [`MAX_FRAME`], so that the hop a forwarder adds
+/// can never push a frame over the limit.
+pub const FAST_FRAME: usize = 64 * 1024;
+const _: () = assert!(FAST_FRAME + 1024 <= MAX_FRAME);
 /// Longest a forwarding gateway waits for room on the next hop's bulk lane before it drops the
 /// message (counted).
 pub const FORWARD_WAIT: Duration = Duration::from_secs(5);
@@ -69,6 +87,14 @@ pub struct DataStats {
     pub dropped: AtomicU64,
     /// Data messages the load generator sent.
     pub load_sent: AtomicU64,
+    /// Routed control frames for other nodes (echo, calls, their replies, bounces) a control
+    /// reader forwarded without the owner task.
+    pub control_forwarded: AtomicU64,
+    /// Echo requests for this node a control reader answered without the owner task.
+    pub echo_answered: AtomicU64,
+    /// Routed control frames a control reader dropped because the next hop's control lane was
+    /// full (the owner drops its own frames the same way).
+    pub control_dropped: AtomicU64,
 }
 
 impl DataStats {
@@ -217,28 +243,51 @@ pub async fn lane_writer(conn: quinn::Connection, lane: Lane, mut rx: mpsc::Rece
     }
 }
 
-/// The next hop toward every node the owner can route to, and each link's bulk lane.
+/// The sending ends of one link up in the engine, as the data path uses them.
+#[derive(Debug, Clone)]
+pub struct LinkLanes {
+    /// The connection the owner registered for this link: frames read from any other
+    /// connection of the peer are left to the owner (which ignores them).
+    pub conn_id: u64,
+    /// The control lane (bounded in frames, never waited on).
+    pub control: mpsc::Sender<Queued>,
+    /// The bulk lane.
+    pub bulk: BulkLane,
+    /// Transport RTT of the link, recorded in the trace of what is forwarded on it.
+    pub rtt_us: u32,
+}
+
+/// The next hop toward every node the owner can route to (as the engine chose it), and the
+/// lanes of each link up.
 #[derive(Debug, Default)]
 pub struct Routes {
     hops: HashMap<NodeName, NodeName>,
-    lanes: HashMap<NodeName, (BulkLane, u32)>,
+    links: HashMap<NodeName, LinkLanes>,
 }
 
 impl Routes {
-    /// A snapshot from next hops (`dst -> hop`) and the lanes of the links up (`peer -> (lane,
-    /// rtt_us)`).
-    pub fn new(
-        hops: HashMap<NodeName, NodeName>,
-        lanes: HashMap<NodeName, (BulkLane, u32)>,
-    ) -> Routes {
-        Routes { hops, lanes }
+    /// A snapshot from next hops (`dst -> hop`) and the lanes of the links up (`peer -> lanes`).
+    pub fn new(hops: HashMap<NodeName, NodeName>, links: HashMap<NodeName, LinkLanes>) -> Routes {
+        Routes { hops, links }
+    }
+
+    /// The next hop toward `dst` and the lanes of the link to it, if there is a route.
+    pub fn link_to(&self, dst: &NodeName) -> Option<(&NodeName, &LinkLanes)> {
+        let hop = self.hops.get(dst)?;
+        let link = self.links.get(hop)?;
+        Some((hop, link))
     }
 
     /// The next hop toward `dst`, its bulk lane and the RTT of that link, if there is a route.
     pub fn lane_to(&self, dst: &NodeName) -> Option<(&NodeName, &BulkLane, u32)> {
-        let hop = self.hops.get(dst)?;
-        let (lane, rtt) = self.lanes.get(hop)?;
-        Some((hop, lane, *rtt))
+        self.link_to(dst)
+            .map(|(hop, link)| (hop, &link.bulk, link.rtt_us))
+    }
+
+    /// Whether connection `conn_id` of `peer` is the one of a link up in the engine (what the
+    /// owner and the engine check before they take a frame).
+    pub fn is_up(&self, peer: &NodeName, conn_id: u64) -> bool {
+        self.links.get(peer).is_some_and(|l| l.conn_id == conn_id)
     }
 }
 
@@ -264,6 +313,17 @@ pub struct ToOwner {
     pub peer: NodeName,
     pub conn_id: u64,
     pub frames: Vec<Frame>,
+}
+
+/// What a control reader did with a routed frame it settled without the owner task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// Queued on the next hop's control lane.
+    Forwarded,
+    /// An echo request for this node: the reply is queued toward its source.
+    Answered,
+    /// The control lane it needed was full: dropped and counted.
+    Dropped,
 }
 
 /// What the data path of one node needs.
@@ -312,6 +372,122 @@ impl DataPath {
             }),
         }
         None
+    }
+
+    /// Settles a routed frame read from the control lane of `peer` (connection `conn_id`, `len`
+    /// bytes on the wire) without the owner task, when the route snapshot decides it: a frame
+    /// for another node goes on its next hop's control lane with the engine's checks (the hop
+    /// limit, the next hop the engine chose, this hop recorded in the trace); an echo request
+    /// for this node is answered toward its source. Anything else comes back for the owner, as
+    /// received: a link the engine does not hold up, frames for this node (but echo requests),
+    /// data messages, no hops left, no route, a next hop whose link just closed, frames over
+    /// [`FAST_FRAME`].
+    pub(crate) fn route_control(
+        &self,
+        routes: &Routes,
+        peer: &NodeName,
+        conn_id: u64,
+        len: usize,
+        mut env: Envelope,
+    ) -> Result<Handled, Envelope> {
+        if !routes.is_up(peer, conn_id)
+            || len > FAST_FRAME
+            || matches!(env.body, Body::Message { .. })
+        {
+            return Err(env);
+        }
+        if env.dst == self.me {
+            return self.answer_echo(routes, env);
+        }
+        // A well-formed envelope has trace + ttl <= HOP_LIMIT + 1; one that does not is left
+        // to the engine, which forwards it as it always did.
+        if env.ttl == 0 || env.trace.len() > HOP_LIMIT as usize {
+            return Err(env);
+        }
+        let Some((hop, link)) = routes.link_to(&env.dst) else {
+            return Err(env);
+        };
+        if link.control.is_closed() {
+            return Err(env);
+        }
+        env.ttl -= 1;
+        env.trace.push(Hop {
+            node: self.me.clone(),
+            rtt_us: link.rtt_us,
+        });
+        Ok(self.queue_control(
+            hop,
+            link,
+            Frame::Routed(env),
+            &self.stats.control_forwarded,
+            Handled::Forwarded,
+        ))
+    }
+
+    /// The built-in `echo` process, as the engine runs it: the reply carries the path the
+    /// request took (this node last) and goes to the request's source by the engine's route.
+    fn answer_echo(&self, routes: &Routes, env: Envelope) -> Result<Handled, Envelope> {
+        let Body::EchoRequest { seq } = env.body else {
+            return Err(env);
+        };
+        if env.src == self.me || env.trace.len() > HOP_LIMIT as usize {
+            return Err(env);
+        }
+        let Some((hop, link)) = routes.link_to(&env.src) else {
+            return Err(env);
+        };
+        if link.control.is_closed() {
+            return Err(env);
+        }
+        let mut forward = env.trace;
+        forward.push(Hop {
+            node: self.me.clone(),
+            rtt_us: 0,
+        });
+        let reply = Envelope {
+            id: env.id,
+            src: self.me.clone(),
+            dst: env.src,
+            ttl: HOP_LIMIT,
+            trace: vec![Hop {
+                node: self.me.clone(),
+                rtt_us: link.rtt_us,
+            }],
+            body: Body::EchoReply { seq, forward },
+        };
+        Ok(self.queue_control(
+            hop,
+            link,
+            Frame::Routed(reply),
+            &self.stats.echo_answered,
+            Handled::Answered,
+        ))
+    }
+
+    /// Queues a routed frame on a link's control lane without waiting; a full lane drops it,
+    /// counted.
+    fn queue_control(
+        &self,
+        hop: &NodeName,
+        link: &LinkLanes,
+        frame: Frame,
+        counter: &AtomicU64,
+        done: Handled,
+    ) -> Handled {
+        match link
+            .control
+            .try_send(Queued::control(frame.encode_prefixed()))
+        {
+            Ok(()) => {
+                DataStats::add(counter, 1);
+                done
+            }
+            Err(_) => {
+                DataStats::add(&self.stats.control_dropped, 1);
+                tracing::warn!(peer = %hop, "control queue full: frame dropped");
+                Handled::Dropped
+            }
+        }
     }
 
     /// Queues staged batches on their next hops' bulk lanes, waiting for room (at most
@@ -367,10 +543,29 @@ impl DataPath {
                     }
                 };
                 if lane == Lane::Control {
-                    let msg = crate::agent::Net::Frame {
-                        peer: peer.clone(),
-                        conn_id,
-                        bytes: frame.to_vec(),
+                    let msg = match Frame::decode(frame) {
+                        Ok(Frame::Routed(env)) => {
+                            let r = routes.get_or_insert_with(|| self.routes.get());
+                            match self.route_control(r, &peer, conn_id, frame.len(), env) {
+                                Ok(_) => continue,
+                                Err(env) => crate::agent::Net::Frame {
+                                    peer: peer.clone(),
+                                    conn_id,
+                                    frame: Frame::Routed(env),
+                                },
+                            }
+                        }
+                        Ok(frame) => crate::agent::Net::Frame {
+                            peer: peer.clone(),
+                            conn_id,
+                            frame,
+                        },
+                        // The owner counts and reports it.
+                        Err(_) => crate::agent::Net::BadFrame {
+                            peer: peer.clone(),
+                            conn_id,
+                            bytes: frame.to_vec(),
+                        },
                     };
                     if control.send(msg).await.is_err() {
                         return;
@@ -389,7 +584,7 @@ impl DataPath {
                     Ok(f) => to_owner.push(f),
                     // The owner counts and reports it.
                     Err(_) => {
-                        let msg = crate::agent::Net::Frame {
+                        let msg = crate::agent::Net::BadFrame {
                             peer: peer.clone(),
                             conn_id,
                             bytes: frame.to_vec(),
@@ -565,4 +760,270 @@ pub async fn run_load(
         mb_per_s: per_s(delivered as f64 * f64::from(req.size)) / 1e6,
         error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> NodeName {
+        NodeName::new(s).unwrap()
+    }
+
+    /// One link of the snapshot, and the receiving end of its control lane.
+    fn link(conn_id: u64, rtt_us: u32, room: usize) -> (LinkLanes, mpsc::Receiver<Queued>) {
+        let (control, rx) = mpsc::channel(room);
+        let lanes = LinkLanes {
+            conn_id,
+            control,
+            bulk: BulkLane::new().0,
+            rtt_us,
+        };
+        (lanes, rx)
+    }
+
+    /// The data path of gw-us-1: linked to edge-us-1 (connection 1) and gw-eu-1 (connection
+    /// 2), routing edge-eu-2 through gw-eu-1. Also returns the control lanes' receivers.
+    fn gateway() -> (
+        DataPath,
+        Routes,
+        mpsc::Receiver<Queued>,
+        mpsc::Receiver<Queued>,
+    ) {
+        let (edge, edge_rx) = link(1, 70, 8);
+        let (wan, wan_rx) = link(2, 400, 8);
+        let hops = HashMap::from([
+            (name("edge-us-1"), name("edge-us-1")),
+            (name("gw-eu-1"), name("gw-eu-1")),
+            (name("edge-eu-2"), name("gw-eu-1")),
+        ]);
+        let links = HashMap::from([(name("edge-us-1"), edge), (name("gw-eu-1"), wan)]);
+        let data = DataPath {
+            me: name("gw-us-1"),
+            routes: SharedRoutes::default(),
+            stats: Arc::default(),
+        };
+        (data, Routes::new(hops, links), edge_rx, wan_rx)
+    }
+
+    fn echo(src: &str, dst: &str, ttl: u8, trace: &[&str]) -> Envelope {
+        Envelope {
+            id: 42,
+            src: name(src),
+            dst: name(dst),
+            ttl,
+            trace: trace
+                .iter()
+                .map(|n| Hop {
+                    node: name(n),
+                    rtt_us: 70,
+                })
+                .collect(),
+            body: Body::EchoRequest { seq: 3 },
+        }
+    }
+
+    /// The envelope queued on a control lane, if any.
+    fn queued(rx: &mut mpsc::Receiver<Queued>) -> Option<Envelope> {
+        let q = rx.try_recv().ok()?;
+        let len = u32::from_be_bytes(q.bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len + 4, q.bytes.len(), "one length-prefixed frame");
+        match Frame::decode(&q.bytes[4..]).unwrap() {
+            Frame::Routed(env) => Some(env),
+            f => panic!("not a routed frame: {f:?}"),
+        }
+    }
+
+    #[test]
+    fn a_routed_echo_is_forwarded_on_the_next_hops_control_lane_without_the_owner() {
+        let (data, routes, mut edge_rx, mut wan_rx) = gateway();
+        let req = echo("edge-us-1", "edge-eu-2", HOP_LIMIT, &["edge-us-1"]);
+        let got = data.route_control(&routes, &name("edge-us-1"), 1, 100, req.clone());
+        assert_eq!(got, Ok(Handled::Forwarded));
+        let out = queued(&mut wan_rx).expect("queued toward gw-eu-1");
+        // What the engine does: one hop less, this hop recorded with the RTT of the link used.
+        let mut want = req;
+        want.ttl -= 1;
+        want.trace.push(Hop {
+            node: name("gw-us-1"),
+            rtt_us: 400,
+        });
+        assert_eq!(out, want);
+        assert!(queued(&mut wan_rx).is_none() && queued(&mut edge_rx).is_none());
+        assert!(routes.lane_to(&name("edge-eu-2")).unwrap().1.is_idle());
+
+        // The reply comes back the other way, from the WAN link.
+        let reply = Envelope {
+            src: name("edge-eu-2"),
+            dst: name("edge-us-1"),
+            body: Body::EchoReply {
+                seq: 3,
+                forward: want.trace.clone(),
+            },
+            ..echo(
+                "edge-eu-2",
+                "edge-us-1",
+                HOP_LIMIT - 1,
+                &["edge-eu-2", "gw-eu-1"],
+            )
+        };
+        let got = data.route_control(&routes, &name("gw-eu-1"), 2, 100, reply);
+        assert_eq!(got, Ok(Handled::Forwarded));
+        let out = queued(&mut edge_rx).expect("queued toward edge-us-1");
+        assert_eq!(out.ttl, HOP_LIMIT - 2);
+        assert_eq!(out.trace.last().unwrap().node, name("gw-us-1"));
+        assert_eq!(DataStats::get(&data.stats.control_forwarded), 2);
+    }
+
+    #[test]
+    fn frames_the_snapshot_cannot_settle_go_to_the_owner_unchanged() {
+        let (data, routes, mut edge_rx, wan_rx) = gateway();
+        let edge = name("edge-us-1");
+        let cases = [
+            // No hops left: the engine bounces it with `hop-limit`.
+            (
+                "no hops left",
+                1,
+                100,
+                echo("edge-us-1", "edge-eu-2", 0, &["edge-us-1"]),
+            ),
+            // No route in the snapshot: the engine routes it or bounces it.
+            (
+                "no route",
+                1,
+                100,
+                echo("edge-us-1", "edge-eu-9", 5, &["edge-us-1"]),
+            ),
+            // Another connection of the peer than the one the engine holds up.
+            (
+                "stale connection",
+                7,
+                100,
+                echo("edge-us-1", "edge-eu-2", 5, &["edge-us-1"]),
+            ),
+            // Larger than the fast path takes.
+            (
+                "large",
+                1,
+                FAST_FRAME + 1,
+                echo("edge-us-1", "edge-eu-2", 5, &["edge-us-1"]),
+            ),
+            // A trace longer than the hops left allow.
+            (
+                "long trace",
+                1,
+                100,
+                echo("a", "edge-eu-2", 5, &["a"; HOP_LIMIT as usize + 1]),
+            ),
+            // For this node, but not an echo request.
+            (
+                "reply for me",
+                1,
+                100,
+                Envelope {
+                    body: Body::EchoReply {
+                        seq: 1,
+                        forward: Vec::new(),
+                    },
+                    ..echo("edge-us-1", "gw-us-1", 5, &["edge-us-1"])
+                },
+            ),
+            // An echo request from this node itself.
+            ("echo from me", 1, 100, echo("gw-us-1", "gw-us-1", 5, &[])),
+            // A data message on the control lane: the engine puts it on the bulk lane.
+            (
+                "data",
+                1,
+                100,
+                Envelope {
+                    body: Body::Message {
+                        process: "sink".into(),
+                        payload: vec![1],
+                    },
+                    ..echo("edge-us-1", "edge-eu-2", 5, &["edge-us-1"])
+                },
+            ),
+        ];
+        for (what, conn_id, len, env) in cases {
+            let got = data.route_control(&routes, &edge, conn_id, len, env.clone());
+            assert_eq!(got, Err(env), "{what}");
+        }
+        // A peer that has no link up in the snapshot.
+        let env = echo("edge-us-2", "edge-eu-2", 5, &["edge-us-2"]);
+        let got = data.route_control(&routes, &name("edge-us-2"), 1, 100, env.clone());
+        assert_eq!(got, Err(env));
+        // A next hop whose link just closed: the owner learns of it and routes again.
+        drop(wan_rx);
+        let env = echo("edge-us-1", "edge-eu-2", 5, &["edge-us-1"]);
+        assert_eq!(
+            data.route_control(&routes, &edge, 1, 100, env.clone()),
+            Err(env)
+        );
+        assert!(queued(&mut edge_rx).is_none());
+        let s = &data.stats;
+        assert_eq!(
+            DataStats::get(&s.control_forwarded) + DataStats::get(&s.echo_answered),
+            0
+        );
+    }
+
+    #[test]
+    fn an_echo_request_for_this_node_is_answered_toward_its_source() {
+        let (data, routes, mut edge_rx, mut wan_rx) = gateway();
+        let req = echo("edge-us-1", "gw-us-1", HOP_LIMIT, &["edge-us-1"]);
+        let got = data.route_control(&routes, &name("edge-us-1"), 1, 100, req);
+        assert_eq!(got, Ok(Handled::Answered));
+        let reply = queued(&mut edge_rx).expect("the reply, toward edge-us-1");
+        // What the engine's `echo` process sends.
+        let want = Envelope {
+            id: 42,
+            src: name("gw-us-1"),
+            dst: name("edge-us-1"),
+            ttl: HOP_LIMIT,
+            trace: vec![Hop {
+                node: name("gw-us-1"),
+                rtt_us: 70,
+            }],
+            body: Body::EchoReply {
+                seq: 3,
+                forward: vec![
+                    Hop {
+                        node: name("edge-us-1"),
+                        rtt_us: 70,
+                    },
+                    Hop {
+                        node: name("gw-us-1"),
+                        rtt_us: 0,
+                    },
+                ],
+            },
+        };
+        assert_eq!(reply, want);
+        assert!(queued(&mut wan_rx).is_none());
+        assert_eq!(DataStats::get(&data.stats.echo_answered), 1);
+
+        // A source the snapshot has no route to: the engine answers (or bounces) it.
+        let req = echo("edge-eu-9", "gw-us-1", 5, &["edge-eu-9", "gw-eu-1"]);
+        let got = data.route_control(&routes, &name("gw-eu-1"), 2, 100, req.clone());
+        assert_eq!(got, Err(req));
+    }
+
+    #[test]
+    fn a_full_control_lane_drops_the_frame_and_counts_it() {
+        let (data, _, _, _) = gateway();
+        let (wan, mut wan_rx) = link(2, 400, 1);
+        let (edge, _edge_rx) = link(1, 70, 1);
+        let routes = Routes::new(
+            HashMap::from([(name("edge-eu-2"), name("gw-eu-1"))]),
+            HashMap::from([(name("edge-us-1"), edge), (name("gw-eu-1"), wan)]),
+        );
+        let edge = name("edge-us-1");
+        for expect in [Handled::Forwarded, Handled::Dropped] {
+            let env = echo("edge-us-1", "edge-eu-2", 5, &["edge-us-1"]);
+            assert_eq!(data.route_control(&routes, &edge, 1, 100, env), Ok(expect));
+        }
+        assert!(queued(&mut wan_rx).is_some());
+        assert_eq!(DataStats::get(&data.stats.control_forwarded), 1);
+        assert_eq!(DataStats::get(&data.stats.control_dropped), 1);
+    }
 }
