@@ -512,6 +512,9 @@ impl std::fmt::Debug for Engine {
 
 /// Whether `new` is `old` plus links in state `Up` (RTTs aside). Both are sorted by peer, one
 /// report per peer, as [`Engine`] writes them.
+/// Capacity of the output queue kept once it is empty again.
+const OUTBOX_KEPT: usize = 256;
+
 /// The address `me` dials `r` at, when the contract wants a link to it.
 fn wanted_addr(cfg: &EngineConfig, r: &NodeRecord) -> Option<String> {
     if r.name == cfg.me.name || r.state != RecordState::Alive || r.addr.is_empty() {
@@ -808,7 +811,13 @@ impl Engine {
 
     /// Next thing to do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outbox.pop_front()
+        let out = self.outbox.pop_front();
+        if out.is_none() && self.outbox.capacity() > OUTBOX_KEPT {
+            // A burst (a cold start reports a status per node of the cluster) must not keep its
+            // queue allocated for the life of the node.
+            self.outbox.shrink_to(OUTBOX_KEPT);
+        }
+        out
     }
 
     /// When [`Engine::handle_timeout`] should run next.

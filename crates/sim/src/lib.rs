@@ -37,6 +37,17 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+/// See [`Sim::queue_stats`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueStats {
+    pub events: usize,
+    pub frames: usize,
+    pub frame_bytes: usize,
+    pub records: usize,
+    pub digest_entries: usize,
+    pub datagram_bytes: usize,
+}
+
 /// Network and fault parameters.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -475,6 +486,36 @@ impl Sim {
             .index
             .get(name)
             .unwrap_or_else(|| panic!("no node {name} (seed {})", self.cfg.seed))
+    }
+
+    /// What the event queue holds: events, frames, records carried in frames, `(name, clock)`
+    /// entries carried in digests, and datagram bytes (for finding what a large run's memory
+    /// is made of).
+    pub fn queue_stats(&self) -> QueueStats {
+        let mut q = QueueStats {
+            events: self.queue.len(),
+            ..QueueStats::default()
+        };
+        for Reverse(e) in self.queue.iter() {
+            match &e.ev {
+                Ev::Frame { payload, .. } => {
+                    q.frames += 1;
+                    match payload {
+                        Payload::Bytes(b) => q.frame_bytes += b.len(),
+                        Payload::Shared(f) => match &**f {
+                            Frame::Records(rs) => q.records += rs.len(),
+                            Frame::Digest(d, _) | Frame::SiteDigest(_, d, _) => {
+                                q.digest_entries += d.len()
+                            }
+                            _ => {}
+                        },
+                    }
+                }
+                Ev::Datagram { bytes, .. } => q.datagram_bytes += bytes.len(),
+                _ => {}
+            }
+        }
+        q
     }
 
     /// A node's engine (panics if crashed).

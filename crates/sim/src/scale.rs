@@ -357,12 +357,20 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     let mut sim = Sim::new(cfg, &sites);
     say("built", &sim);
     let check = Duration::from_millis(500);
-    let converge = run_until_every(&mut sim, spec.phase_limit, check, |s| {
+    let converge = run_until_every(&mut sim, spec.phase_limit, Duration::from_millis(100), |s| {
         let done = converged(s);
         if !done {
             let bytes: u64 = bytes_sent(s).iter().map(|(f, _)| f).sum();
+            let q = s.queue_stats();
             say(
-                &format!("converging, {:.1} MB of frames sent", bytes as f64 / 1e6),
+                &format!(
+                    "converging, {:.1} MB of frames sent; queued: {} events, {} frames carrying {} records and {} digest entries",
+                    bytes as f64 / 1e6,
+                    q.events,
+                    q.frames,
+                    q.records,
+                    q.digest_entries
+                ),
                 s,
             );
         }
