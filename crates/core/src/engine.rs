@@ -26,7 +26,9 @@ use crate::health::{LocalHealth, DEFAULT_MAX_SCORE};
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::{KeyId, Keyring, ProofRole, Secret, SecretError};
 use crate::swim::{RingTiming, Swim, SwimId};
-use crate::table::{CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
+use crate::table::{
+    CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState, Summary,
+};
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
     LoadSpec, Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
@@ -65,8 +67,15 @@ pub const SINK: &str = "sink";
 pub struct Timing {
     /// Housekeeping period: dials, status diffs, record refresh.
     pub tick: Duration,
-    /// Anti-entropy: one digest exchange with a random peer this often.
+    /// Anti-entropy: our table summary to a random peer this often while the table is moving.
     pub sync_every: Duration,
+    /// Once our table summary has not changed for this long, and no peer has shown us a
+    /// different one, the anti-entropy rounds go out this often instead (the first change or
+    /// differing summary brings back `sync_every`). Pushes deliver every change; the rounds
+    /// repair what a push missed, and a node that missed one is found by the nodes that did
+    /// not, whose tables just moved. Longer: fewer summaries at idle (each a frame and an ack),
+    /// a later repair of a table that diverged without any change in sight. Default 30 s.
+    pub sync_idle: Duration,
     /// First redial delay; doubles up to `dial_backoff_max`.
     pub dial_backoff_min: Duration,
     pub dial_backoff_max: Duration,
@@ -94,6 +103,7 @@ impl Timing {
         Timing {
             tick: Duration::from_millis(250),
             sync_every: Duration::from_secs(2),
+            sync_idle: Duration::from_secs(30),
             dial_backoff_min: Duration::from_millis(250),
             dial_backoff_max: Duration::from_secs(5),
             rtt_refresh: Duration::from_secs(30),
@@ -493,6 +503,10 @@ pub struct Engine {
     /// Earliest time this node starts another full digest exchange (one per sync period, so a
     /// cold start with a hundred links coming up does not move the table a hundred times).
     next_full_sync: Time,
+    /// Our table summary at the last tick, and when it last changed (or a peer showed us a
+    /// different one): the anti-entropy period follows from it.
+    last_summary: Summary,
+    table_moved_at: Time,
     last_rtt_refresh: Time,
     statuses: BTreeMap<NodeName, NodeStatus>,
     /// Rises whenever a link is added, goes up or down, or is removed.
@@ -676,6 +690,8 @@ impl Engine {
             next_tick: now,
             next_sync: now,
             next_full_sync: now,
+            last_summary: Summary::default(),
+            table_moved_at: now,
             last_rtt_refresh: now,
             statuses: BTreeMap::new(),
             links_generation: 0,
@@ -861,8 +877,19 @@ impl Engine {
         }
         self.dial_wanted(now);
         self.reannounce(now);
+        let mine = self.table.summary();
+        if mine != self.last_summary {
+            self.last_summary = mine;
+            self.table_moving(now);
+        }
         if now >= self.next_sync {
-            self.next_sync = now + self.cfg.timing.sync_every;
+            let idle = now.saturating_sub(self.table_moved_at) >= self.cfg.timing.sync_idle;
+            self.next_sync = now
+                + if idle {
+                    self.cfg.timing.sync_idle
+                } else {
+                    self.cfg.timing.sync_every
+                };
             let up: Vec<NodeName> = self.linked_peers();
             if !up.is_empty() {
                 let i = self.rng.random_range(0..up.len());
@@ -872,6 +899,12 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Our table moved, or a peer's differs: anti-entropy rounds every `sync_every` again.
+    fn table_moving(&mut self, now: Time) {
+        self.table_moved_at = now;
+        self.next_sync = self.next_sync.min(now + self.cfg.timing.sync_every);
     }
 
     /// A peer we have a live link to but that a ring still holds dead (for example after a healed
@@ -1480,9 +1513,13 @@ impl Engine {
         match frame {
             Frame::Records(rs) => self.merge_records(now, from, kind, rs),
             Frame::Summary(theirs) => {
+                let differs = theirs != self.table.summary();
+                if differs {
+                    self.table_moving(now);
+                }
                 // Differing tables: tell the sender which sites hold what, at most once per
                 // sync period.
-                if theirs != self.table.summary() && now >= self.next_full_sync {
+                if differs && now >= self.next_full_sync {
                     self.next_full_sync = now + self.cfg.timing.sync_every;
                     self.push(Output::Send {
                         to: from.clone(),
