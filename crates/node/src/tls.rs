@@ -1200,6 +1200,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connection_ids_are_four_random_bytes() {
+        use quinn::ConnectionIdGenerator;
+        let mut g = ShortCids::new();
+        assert_eq!(g.cid_len(), CID_LEN);
+        let ids: std::collections::HashSet<Vec<u8>> =
+            (0..1000).map(|_| g.generate_cid().to_vec()).collect();
+        assert!(ids.iter().all(|c| c.len() == 4));
+        // 1000 draws of 32 random bits: a collision is a 1 in 8,600 event, ten are impossible.
+        assert!(ids.len() > 990, "only {} distinct IDs in 1000", ids.len());
+    }
+
+    #[test]
     fn refusal_message_survives_rustls_rendering() {
         let e = refuse("peer presented a certificate for edge-us-2, expected gw-us-1".into());
         assert_eq!(
