@@ -13,7 +13,8 @@ and classes:
 
   datagram            a failure-detector (SWIM) datagram, with any ACK frame riding along
   ack-only(delayed)   ACK alone, max_ack_delay (25 ms) after a packet nothing answered
-  ack-only(immediate) ACK alone, answering a peer's IMMEDIATE_ACK (its PTO probe)
+  ack-only(immediate) ACK alone, sent at once: a peer's IMMEDIATE_ACK (its PTO probe), or a
+                      second ack-eliciting packet not yet acknowledged
   keepalive-ping      PING after `keep_alive_interval` without receiving anything
   pto-probe           probe packets after a probe timeout (spurious on loopback: the timer
                       races the peer's delayed ack); pto-probe(X) when they carried X
