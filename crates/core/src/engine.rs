@@ -26,7 +26,9 @@ use crate::health::{LocalHealth, DEFAULT_MAX_SCORE};
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::{KeyId, Keyring, ProofRole, Secret, SecretError};
 use crate::swim::{RingTiming, Swim, SwimId};
-use crate::table::{CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState};
+use crate::table::{
+    CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState, Summary,
+};
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
     LoadSpec, Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
@@ -65,12 +67,22 @@ pub const SINK: &str = "sink";
 pub struct Timing {
     /// Housekeeping period: dials, status diffs, record refresh.
     pub tick: Duration,
-    /// Anti-entropy: one digest exchange with a random peer this often.
+    /// Anti-entropy: our table summary to a random peer this often while the table is moving.
     pub sync_every: Duration,
+    /// Once our table summary has not changed for this long, and no peer has shown us a
+    /// different one, the anti-entropy rounds go out this often instead (the first change or
+    /// differing summary brings back `sync_every`). Pushes deliver every change; the rounds
+    /// repair what a push missed, and a node that missed one is found by the nodes that did
+    /// not, whose tables just moved. Longer: fewer summaries at idle (each a frame and an ack),
+    /// a later repair of a table that diverged without any change in sight. Default 30 s.
+    pub sync_idle: Duration,
     /// First redial delay; doubles up to `dial_backoff_max`.
     pub dial_backoff_min: Duration,
     pub dial_backoff_max: Duration,
-    /// Our own record is rewritten at most this often just to refresh RTTs.
+    /// Our own record is rewritten at most this often just to refresh RTTs, and only for a
+    /// link whose RTT estimate stayed away from the published one (see
+    /// [`RTT_REPORT_MIN_CHANGE_US`]) for a whole window of this length: a lasting change is
+    /// published within two windows, a spike never.
     pub rtt_refresh: Duration,
     /// New links that come up are published in our record only once no other link has come
     /// up for this long (at the latest four times this long after the first, or with the next
@@ -91,6 +103,7 @@ impl Timing {
         Timing {
             tick: Duration::from_millis(250),
             sync_every: Duration::from_secs(2),
+            sync_idle: Duration::from_secs(30),
             dial_backoff_min: Duration::from_millis(250),
             dial_backoff_max: Duration::from_secs(5),
             rtt_refresh: Duration::from_secs(30),
@@ -103,9 +116,12 @@ impl Timing {
 }
 
 /// Smallest change of a link's RTT (besides a factor of 1.5) that makes a node publish its record
-/// again at the next RTT refresh. Record RTTs are for display (a node's own links show live
-/// ones); below a millisecond the jitter of a busy host would make every node rewrite its record
-/// every refresh and send it to the whole cluster (on loopback that was ~45% of idle traffic).
+/// again at the next RTT refresh, if every estimate of the refresh window differs that much.
+/// Record RTTs are for display (a node's own links show live ones); the jitter of a busy host
+/// and of delayed acks (a loopback link reads 0.8-2.6 ms) would otherwise make every node
+/// rewrite its record every refresh and send it to the whole cluster (on loopback that was ~45%
+/// of idle traffic with no minimum change, and still most of a gateway's with a 1 ms minimum
+/// checked against the latest estimate alone).
 pub const RTT_REPORT_MIN_CHANGE_US: u32 = 1000;
 
 /// Everything an engine is built from.
@@ -267,7 +283,32 @@ struct Link {
     reason: Option<String>,
     /// RTT written into our record the last time it was refreshed.
     reported_rtt_us: u32,
+    /// Lowest and highest RTT estimate since the current RTT window began (see
+    /// [`Timing::rtt_refresh`]): a change is published only if it held for a whole window.
+    rtt_low_us: u32,
+    rtt_high_us: u32,
     key: Option<KeyId>,
+}
+
+impl Link {
+    /// Starts a new RTT window from the current estimate.
+    fn reset_rtt_window(&mut self) {
+        self.rtt_low_us = self.rtt_us;
+        self.rtt_high_us = self.rtt_us;
+    }
+
+    /// Whether every RTT estimate of the window differs from the reported one by more than
+    /// half again and by more than [`RTT_REPORT_MIN_CHANGE_US`], all in the same direction: a
+    /// lasting change, not the jitter of delayed acks and a busy host.
+    fn rtt_moved(&self) -> bool {
+        let moved = |a: u32, b: u32| {
+            f64::from(a.max(1)) / f64::from(b.max(1)) > 1.5
+                && a.abs_diff(b) > RTT_REPORT_MIN_CHANGE_US
+        };
+        self.up
+            && (moved(self.rtt_low_us, self.reported_rtt_us)
+                || moved(self.reported_rtt_us, self.rtt_high_us))
+    }
 }
 
 /// How long a stalled inbound handshake or a timed-out dial counts as evidence.
@@ -467,6 +508,10 @@ pub struct Engine {
     /// Earliest time this node starts another full digest exchange (one per sync period, so a
     /// cold start with a hundred links coming up does not move the table a hundred times).
     next_full_sync: Time,
+    /// Our table summary at the last tick, and when it last changed (or a peer showed us a
+    /// different one): the anti-entropy period follows from it.
+    last_summary: Summary,
+    table_moved_at: Time,
     last_rtt_refresh: Time,
     statuses: BTreeMap<NodeName, NodeStatus>,
     /// The links the contract wants (peer, address) and the table generation they were read at.
@@ -667,6 +712,8 @@ impl Engine {
             next_tick: now,
             next_sync: now,
             next_full_sync: now,
+            last_summary: Summary::default(),
+            table_moved_at: now,
             last_rtt_refresh: now,
             statuses: BTreeMap::new(),
             wanted: (0, BTreeMap::new()),
@@ -859,8 +906,19 @@ impl Engine {
         }
         self.dial_wanted(now);
         self.reannounce(now);
+        let mine = self.table.summary();
+        if mine != self.last_summary {
+            self.last_summary = mine;
+            self.table_moving(now);
+        }
         if now >= self.next_sync {
-            self.next_sync = now + self.cfg.timing.sync_every;
+            let idle = now.saturating_sub(self.table_moved_at) >= self.cfg.timing.sync_idle;
+            self.next_sync = now
+                + if idle {
+                    self.cfg.timing.sync_idle
+                } else {
+                    self.cfg.timing.sync_every
+                };
             let up: Vec<NodeName> = self.linked_peers();
             if !up.is_empty() {
                 let i = self.rng.random_range(0..up.len());
@@ -870,6 +928,12 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Our table moved, or a peer's differs: anti-entropy rounds every `sync_every` again.
+    fn table_moving(&mut self, now: Time) {
+        self.table_moved_at = now;
+        self.next_sync = self.next_sync.min(now + self.cfg.timing.sync_every);
     }
 
     /// A peer we have a live link to but that a ring still holds dead (for example after a healed
@@ -1388,6 +1452,8 @@ impl Engine {
                 contract_hash: info.contract_hash,
                 reason: reason.clone(),
                 reported_rtt_us: info.rtt_us,
+                rtt_low_us: info.rtt_us,
+                rtt_high_us: info.rtt_us,
                 key: info.key,
             },
         );
@@ -1466,6 +1532,8 @@ impl Engine {
     pub fn handle_rtt(&mut self, peer: &NodeName, rtt_us: u32) {
         if let Some(l) = self.links.get_mut(peer) {
             l.rtt_us = rtt_us;
+            l.rtt_low_us = l.rtt_low_us.min(rtt_us);
+            l.rtt_high_us = l.rtt_high_us.max(rtt_us);
         }
     }
 
@@ -1497,9 +1565,13 @@ impl Engine {
         match frame {
             Frame::Records(rs) => self.merge_records(now, from, kind, rs),
             Frame::Summary(theirs) => {
+                let differs = theirs != self.table.summary();
+                if differs {
+                    self.table_moving(now);
+                }
                 // Differing tables: tell the sender which sites hold what, at most once per
                 // sync period.
-                if theirs != self.table.summary() && now >= self.next_full_sync {
+                if differs && now >= self.next_full_sync {
                     self.next_full_sync = now + self.cfg.timing.sync_every;
                     self.push(Output::Send {
                         to: from.clone(),
@@ -1862,6 +1934,7 @@ impl Engine {
         self.last_rtt_refresh = now;
         for l in self.links.values_mut() {
             l.reported_rtt_us = l.rtt_us;
+            l.reset_rtt_window();
         }
         self.own_unsent = true;
     }
@@ -2006,13 +2079,16 @@ impl Engine {
             || own.view != view
             || own.state != state;
         let structural = links_changed || others_changed;
+        // Once per window: did some link's RTT move for the whole window? Then a new window.
         let rtt_moved = now.saturating_sub(self.last_rtt_refresh) >= self.cfg.timing.rtt_refresh
-            && self.links.values().any(|l| {
-                let a = f64::from(l.rtt_us.max(1));
-                let b = f64::from(l.reported_rtt_us.max(1));
-                l.up && (a / b > 1.5 || b / a > 1.5)
-                    && l.rtt_us.abs_diff(l.reported_rtt_us) > RTT_REPORT_MIN_CHANGE_US
-            });
+            && {
+                self.last_rtt_refresh = now;
+                let moved = self.links.values().any(Link::rtt_moved);
+                for l in self.links.values_mut() {
+                    l.reset_rtt_window();
+                }
+                moved
+            };
         if !(structural || rtt_moved || force) {
             self.links_grown = None;
             return;
@@ -4406,15 +4482,62 @@ mod tests {
         e.handle_rtt(&peer, 600);
         run(&mut e, refresh, refresh * 3);
         assert_eq!(e.clock(), settled, "jitter republished the record");
-        // 100 us -> 5 ms: the record says so at the next refresh.
+        // 100 us -> 5 ms, for good: the record says so within two refresh windows (the window
+        // in which it changed holds both values).
         e.handle_rtt(&peer, 5_000);
-        run(&mut e, refresh * 3, refresh * 5);
+        run(&mut e, refresh * 3, refresh * 5 + Duration::from_secs(1));
         assert!(e.clock() > settled, "a real RTT change was not published");
         let own = e.table().get(e.me().name.as_str()).expect("own record");
         assert_eq!(
             own.links.iter().map(|l| l.rtt_us).collect::<Vec<_>>(),
             [5_000]
         );
+    }
+
+    /// A busy host's RTT estimate jumps from 1 to 4 ms for one second in three. Either value
+    /// alone is a change worth publishing against the other, but neither lasts a window.
+    #[test]
+    fn rtt_swinging_back_and_forth_does_not_republish_the_record() {
+        use crate::contract::Contract;
+        use crate::name::{Ident, SiteName};
+        let contract =
+            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
+                .unwrap();
+        let id = |n: &str| Ident {
+            name: NodeName::new(n).unwrap(),
+            site: SiteName::new("us").unwrap(),
+            role: Role::Member,
+        };
+        let mut e = Engine::new(test_config(&contract, id("edge-1")), vec![], Time::ZERO).unwrap();
+        let peer = NodeName::new("edge-2").unwrap();
+        e.handle_link_up(
+            Time::ZERO,
+            LinkInfo {
+                peer: id("edge-2"),
+                contract_hash: contract.hash().to_string(),
+                secure: true,
+                protocol: "tls1.3".into(),
+                rtt_us: 1_000,
+                key: None,
+            },
+        );
+        let refresh = Timing::lan().rtt_refresh;
+        let mut settled = None;
+        // One estimate a second, as the runtime hands them over; every engine timer in between.
+        for second in 0..(refresh.as_secs() * 6) {
+            if second == refresh.as_secs() {
+                settled = Some(e.clock());
+            }
+            e.handle_rtt(&peer, if second % 3 == 0 { 4_000 } else { 1_000 });
+            let end = Time::ZERO + Duration::from_secs(second + 1);
+            while e.poll_timeout() < end {
+                let at = e.poll_timeout();
+                e.handle_timeout(at);
+                while e.poll_output().is_some() {}
+            }
+        }
+        let settled = settled.expect("ran past the first window");
+        assert_eq!(e.clock(), settled, "RTT swings republished the record");
     }
 
     #[test]

@@ -347,13 +347,8 @@ pub async fn run_bound(
     let (server_cfg, client_cfg) = tls::endpoint_configs(&security, &cfg.cluster, sink.clone())?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| AgentError::Io("no async runtime".into()))?;
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_cfg),
-        udp,
-        runtime,
-    )
-    .map_err(|e| AgentError::Io(format!("cannot start the QUIC endpoint: {e}")))?;
+    let endpoint = quinn::Endpoint::new(tls::endpoint_config(), Some(server_cfg), udp, runtime)
+        .map_err(|e| AgentError::Io(format!("cannot start the QUIC endpoint: {e}")))?;
 
     let events = Arc::new(EventLog::new(cfg.ident.name.to_string()));
     let (cmd_tx, cmd_rx) = mpsc::channel(256);

@@ -2,6 +2,7 @@
 //! `CLUSTERCTL_SIM_SEED=N cargo test -p clusterctl-sim --test scenarios NAME -- --nocapture`.
 
 use clusterctl_api::{EventKind, LinkState, NodeStatus};
+use clusterctl_core::engine::Timing;
 use clusterctl_sim::{seed_from_env, Sim};
 use std::time::Duration;
 
@@ -573,30 +574,66 @@ fn one_way_wan_is_reported_with_its_direction_and_nobody_flaps() {
     );
 }
 
-/// Tables that agree cost one 12-byte summary per node per sync period: once converged and
-/// settled, no digest and no record moves, and every node holds the same summary.
+/// Tables that agree cost one 12-byte summary per node per idle sync period (30 s) once
+/// nothing has changed for that long: no digest and no record moves. A change (here a crash,
+/// which rewrites records) brings back a summary per node every 2 s, and the tables agree
+/// anew.
 #[test]
-fn agreeing_tables_exchange_only_summaries() {
+fn agreeing_tables_exchange_a_summary_per_node_only_every_idle_period() {
     let seed = seed_from_env(4);
     let mut sim = converged(seed, 2);
-    // Let link reports settle and every record reach every node.
-    sim.run_for(Duration::from_secs(10));
-    let summaries: Vec<_> = sim
-        .names()
-        .iter()
-        .map(|n| sim.engine(n).table().summary())
-        .collect();
+    let idle = Timing::lan().sync_idle;
+    // Let link reports settle and every record reach every node, then stay unchanged for
+    // a whole idle period.
+    sim.run_for(Duration::from_secs(10) + idle);
+    let nodes = sim.names().len() as u64;
+    let summaries = |sim: &Sim| -> Vec<_> {
+        sim.names()
+            .iter()
+            .filter(|n| n.as_str() != "edge-eu-2")
+            .map(|n| sim.engine(n).table().summary())
+            .collect()
+    };
+    let s = summaries(&sim);
     assert!(
-        summaries.windows(2).all(|w| w[0] == w[1]),
-        "tables differ after settling: {summaries:?} (seed {seed})"
+        s.windows(2).all(|w| w[0] == w[1]),
+        "tables differ after settling: {s:?} (seed {seed})"
     );
+    let sent = |sim: &Sim, before: &std::collections::BTreeMap<&str, (u64, u64)>, k: &str| {
+        sim.frame_kinds.get(k).map_or(0, |c| c.0) - before.get(k).map_or(0, |c| c.0)
+    };
     let before = sim.frame_kinds.clone();
+    // A minute: two idle periods (30 s), where rounds every `sync_every` would be thirty.
+    sim.run_for(Duration::from_secs(60));
+    let quiet = sent(&sim, &before, "summary");
+    assert!(quiet > 0, "no anti-entropy round at idle (seed {seed})");
+    assert!(
+        quiet <= nodes * 2,
+        "{quiet} summaries from {nodes} nodes in a quiet minute (seed {seed})"
+    );
+    assert_eq!(
+        sent(&sim, &before, "digest"),
+        0,
+        "a digest moved (seed {seed})"
+    );
+    assert_eq!(
+        sent(&sim, &before, "records"),
+        0,
+        "a record moved (seed {seed})"
+    );
+
+    let before = sim.frame_kinds.clone();
+    sim.crash("edge-eu-2");
     sim.run_for(Duration::from_secs(10));
-    let sent =
-        |k: &str| sim.frame_kinds.get(k).map_or(0, |c| c.0) - before.get(k).map_or(0, |c| c.0);
-    assert!(sent("summary") > 0, "no anti-entropy round (seed {seed})");
-    assert_eq!(sent("digest"), 0, "a digest moved (seed {seed})");
-    assert_eq!(sent("records"), 0, "a record moved (seed {seed})");
+    let busy = sent(&sim, &before, "summary");
+    assert!(
+        busy >= nodes * 2,
+        "only {busy} summaries from {nodes} nodes in 10 s after a change (seed {seed})"
+    );
+    sim.run_until(Duration::from_secs(30), |sim| {
+        summaries(sim).windows(2).all(|w| w[0] == w[1])
+    })
+    .unwrap_or_else(|| panic!("tables never agreed after the change (seed {seed})"));
 }
 
 /// A record that a node missed while it was cut off (its links stayed up, so no link-up sync
