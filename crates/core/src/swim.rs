@@ -535,8 +535,8 @@ impl Swim {
     }
 
     /// A notice from a peer. An accusation counts if it names a member we hold active at that
-    /// very incarnation and comes from another member we hold active; one naming us makes foca
-    /// refute it. An `alive` notice is applied as foca applies the sender of any packet, if we
+    /// very incarnation and comes from another member we hold active (foca then holds that
+    /// member suspect, as if it had read it in gossip); one naming us makes foca refute it. An `alive` notice is applied as foca applies the sender of any packet, if we
     /// know that member.
     fn heard_notice(&mut self, now: Time, n: Notice) {
         let me = self.foca.identity().clone();
@@ -569,9 +569,15 @@ impl Swim {
                 if !current {
                     return;
                 }
-                if self.accused(now, &(member, incarnation), accuser, false) {
+                if self.accused(now, &(member.clone(), incarnation), accuser, false) {
                     self.accusations_heard += 1;
                 }
+                // As a suspicion read in gossip: foca holds the member suspect and passes the
+                // news on (to the member too, which refutes sooner if it is alive).
+                let suspect = Member::new(member, incarnation, State::Suspect);
+                let _ = self
+                    .foca
+                    .apply_many(std::iter::once(suspect), true, &mut self.rt);
             }
             Notice::Alive {
                 member,
@@ -792,12 +798,14 @@ impl Swim {
                 })
                 .or_insert(l);
         }
+        let mut returned = false;
         for (name, l) in &seen {
             let prev = self.states.get(name).copied();
             if prev != Some(*l) {
                 if prev == Some(Liveness::Suspect) && *l == Liveness::Alive {
                     self.health.suspicion_refuted();
                 }
+                returned |= prev == Some(Liveness::Dead) && *l == Liveness::Alive;
                 self.changes.push(Change {
                     name: name.clone(),
                     from: prev,
@@ -821,6 +829,16 @@ impl Swim {
         }
         if self.changes.len() != changes_before {
             self.generation += 1;
+        }
+        if returned {
+            // A member back from the dead (a new identity): tell a few members now. In a small
+            // ring foca sends an update only a couple of times, and the next packets may all go
+            // to the returning member itself, leaving the others to learn of it when it links
+            // to them.
+            let _ = self.foca.gossip(&mut self.rt);
+            while let Some((to, data)) = self.rt.to_send() {
+                self.outbox.push((to.name, data.to_vec()));
+            }
         }
         self.prune_suspicions(now);
         // How many times foca retransmits an update grows with the log of the ring size; a node
@@ -908,5 +926,314 @@ mod tests {
         assert!(changes
             .iter()
             .any(|ch| ch.name == c && ch.to == Liveness::Suspect));
+    }
+
+    fn name(n: &str) -> NodeName {
+        NodeName::new(n).unwrap()
+    }
+
+    fn id(n: &str) -> SwimId {
+        SwimId {
+            name: name(n),
+            gen: 1,
+        }
+    }
+
+    fn suspect(accuser: &str, member: &str) -> Notice {
+        Notice::Suspect {
+            accuser: name(accuser),
+            member: id(member),
+            incarnation: 0,
+        }
+    }
+
+    /// Rings of `names` (the first is the seed the others announce to), converged.
+    fn converged(names: &[&str]) -> (Vec<Swim>, Time) {
+        let mut rings: Vec<Swim> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ring(n, i as u64 + 1))
+            .collect();
+        let mut now = Duration::ZERO;
+        let first = name(names[0]);
+        for r in rings.iter_mut().skip(1) {
+            r.announce(now, &first);
+        }
+        run(&mut rings, &mut now, 30, None);
+        for r in &rings {
+            assert_eq!(
+                r.members().filter(|(_, l)| *l == Liveness::Alive).count(),
+                names.len() - 1,
+                "{r:?}"
+            );
+            assert_eq!(r.health_score(), 0, "{r:?}");
+        }
+        for r in rings.iter_mut() {
+            let _ = r.take_changes();
+        }
+        (rings, now)
+    }
+
+    /// Ring `r` reads notice `n`.
+    fn hear(r: &mut Swim, now: Time, n: Notice) {
+        r.handle_data(now, &n.encode());
+    }
+
+    /// When ring `r`'s suspicion of `member` (at incarnation 0) ends.
+    fn due(r: &Swim, member: &str) -> Option<Time> {
+        r.suspicions.get(&(id(member), 0)).map(|s| s.due)
+    }
+
+    #[test]
+    fn suspicion_timeout_runs_from_max_to_min_with_confirmations() {
+        let max = Duration::from_millis(2500);
+        let min = Duration::from_millis(750);
+        assert_eq!(suspicion_timeout(max, min, 3, 0), max);
+        let mut last = max;
+        for c in 1..=3 {
+            let t = suspicion_timeout(max, min, 3, c);
+            assert!(t < last && t >= min, "{c}: {t:?}");
+            last = t;
+        }
+        assert_eq!(suspicion_timeout(max, min, 3, 3), min);
+        assert_eq!(suspicion_timeout(max, min, 3, 100), min);
+        // ln 2 / ln 4 = 1/2: half way with one confirmation of three.
+        let half = suspicion_timeout(max, min, 3, 1).as_millis();
+        assert!((1624..=1626).contains(&half), "{half}");
+        // Nobody could confirm: the shortest at once.
+        assert_eq!(suspicion_timeout(max, min, 0, 0), min);
+        // A minimum above the maximum is the maximum; a fixed suspicion stays fixed.
+        assert_eq!(suspicion_timeout(max, max * 2, 3, 3), max);
+        assert_eq!(suspicion_timeout(max, max, 3, 0), max);
+        assert_eq!(suspicion_timeout(max, max, 0, 0), max);
+    }
+
+    #[test]
+    fn single_accuser_keeps_the_long_timeout_and_confirmations_shorten_it() {
+        let (mut rings, now) = converged(&["a", "b", "c", "d", "x"]);
+        let t = RingTiming::lan();
+        let a = &mut rings[0];
+        // Five members: three confirmations expected.
+        hear(a, now, suspect("b", "x"));
+        assert_eq!(due(a, "x"), Some(now + t.suspect_to_down));
+        assert_eq!(a.liveness(&name("x")), Some(Liveness::Suspect));
+        // The same accuser again is no confirmation.
+        hear(a, now + Duration::from_millis(100), suspect("b", "x"));
+        assert_eq!(due(a, "x"), Some(now + t.suspect_to_down));
+        let mut last = now + t.suspect_to_down;
+        for (k, accuser) in ["c", "d"].into_iter().enumerate() {
+            hear(a, now + Duration::from_millis(200), suspect(accuser, "x"));
+            let d = due(a, "x").unwrap();
+            let want = now + suspicion_timeout(t.suspect_to_down, t.suspect_min, 3, k + 1);
+            assert_eq!(d, want, "{accuser}");
+            assert!(d < last);
+            last = d;
+        }
+        // Our own failed probe is the third confirmation: the shortest suspicion, from when we
+        // first heard of it.
+        a.accuse(now + Duration::from_millis(300), &(id("x"), 0));
+        assert_eq!(due(a, "x"), Some(now + t.suspect_min));
+        assert_eq!(a.suspicions_shortened, 3);
+        // Ending: foca declares it down then, not before.
+        a.handle_timeout(now + t.suspect_min - Duration::from_millis(1));
+        assert_eq!(a.liveness(&name("x")), Some(Liveness::Suspect));
+        a.handle_timeout(now + t.suspect_min);
+        assert_eq!(a.liveness(&name("x")), Some(Liveness::Dead));
+        assert!(a.suspicions.is_empty());
+    }
+
+    #[test]
+    fn with_nobody_else_to_confirm_the_shortest_suspicion_applies_at_once() {
+        // Three members: one confirmation expected, from the only other observer.
+        let (mut rings, now) = converged(&["a", "b", "x"]);
+        let t = RingTiming::lan();
+        rings[0].accuse(now, &(id("x"), 0));
+        assert_eq!(due(&rings[0], "x"), Some(now + t.suspect_to_down));
+        hear(&mut rings[0], now, suspect("b", "x"));
+        assert_eq!(due(&rings[0], "x"), Some(now + t.suspect_min));
+        // Two members: nobody could confirm.
+        let (mut rings, now) = converged(&["a", "x"]);
+        rings[0].accuse(now, &(id("x"), 0));
+        assert_eq!(due(&rings[0], "x"), Some(now + t.suspect_min));
+    }
+
+    #[test]
+    fn refuted_suspicion_is_cancelled() {
+        let (mut rings, mut now) = converged(&["a", "b", "c", "x"]);
+        // A wrong accusation by b (x is fine), sent to the ring as b would.
+        for i in [0, 2] {
+            hear(&mut rings[i], now, suspect("b", "x"));
+            assert!(due(&rings[i], "x").is_some());
+        }
+        let x = name("x");
+        assert_eq!(rings[0].liveness(&x), Some(Liveness::Suspect));
+        hear(&mut rings[3], now, suspect("b", "x"));
+        // x refutes and tells everyone; nobody declares it down.
+        run(&mut rings, &mut now, 40, None);
+        for r in rings.iter_mut().take(3) {
+            assert_eq!(r.liveness(&x), Some(Liveness::Alive), "{r:?}");
+            let changes = r.take_changes();
+            assert!(
+                changes.iter().all(|c| c.to != Liveness::Dead),
+                "{changes:?} {r:?}"
+            );
+            assert!(r.suspicions.is_empty(), "{r:?}");
+        }
+        // Later accusations of the refuted incarnation count for nothing.
+        hear(&mut rings[0], now, suspect("c", "x"));
+        assert!(rings[0].suspicions.is_empty());
+        assert_eq!(rings[0].liveness(&x), Some(Liveness::Alive));
+    }
+
+    #[test]
+    fn accused_member_refutes_on_reading_the_accusation_and_tells_everyone() {
+        let (mut rings, now) = converged(&["a", "b", "c", "x"]);
+        let _ = rings[3].take_sends();
+        hear(&mut rings[3], now, suspect("a", "x"));
+        // A foca gossip of the refutation, and our notice to each of the other three.
+        let sends = rings[3].take_sends();
+        let alive: Vec<&NodeName> = sends
+            .iter()
+            .filter(|(_, d)| {
+                matches!(
+                    Notice::decode(d),
+                    Some(Notice::Alive { ref member, incarnation: 1 }) if *member == id("x")
+                )
+            })
+            .map(|(to, _)| to)
+            .collect();
+        assert_eq!(alive.len(), 3, "{sends:?}");
+        // Read by a member that suspects x: the suspicion ends at once.
+        hear(&mut rings[0], now, suspect("b", "x"));
+        assert!(due(&rings[0], "x").is_some());
+        for (to, d) in &sends {
+            if *to == name("a") {
+                rings[0].handle_data(now, d);
+            }
+        }
+        assert!(rings[0].suspicions.is_empty());
+        assert_eq!(rings[0].liveness(&name("x")), Some(Liveness::Alive));
+    }
+
+    #[test]
+    fn crashed_member_is_dead_everywhere_sooner_than_the_longest_suspicion() {
+        let names = ["a", "b", "c", "d", "e", "f", "x"];
+        let (mut rings, mut now) = converged(&names);
+        let x = name("x");
+        let mut suspected: Option<Time> = None;
+        let mut dead = Vec::new();
+        for _ in 0..100 {
+            run(&mut rings, &mut now, 1, Some("x"));
+            for r in rings.iter_mut().take(names.len() - 1) {
+                for c in r.take_changes().into_iter().filter(|c| c.name == x) {
+                    match c.to {
+                        Liveness::Suspect => {
+                            suspected.get_or_insert(now);
+                        }
+                        Liveness::Dead => dead.push(now),
+                        Liveness::Alive => panic!("{c:?}"),
+                    }
+                }
+            }
+            if dead.len() == names.len() - 1 {
+                break;
+            }
+        }
+        assert_eq!(dead.len(), names.len() - 1, "{dead:?}");
+        let first = suspected.unwrap();
+        let last = dead.iter().max().unwrap();
+        assert!(
+            *last - first < RingTiming::lan().suspect_to_down,
+            "suspected at {first:?}, dead everywhere at {last:?}"
+        );
+        assert!(rings[0].accusations_heard > 0);
+    }
+
+    #[test]
+    fn notices_from_or_about_strangers_are_ignored() {
+        let (mut rings, now) = converged(&["a", "b", "x"]);
+        let a = &mut rings[0];
+        let dropped = a.dropped;
+        // An accuser we do not know, a member we do not know, a stale or future incarnation.
+        hear(a, now, suspect("zz", "x"));
+        hear(a, now, suspect("b", "zz"));
+        for incarnation in [1, 7, Incarnation::MAX] {
+            let n = Notice::Suspect {
+                accuser: name("b"),
+                member: id("x"),
+                incarnation,
+            };
+            a.handle_data(now, &n.encode());
+        }
+        // Another generation of x.
+        let other = Notice::Suspect {
+            accuser: name("b"),
+            member: SwimId {
+                name: name("x"),
+                gen: 9,
+            },
+            incarnation: 0,
+        };
+        a.handle_data(now, &other.encode());
+        // An alive notice about a stranger would make foca take it in.
+        let stranger = Notice::Alive {
+            member: id("zz"),
+            incarnation: 3,
+        };
+        a.handle_data(now, &stranger.encode());
+        assert!(a.suspicions.is_empty());
+        assert_eq!(a.liveness(&name("zz")), None);
+        assert_eq!(a.liveness(&name("x")), Some(Liveness::Alive));
+        // Bytes that are no notice: dropped, never a panic.
+        for bad in [
+            &[NOTICE_TAG][..],
+            &[NOTICE_TAG, 0, 200],
+            &[NOTICE_TAG, 9, 1, 2, 3],
+        ] {
+            a.handle_data(now, bad);
+        }
+        let mut good = suspect("b", "x").encode();
+        good.push(0);
+        a.handle_data(now, &good);
+        assert!(a.suspicions.is_empty());
+        assert_eq!(a.dropped, dropped + 6);
+    }
+
+    #[test]
+    fn notices_round_trip_and_never_look_like_a_foca_packet() {
+        for n in [
+            suspect("b", "x"),
+            Notice::Alive {
+                member: id("x"),
+                incarnation: 4,
+            },
+        ] {
+            let bytes = n.encode();
+            assert_eq!(bytes[0], NOTICE_TAG);
+            assert_eq!(Notice::decode(&bytes), Some(n));
+        }
+        // foca's packets start with the sender's name length, never zero.
+        let (mut rings, mut now) = converged(&["a", "b"]);
+        run(&mut rings, &mut now, 5, None);
+        rings[0].handle_timeout(now + Duration::from_secs(1));
+        let sends = rings[0].take_sends();
+        assert!(!sends.is_empty());
+        assert!(sends.iter().all(|(_, d)| d[0] != NOTICE_TAG));
+    }
+
+    #[test]
+    fn fixed_suspicion_ring_sends_no_notice_and_ignores_them() {
+        let mut a = Swim::new(
+            Ring::Wan,
+            id("a"),
+            &RingTiming::wan(),
+            3,
+            1,
+            LocalHealth::new(8, Duration::from_millis(250)),
+        );
+        let dropped = a.dropped;
+        a.handle_data(Duration::ZERO, &suspect("b", "x").encode());
+        assert_eq!(a.dropped, dropped + 1);
+        assert!(a.suspicions.is_empty());
     }
 }
