@@ -285,6 +285,8 @@ pub struct Swim {
     token: Option<TimerToken>,
     /// Our identity and incarnation as our last packet carried them.
     announced: Option<(SwimId, Incarnation)>,
+    /// When we last told the ring our incarnation rose.
+    alive_told: Option<Time>,
     /// Picks accusation targets in a ring larger than [`MAX_ACCUSATION_FANOUT`].
     rng: StdRng,
     /// Packets dropped: undecodable, or the ring is full.
@@ -351,6 +353,7 @@ impl Swim {
             suspicions: BTreeMap::new(),
             token: None,
             announced: None,
+            alive_told: None,
             rng: StdRng::seed_from_u64(seed.rotate_left(32) ^ 0xacc0_5ed0),
             dropped: 0,
             accusations_heard: 0,
@@ -643,24 +646,30 @@ impl Swim {
     }
 
     /// Reads our incarnation off a packet foca sends; when it rose (we refuted a suspicion),
-    /// tells every member at once.
-    fn note_incarnation(&mut self, packet: &[u8]) {
+    /// tells every member at once, at most once per probe period (accusations streamed at us
+    /// cannot make us stream notices to the whole ring; foca's gossip still carries every
+    /// refutation).
+    fn note_incarnation(&mut self, now: Time, packet: &[u8]) {
         let Ok(header) = PostcardCodec.decode_header(packet) else {
             return;
         };
-        let now = (header.src, header.src_incarnation);
+        let current = (header.src, header.src_incarnation);
         let rose = self
             .announced
             .as_ref()
-            .is_some_and(|(id, inc)| *id == now.0 && *inc < now.1);
-        if rose {
+            .is_some_and(|(id, inc)| *id == current.0 && *inc < current.1);
+        let quiet = self
+            .alive_told
+            .is_none_or(|t| now.saturating_sub(t) >= self.timing.probe_period);
+        if rose && quiet {
+            self.alive_told = Some(now);
             let notice = Notice::Alive {
-                member: now.0.clone(),
-                incarnation: now.1,
+                member: current.0.clone(),
+                incarnation: current.1,
             };
             self.tell_ring(&notice, None);
         }
-        self.announced = Some(now);
+        self.announced = Some(current);
     }
 
     /// Ends the suspicions that are over (refuted with a higher incarnation, the member down or
@@ -731,7 +740,7 @@ impl Swim {
         while let Some((to, data)) = self.rt.to_send() {
             if first && self.timing.dynamic() {
                 first = false;
-                self.note_incarnation(&data);
+                self.note_incarnation(now, &data);
             }
             self.outbox.push((to.name, data.to_vec()));
         }
