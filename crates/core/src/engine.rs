@@ -61,6 +61,10 @@ pub const MAX_OUTBOX: usize = 1 << 20;
 pub const MAX_SINK_SENDERS: usize = 1024;
 /// Name of the built-in process that counts the data messages it receives.
 pub const SINK: &str = "sink";
+/// How long after our site ring saw a node come back from the dead a newer record of it still
+/// counts as its return (its connections to the old instance are closed and it is dialed at
+/// once). The record normally follows within a second.
+pub const REVIVED_WINDOW: Duration = Duration::from_secs(5);
 
 /// Timing of an engine. Presets: [`Timing::lan`].
 #[derive(Debug, Clone)]
@@ -499,6 +503,10 @@ pub struct Engine {
     /// Nodes of our site that linked to us while we held them dead, until their new record
     /// arrives (passed into the site like a newcomer's).
     returning: BTreeSet<NodeName>,
+    /// Nodes of our site that our site ring saw come back from the dead (a new identity), and
+    /// when, until their new record arrives: the ring's news can beat the record, which then
+    /// finds them alive, yet still comes from a node back from the dead ([`REVIVED_WINDOW`]).
+    revived: BTreeMap<NodeName, Time>,
     site_ring: Swim,
     wan_ring: Option<Swim>,
     rng: StdRng,
@@ -706,6 +714,7 @@ impl Engine {
             direction: BTreeMap::new(),
             left_peers: BTreeSet::new(),
             returning: BTreeSet::new(),
+            revived: BTreeMap::new(),
             site_ring,
             wan_ring,
             outbox: VecDeque::new(),
@@ -896,6 +905,8 @@ impl Engine {
         if self.forgotten {
             return;
         }
+        self.revived
+            .retain(|_, t| now.saturating_sub(*t) <= REVIVED_WINDOW);
         self.expire_requests(now);
         self.expire_directions(now);
         self.refresh_own(now, false);
@@ -1421,7 +1432,9 @@ impl Engine {
             debug_assert!(false, "link up that the contract does not allow");
             return;
         };
-        if info.peer.site == self.cfg.me.site && self.status_of(&peer) == NodeStatus::Dead {
+        if info.peer.site == self.cfg.me.site
+            && (self.status_of(&peer) == NodeStatus::Dead || self.revived.contains_key(&peer))
+        {
             self.returning.insert(peer.clone());
         }
         self.dialing.remove(&peer);
@@ -1700,7 +1713,13 @@ impl Engine {
             let candidate = !unknown && same_site && r.state == RecordState::Alive && newer;
             // Linked to us since it came back (see `handle_link_up`), or held dead here.
             let relinked = candidate && self.returning.remove(&r.name);
-            let was_dead = candidate && (relinked || self.status_of(&r.name) == NodeStatus::Dead);
+            let revived = candidate
+                && self
+                    .revived
+                    .remove(&r.name)
+                    .is_some_and(|t| now.saturating_sub(t) <= REVIVED_WINDOW);
+            let was_dead =
+                candidate && (relinked || revived || self.status_of(&r.name) == NodeStatus::Dead);
             match self.table.merge(r.clone()) {
                 m if m.changed() => {
                     self.counters.records_merged += 1;
@@ -1717,7 +1736,9 @@ impl Engine {
                         newcomers.push(r.clone());
                     }
                     if was_dead {
-                        returned.push((r.name.clone(), relinked));
+                        // A record from the node itself came over a connection to its new
+                        // instance: that one stays.
+                        returned.push((r.name.clone(), relinked || r.name == *from));
                     }
                     changed.push(r);
                 }
@@ -2137,6 +2158,15 @@ impl Engine {
                     None => continue,
                 },
             };
+            if ring == Ring::Site {
+                for c in &changes {
+                    if c.from == Some(Liveness::Dead) && c.to == Liveness::Alive {
+                        self.revived.insert(c.name.clone(), now);
+                    } else if c.to == Liveness::Dead {
+                        self.revived.remove(&c.name);
+                    }
+                }
+            }
             for (to, data) in sends {
                 let ok_kind = match ring {
                     Ring::Site => LinkKind::Site,

@@ -1,8 +1,8 @@
 //! Deterministic simulator over the clusterctl core.
 //!
 //! Many [`Engine`]s — the exact production protocol code — run on one virtual clock and a
-//! seeded virtual network: sites, per-kind latency, random datagram loss, WAN cuts, isolated and
-//! crashed nodes, restarts from the last persisted table. Given the same seed, a run produces the
+//! seeded virtual network: sites, per-kind latency, random datagram loss, WAN cuts, isolated,
+//! paused and crashed nodes, restarts from the last persisted table. Given the same seed, a run produces the
 //! same result, event for event; every test prints the seed that replays it
 //! (`CLUSTERCTL_SIM_SEED=N`).
 //!
@@ -143,6 +143,8 @@ pub struct SimNode {
     replies: BTreeMap<u64, Reply>,
     wake: Option<Time>,
     isolated: bool,
+    /// Stopped (like SIGSTOP) until then: everything addressed to it waits.
+    paused_until: Option<Time>,
     /// Own clock observed over time (invariant: never falls within one life on disk).
     max_clock: u64,
     /// Frames this node sent on a connection, and their encoded bytes.
@@ -168,6 +170,7 @@ impl SimNode {
             replies: BTreeMap::new(),
             wake: None,
             isolated: false,
+            paused_until: None,
             max_clock: 0,
             frames_sent: 0,
             frame_bytes_sent: 0,
@@ -1035,10 +1038,32 @@ impl Sim {
             return false;
         };
         self.now = self.now.max(at);
+        if let Some(resume) = self.paused_until_for(&ev) {
+            // The node is stopped: the event waits until it resumes (events keep their order,
+            // since they are popped in order and pushed back in that order).
+            self.schedule(resume, ev);
+            return true;
+        }
         self.step_event(ev);
         self.steps += 1;
         self.check_invariants();
         true
+    }
+
+    /// When the node an event is handled by resumes, if it is paused now.
+    fn paused_until_for(&self, ev: &Ev) -> Option<Time> {
+        let paused = |i: usize| self.nodes[i].paused_until.filter(|t| *t > self.now);
+        match ev {
+            Ev::Wake(i) => paused(*i),
+            Ev::Frame { to, .. } | Ev::Datagram { to, .. } => paused(*to),
+            Ev::Handshake { dialer, acceptor } => paused(*dialer).max(paused(*acceptor)),
+            Ev::InboundStalled { at, .. }
+            | Ev::Refused { at, .. }
+            | Ev::LinkUp { at, .. }
+            | Ev::Close { at, .. } => paused(*at),
+            Ev::DialFailed { dialer, .. } => paused(*dialer),
+            Ev::IdleCheck { .. } => None,
+        }
     }
 
     /// Runs the simulation for `d` of virtual time.
@@ -1155,6 +1180,13 @@ impl Sim {
         self.schedule_idle_checks();
     }
 
+    /// Stops a node for `d` (like SIGSTOP, then SIGCONT): its connections stay open, and what
+    /// reaches it and its own timers wait until it resumes, then run late, in order.
+    pub fn pause(&mut self, name: &str, d: Duration) {
+        let i = self.idx(name);
+        self.nodes[i].paused_until = Some(self.now + d);
+    }
+
     /// Stops a node abruptly (like `kill -9`): it keeps only what it persisted.
     pub fn crash(&mut self, name: &str) {
         let i = self.idx(name);
@@ -1180,6 +1212,7 @@ impl Sim {
                 .collect();
         }
         self.nodes[i].wake = None;
+        self.nodes[i].paused_until = None;
         // The crashed process's connections are gone; its peers notice at their idle timeout
         // (unless a new connection from its next life replaced them first).
         let mine: Vec<((usize, usize), u64)> = self

@@ -3,7 +3,7 @@
 
 use clusterctl_api::{EventKind, LinkState, NodeStatus};
 use clusterctl_core::engine::Timing;
-use clusterctl_sim::{seed_from_env, Sim};
+use clusterctl_sim::{seed_from_env, Sim, SimConfig, SiteSpec};
 use std::time::Duration;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -724,4 +724,159 @@ fn a_node_back_from_dead_is_dialed_by_its_site_at_once() {
     );
     sim.run_until(CONVERGE, Sim::converged)
         .unwrap_or_else(|| panic!("no reconvergence (seed {seed})"));
+}
+
+/// Two sites of one gateway and `members` members each, converged.
+fn converged_sites(seed: u64, members: usize) -> Sim {
+    let site = |name: &str| SiteSpec {
+        name: name.into(),
+        gateways: 1,
+        members,
+    };
+    let mut sim = Sim::new(SimConfig::new(seed), &[site("us-east"), site("eu-west")]);
+    let took = sim.run_until(CONVERGE, Sim::converged);
+    assert!(
+        took.is_some(),
+        "two sites of {} did not converge in {CONVERGE:?} (seed {seed})",
+        members + 1
+    );
+    sim
+}
+
+/// `dead`/`suspect` events, anywhere, about nodes other than `except`, since `since_ms`.
+fn suspicions_of_others(sim: &Sim, except: &[String], since_ms: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in &sim.nodes {
+        for e in n.events.iter().filter(|e| e.at_ms >= since_ms) {
+            if !matches!(e.kind, EventKind::NodeSuspect | EventKind::NodeDead) {
+                continue;
+            }
+            if let Some(about) = e
+                .node
+                .as_ref()
+                .filter(|a| !except.iter().any(|x| x == a.as_str()))
+            {
+                out.push(format!("{} {:?} {about}", n.ident.name, e.kind));
+            }
+        }
+    }
+    out
+}
+
+/// Events of `kind` about `about`, recorded by any node since `since_ms`.
+fn events_about(sim: &Sim, kind: EventKind, about: &str, since_ms: u64) -> usize {
+    sim.nodes
+        .iter()
+        .flat_map(|n| n.events.iter())
+        .filter(|e| e.at_ms >= since_ms && e.kind == kind)
+        .filter(|e| e.node.as_ref().is_some_and(|n| n.as_str() == about))
+        .count()
+}
+
+#[test]
+fn crash_confirmed_by_several_probers_is_dead_sooner_than_one_long_suspicion() {
+    // Before dynamic suspicion, every death took the full 2.5 s suspicion plus at least the
+    // probe period in which the member was found unresponsive: 3 s at the very least. Other
+    // members' failed probes now confirm the suspicion and shorten it (down to 0.75 s).
+    let seed = seed_from_env(29);
+    let mut sim = converged_sites(seed, 7);
+    let floor_before = Duration::from_millis(3000);
+    let since = sim.now().as_millis() as u64;
+    let victims: Vec<String> = (1..=4).map(|k| format!("edge-eu-{k}")).collect();
+    let mut took = Vec::new();
+    for v in &victims {
+        sim.crash(v);
+        let t = sim.run_until(Duration::from_secs(30), |s| {
+            s.names()
+                .iter()
+                .filter(|o| !victims.contains(o))
+                .all(|o| matches!(s.status(o, v), NodeStatus::Dead | NodeStatus::Unreachable))
+        });
+        let t = t.unwrap_or_else(|| panic!("{v} not seen dead everywhere in 30 s (seed {seed})"));
+        took.push(t);
+        sim.run_for(Duration::from_secs(3));
+    }
+    let mean = took.iter().sum::<Duration>() / took.len() as u32;
+    println!("deaths seen everywhere after {took:?}, mean {mean:?} (seed {seed})");
+    assert!(
+        mean < floor_before,
+        "mean death {mean:?} not below {floor_before:?}: {took:?} (seed {seed})"
+    );
+    let others = suspicions_of_others(&sim, &victims, since);
+    assert!(
+        others.is_empty(),
+        "live nodes suspected: {others:?} (seed {seed})"
+    );
+}
+
+#[test]
+fn member_paused_for_less_than_the_shortest_suspicion_is_never_declared_dead() {
+    // A member stopped for 0.7 s (the shortest suspicion is 0.75 s) is often suspected, and
+    // confirmed by every prober that meets it stopped, but refutes in time: never dead.
+    let seed = seed_from_env(31);
+    let mut sim = converged_sites(seed, 7);
+    let victim = "edge-eu-7".to_string();
+    let since = sim.now().as_millis() as u64;
+    let mut noticed = 0;
+    let mut pauses = 0;
+    while noticed < 3 && pauses < 60 {
+        let before = events_about(&sim, EventKind::NodeSuspect, &victim, since);
+        sim.pause(&victim, Duration::from_millis(700));
+        pauses += 1;
+        // 6.07 s apart, so the pauses start at every phase of the probe periods.
+        sim.run_for(Duration::from_millis(6070));
+        if events_about(&sim, EventKind::NodeSuspect, &victim, since) > before {
+            noticed += 1;
+        }
+    }
+    println!("{pauses} pauses of 0.7 s, {noticed} suspected (seed {seed})");
+    assert!(
+        noticed >= 3,
+        "only {noticed} of {pauses} pauses led to a suspicion (seed {seed})"
+    );
+    let dead = events_about(&sim, EventKind::NodeDead, &victim, since);
+    assert_eq!(dead, 0, "{victim} declared dead {dead} times (seed {seed})");
+    let others = suspicions_of_others(&sim, std::slice::from_ref(&victim), since);
+    assert!(
+        others.is_empty(),
+        "live nodes suspected: {others:?} (seed {seed})"
+    );
+    assert!(
+        sim.names()
+            .iter()
+            .filter(|o| **o != victim)
+            .all(|o| sim.status(o, &victim) == NodeStatus::Alive),
+        "(seed {seed})"
+    );
+}
+
+#[test]
+fn member_paused_for_longer_than_the_longest_suspicion_is_dead_then_back() {
+    let seed = seed_from_env(37);
+    let mut sim = converged_sites(seed, 7);
+    let victim = "edge-eu-7".to_string();
+    let since = sim.now().as_millis() as u64;
+    sim.pause(&victim, Duration::from_secs(5));
+    let dead = sim.run_until(Duration::from_secs(5), |s| {
+        s.status("edge-eu-1", &victim) == NodeStatus::Dead
+    });
+    assert!(
+        dead.is_some(),
+        "{victim} paused 5 s never seen dead (seed {seed})"
+    );
+    let back = sim.run_until(Duration::from_secs(30), |s| {
+        s.names()
+            .iter()
+            .filter(|o| **o != victim)
+            .all(|o| s.status(o, &victim) == NodeStatus::Alive)
+    });
+    assert!(
+        back.is_some(),
+        "{victim} not alive again everywhere (seed {seed})"
+    );
+    let others = suspicions_of_others(&sim, std::slice::from_ref(&victim), since);
+    assert!(
+        others.is_empty(),
+        "live nodes suspected: {others:?} (seed {seed})"
+    );
 }
