@@ -357,7 +357,9 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
     let mut sim = Sim::new(cfg, &sites);
     say("built", &sim);
     let check = Duration::from_millis(500);
-    let converge = run_until_every(&mut sim, spec.phase_limit, Duration::from_millis(100), |s| {
+    // Converged or not, every 100 ms of virtual time (cheap until it is nearly true), with a
+    // progress line saying what the queue holds.
+    let converging = |s: &Sim| {
         let done = converged(s);
         if !done {
             let bytes: u64 = bytes_sent(s).iter().map(|(f, _)| f).sum();
@@ -375,7 +377,13 @@ pub fn run(spec: &ScaleSpec) -> ScaleReport {
             );
         }
         done
-    });
+    };
+    let converge = run_until_every(
+        &mut sim,
+        spec.phase_limit,
+        Duration::from_millis(100),
+        converging,
+    );
     let converge_frame_bytes = bytes_sent(&sim).iter().map(|(f, _)| f).sum();
     let converge_frame_kinds = sim
         .frame_kinds
