@@ -60,7 +60,7 @@ for r in $(seq 1 "$ROUNDS"); do
     echo "==> round $r of $ROUNDS: Erlang distribution" >&2
     "$HERE/peers.sh" --quick --only erlang >"$WORK/erl.md"
     echo "==> round $r of $ROUNDS: clusterctl" >&2
-    "$CLUSTERCTL" bench --runs 30 --pings 300 --load-runs 0 --kills 0 --idle-window-secs 1 --addr-prefix 127.87 >"$WORK/cc.md"
+    "$CLUSTERCTL" bench --runs 30 --pings 300 --load-runs 0 --kills 0 --idle-window-secs 5 --addr-prefix 127.87 >"$WORK/cc.md"
     ping50=$(cell "$WORK/cc.md" "" "ping inside a site" 2)
     ping99=$(cell "$WORK/cc.md" "" "ping inside a site" 3)
     far50=$(cell "$WORK/cc.md" "" "ping across sites" 2)
