@@ -89,11 +89,13 @@ pub struct Timing {
     /// published within two windows, a spike never.
     pub rtt_refresh: Duration,
     /// New links that come up are published in our record only once no other link has come
-    /// up for this long (at the latest four times this long after the first, or with the next
-    /// other change): a cold start, where every link comes up within a second or two, then
-    /// costs every node one or two versions of each record instead of one per tick. Links
-    /// going down, refusals and every other change are published at the next tick. Longer:
-    /// fewer versions, a topology that lags more. Default 1 s.
+    /// up for this long plus a random share of it, drawn per node (at the latest four times
+    /// that after the first, or with the next other change): a cold start, where every link
+    /// comes up within a second or two, then costs every node one or two versions of each
+    /// record instead of one per tick, and the nodes' settled records go out spread over a
+    /// second instead of all at once. Links going down, refusals and every other change are
+    /// published at the next tick. Longer: fewer versions, a topology that lags more.
+    /// Default 1 s (so 1-2 s).
     pub link_settle: Duration,
     pub site_ring: RingTiming,
     pub wan_ring: RingTiming,
@@ -542,8 +544,9 @@ pub struct Engine {
     /// When a gateway last sent its record at once on a change of its site's view.
     view_flushed: Time,
     /// New links our record does not list yet (see [`Timing::link_settle`]): how many links
-    /// there were when the last one came up, when the first came up and when the last did.
-    links_grown: Option<(usize, Time, Time)>,
+    /// there were when the last one came up, when the first came up, when the last did, and how
+    /// long this node waits for them to settle (the settle time plus a random share of it).
+    links_grown: Option<(usize, Time, Time, Duration)>,
     keyring: Keyring,
     cert: Option<CertSummary>,
     sink: Sink,
@@ -2123,14 +2126,20 @@ impl Engine {
             && !force
             && only_new_up(&own.links, &links)
         {
-            // Only new links: publish once they settle.
-            let (first, last) = match self.links_grown {
-                Some((n, first, last)) if n == links.len() => (first, last),
-                Some((_, first, _)) => (first, now),
-                None => (now, now),
+            // Only new links: publish once they settle. Each node waits the settle time plus
+            // its own random share of it, so that after a cold start the settled records of a
+            // whole cluster do not all go out in the same instant (10,000 nodes publishing at
+            // once put 10^8 record deliveries in flight together).
+            let (first, last, settle) = match self.links_grown {
+                Some((n, first, last, settle)) if n == links.len() => (first, last, settle),
+                Some((_, first, _, settle)) => (first, now, settle),
+                None => {
+                    let base = self.cfg.timing.link_settle;
+                    let jitter = base.mul_f64(self.rng.random::<f64>());
+                    (now, now, base + jitter)
+                }
             };
-            self.links_grown = Some((links.len(), first, last));
-            let settle = self.cfg.timing.link_settle;
+            self.links_grown = Some((links.len(), first, last, settle));
             if now.saturating_sub(last) < settle && now.saturating_sub(first) < settle * 4 {
                 return;
             }
