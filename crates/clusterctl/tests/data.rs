@@ -39,6 +39,15 @@ fn metric(lab: &Lab, name: &str, gauge: &str) -> u64 {
 
 /// `clusterctl load` from `from`: asked of `from`'s own agent when `local`, else sent there
 /// through the cluster by another agent (`--from`).
+/// Five pings from edge-us-1 to `to`, every one answered.
+fn ping5(lab: &Lab, to: &str) -> PingReport {
+    let out = lab.cli(&["ping", to, "--from", "edge-us-1", "--count", "5", "--json"]);
+    out.assert_success();
+    let p: PingReport = out.json();
+    assert_eq!(p.received, 5, "{}", out.describe());
+    p
+}
+
 fn load(lab: &Lab, from: &str, local: bool, target: &str, count: u64, size: u32) -> LoadReport {
     let (count, size) = (count.to_string(), size.to_string());
     let other = lab
@@ -110,18 +119,7 @@ fn pings_keep_getting_answers_while_a_load_fills_the_link() {
             if loader.is_finished() && answered >= 10 {
                 break;
             }
-            let out = lab.cli(&[
-                "ping",
-                "edge-us-2",
-                "--from",
-                "edge-us-1",
-                "--count",
-                "5",
-                "--json",
-            ]);
-            out.assert_success();
-            let p: PingReport = out.json();
-            assert_eq!(p.received, 5, "{}", out.describe());
+            let p = ping5(&lab, "edge-us-2");
             answered += p.received;
         }
         let r = loader.join().expect("the load thread finished");
@@ -143,18 +141,7 @@ fn gateways_forward_pings_on_the_control_lane_without_their_owner_task() {
     };
     let nodes = ["gw-us-1", "gw-eu-1", "edge-eu-2"];
     let before = nodes.map(gauges);
-    let out = lab.cli(&[
-        "ping",
-        "edge-eu-2",
-        "--from",
-        "edge-us-1",
-        "--count",
-        "5",
-        "--json",
-    ]);
-    out.assert_success();
-    let p: PingReport = out.json();
-    assert_eq!(p.received, 5, "{}", out.describe());
+    let p = ping5(&lab, "edge-eu-2");
     for a in &p.attempts {
         assert_eq!(a.path, ["edge-us-1", "gw-us-1", "gw-eu-1", "edge-eu-2"]);
     }

@@ -4250,6 +4250,23 @@ pub fn format_rfc3339_ms(ms: u64) -> String {
 mod tests {
     use super::*;
 
+    /// Cluster `c` with one site, `us`, whose gateway is `gw-us`.
+    fn one_site_contract() -> crate::contract::Contract {
+        crate::contract::Contract::parse(
+            "cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n",
+        )
+        .unwrap()
+    }
+
+    /// Member `n` of site `us`.
+    fn member_of_us(n: &str) -> Ident {
+        Ident {
+            name: NodeName::new(n).unwrap(),
+            site: crate::name::SiteName::new("us").unwrap(),
+            role: Role::Member,
+        }
+    }
+
     /// An engine config for unit tests: cluster `c`, LAN timing, a fixed secret and seed.
     fn test_config(contract: &crate::contract::Contract, me: Ident) -> EngineConfig {
         EngineConfig {
@@ -4371,17 +4388,9 @@ mod tests {
 
     #[test]
     fn link_ups_and_differing_summaries_start_one_exchange_per_sync_period() {
-        use crate::contract::Contract;
-        use crate::name::{Ident, SiteName};
         use crate::table::Summary;
-        let contract =
-            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
-                .unwrap();
-        let id = |n: &str| Ident {
-            name: NodeName::new(n).unwrap(),
-            site: SiteName::new("us").unwrap(),
-            role: Role::Member,
-        };
+        let contract = one_site_contract();
+        let id = member_of_us;
         let cfg = test_config(&contract, id("edge-1"));
 
         let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
@@ -4479,16 +4488,8 @@ mod tests {
 
     #[test]
     fn rtt_jitter_below_a_millisecond_does_not_republish_the_record() {
-        use crate::contract::Contract;
-        use crate::name::{Ident, SiteName};
-        let contract =
-            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
-                .unwrap();
-        let id = |n: &str| Ident {
-            name: NodeName::new(n).unwrap(),
-            site: SiteName::new("us").unwrap(),
-            role: Role::Member,
-        };
+        let contract = one_site_contract();
+        let id = member_of_us;
         let cfg = test_config(&contract, id("edge-1"));
 
         let mut e = Engine::new(cfg, vec![], Time::ZERO).unwrap();
@@ -4537,16 +4538,8 @@ mod tests {
     /// alone is a change worth publishing against the other, but neither lasts a window.
     #[test]
     fn rtt_swinging_back_and_forth_does_not_republish_the_record() {
-        use crate::contract::Contract;
-        use crate::name::{Ident, SiteName};
-        let contract =
-            Contract::parse("cluster = \"c\"\n[[site]]\nname = \"us\"\ngateways = [\"gw-us\"]\n")
-                .unwrap();
-        let id = |n: &str| Ident {
-            name: NodeName::new(n).unwrap(),
-            site: SiteName::new("us").unwrap(),
-            role: Role::Member,
-        };
+        let contract = one_site_contract();
+        let id = member_of_us;
         let mut e = Engine::new(test_config(&contract, id("edge-1")), vec![], Time::ZERO).unwrap();
         let peer = NodeName::new("edge-2").unwrap();
         e.handle_link_up(
