@@ -320,6 +320,11 @@ pub enum EventKind {
     SecretChanged,
     /// This node's certificate, key or CA bundle was reloaded (or a reload was refused).
     TlsReloaded,
+    /// A call to the control API that changes something (or was refused): who made it, what
+    /// it asked, and the answer's status.
+    ControlCall,
+    /// `reload` found a topology contract on disk that differs from the one in use.
+    ContractChanged,
     /// Anything else worth an operator's eye (bad frames, caps hit).
     Warning,
 }
@@ -341,6 +346,8 @@ impl EventKind {
             EventKind::ClockRaised => "clock-raised",
             EventKind::SecretChanged => "secret-changed",
             EventKind::TlsReloaded => "tls-reloaded",
+            EventKind::ControlCall => "control-call",
+            EventKind::ContractChanged => "contract-changed",
             EventKind::Warning => "warning",
         }
     }
@@ -448,6 +455,10 @@ pub struct ProbeResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ForgetRequest {
     pub name: String,
+    /// Forget the node even though this observer sees it alive or suspect (it will be refused
+    /// everywhere and exit).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `POST /v1/forget` answer.
@@ -559,6 +570,10 @@ pub struct ReloadReport {
     pub reason: Option<String>,
     /// The certificate in use after the request.
     pub cert: Option<CertSummaryView>,
+    /// Set when the topology contract on disk differs from the one in use: a change to the
+    /// contract needs a restart; this says so instead of ignoring it.
+    #[serde(default)]
+    pub contract_changed: Option<String>,
 }
 
 /// Body of every non-2xx answer.

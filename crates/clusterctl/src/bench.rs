@@ -203,7 +203,7 @@ fn measure(a: &Args, exe: &PathBuf, dir: &PathBuf, dir_s: &str) -> anyhow::Resul
             .nodes
             .iter()
             .find(|n| n.name == name)
-            .map(|n| n.control.clone())
+            .map(|n| n.endpoint().to_string())
             .ok_or_else(|| anyhow::anyhow!("no lab node {name}"))
     };
     let client = Client::with_timeout(&control("edge-us-1")?, Duration::from_secs(300));

@@ -129,7 +129,7 @@ pub(crate) fn measure(a: &MembershipArgs, dir: &Path) -> anyhow::Result<Vec<Stat
 }
 
 fn client(n: &LabNode) -> Client {
-    Client::with_timeout(&n.control, API_TIMEOUT)
+    Client::with_timeout(&n.endpoint().to_string(), API_TIMEOUT)
 }
 
 fn members(n: &LabNode) -> Option<Members> {

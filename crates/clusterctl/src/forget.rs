@@ -11,14 +11,23 @@ use std::process::ExitCode;
 pub struct Args {
     /// Name of the node to forget.
     name: String,
+    /// Forget the node even though the agent sees it alive (it will exit and be refused by
+    /// every peer). Without it, forgetting a live node is refused.
+    #[arg(long)]
+    force: bool,
     /// Print the answer as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let r: ForgetReport =
-        Client::resolve(agent)?.post("/v1/forget", &ForgetRequest { name: a.name })?;
+    let r: ForgetReport = Client::resolve(agent)?.post(
+        "/v1/forget",
+        &ForgetRequest {
+            name: a.name,
+            force: a.force,
+        },
+    )?;
     if a.json {
         out_json(&r)?;
     } else {

@@ -178,8 +178,11 @@ pub struct LabNode {
     pub role: Role,
     /// Cluster address (QUIC, UDP).
     pub addr: String,
-    /// Control API address (HTTP, TCP).
+    /// Control API address (HTTP, TCP; needs a token of `DIR/tokens`).
     pub control: String,
+    /// The agent's control socket (absolute); empty in a `lab.json` of an older clusterctl.
+    #[serde(default)]
+    pub socket: PathBuf,
     /// The config file the agent was started with (absolute).
     pub config: PathBuf,
     pub pid: u32,
@@ -250,6 +253,16 @@ impl LabState {
 }
 
 impl LabNode {
+    /// Where the CLI reaches this node's agent: its control socket (no token needed by the
+    /// lab's owner), else its TCP control address.
+    pub fn endpoint(&self) -> crate::client::Endpoint {
+        if self.socket.as_os_str().is_empty() {
+            crate::client::Endpoint::Tcp(self.control.clone())
+        } else {
+            crate::client::Endpoint::Socket(self.socket.clone())
+        }
+    }
+
     /// Whether the process recorded for this node is still the agent this lab started.
     pub fn is_running(&self) -> bool {
         proc_start_time(self.pid) == Some(self.pid_start) && cmdline_names(self.pid, &self.config)
@@ -429,6 +442,7 @@ impl LabPlan {
              seeds = [{seeds}]\n\
              data-dir = \"data\"\n\
              control = \"{control}\"\n\
+             control-tokens = \"../../tokens\"\n\
              contract = \"../../contract.toml\"\n\
              secret = \"../../secret.key\"\n\
              \n\
@@ -582,6 +596,7 @@ pub fn generate(plan: &LabPlan, dir: &Path) -> anyhow::Result<()> {
     Contract::parse(&contract).map_err(|e| anyhow!("generated contract is invalid: {e}"))?;
     write_file(&dir.join("contract.toml"), &contract)?;
     write_private(&dir.join("secret.key"), &new_secret()?.to_text())?;
+    write_tokens(&dir.join(TOKENS_DIR))?;
     for node in &plan.nodes {
         let nd = node_dir(dir, &node.ident.name);
         std::fs::create_dir_all(nd.join("data"))
@@ -600,12 +615,39 @@ pub fn generate(plan: &LabPlan, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Directory of the lab's control tokens (`DIR/tokens/{read,app,admin}.token`).
+pub const TOKENS_DIR: &str = "tokens";
+
+/// Writes `dir/{read,app,admin}.token` (0600, in a 0700 directory), keeping tokens that exist.
+pub fn write_tokens(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set the mode of {}", dir.display()))?;
+    for (_, file) in clusterctl_node::auth::TOKEN_FILES {
+        let path = dir.join(file);
+        clusterctl_node::auth::ensure_token_file(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A fresh random cluster secret for a lab.
 fn new_secret() -> anyhow::Result<clusterctl_core::secret::Secret> {
     let mut bytes = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| anyhow!("the system random number generator failed"))?;
     clusterctl_core::secret::Secret::from_bytes(&bytes).map_err(|e| anyhow!("{e}"))
+}
+
+/// The control socket of lab node `name` (the agent's default, `data/control.sock`).
+fn socket_path(dir: &Path, name: &NodeName) -> PathBuf {
+    node_dir(dir, name).join("data").join("control.sock")
+}
+
+/// [`socket_path`] as an `--agent` value.
+fn socket_endpoint(dir: &Path, name: &NodeName) -> String {
+    format!("unix:{}", socket_path(dir, name).display())
 }
 
 fn node_dir(dir: &Path, name: &NodeName) -> PathBuf {
@@ -803,6 +845,7 @@ fn spawn_agent(
         role: node.ident.role,
         addr: node.addr.to_string(),
         control: node.control.to_string(),
+        socket: socket_path(dir, &node.ident.name),
         config,
         pid,
         pid_start,
@@ -958,7 +1001,10 @@ fn wait_for_convergence(
     let Some(observer) = plan.nodes.first() else {
         bail!("the lab has no nodes");
     };
-    let probe = Client::with_timeout(&observer.control.to_string(), Duration::from_secs(2));
+    let probe = Client::with_timeout(
+        &socket_endpoint(dir, &observer.ident.name),
+        Duration::from_secs(2),
+    );
     let deadline = Instant::now() + wait;
     let mut shown = String::new();
     let mut last: Option<(Topology, Progress)> = None;
@@ -989,7 +1035,7 @@ fn wait_for_convergence(
                 let line = if p.done() {
                     // One node seeing the whole cluster is not enough: a ping from a node whose
                     // table lags behind would find no route. Done when every node sees it all.
-                    match lagging(plan) {
+                    match lagging(plan, dir) {
                         None => {
                             println!("{}", crate::topology::render_text(&t));
                             eprintln!("{}", hint(plan, dir));
@@ -1049,9 +1095,12 @@ fn wait_for_convergence(
 
 /// The first node (after the observer) that does not yet see every expected link up and every
 /// node alive, with how far it is; `None` when every node sees the whole cluster.
-fn lagging(plan: &LabPlan) -> Option<String> {
+fn lagging(plan: &LabPlan, dir: &Path) -> Option<String> {
     for node in plan.nodes.iter().skip(1) {
-        let client = Client::with_timeout(&node.control.to_string(), Duration::from_secs(2));
+        let client = Client::with_timeout(
+            &socket_endpoint(dir, &node.ident.name),
+            Duration::from_secs(2),
+        );
         let behind = match client.get::<Topology>("/v1/topology") {
             Ok(t) => {
                 let p = Progress::of(&t, &plan.nodes);
@@ -1076,7 +1125,7 @@ fn hint(plan: &LabPlan, dir: &Path) -> String {
     let flag = dir_flag(dir);
     // Outside the default lab directory the CLI cannot find the lab by itself: name the agent.
     let agent = match (flag.is_empty(), plan.nodes.first()) {
-        (false, Some(n)) => format!(" --agent {}", n.control),
+        (false, Some(n)) => format!(" --agent {}", socket_endpoint(dir, &n.ident.name)),
         _ => String::new(),
     };
     let ping = match (members.first(), members.last()) {
@@ -1378,6 +1427,10 @@ mod tests {
         assert_eq!(contract.links().count(), 1);
         let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(dir.join("ca.key")), 0o600);
+        assert_eq!(mode(dir.join("tokens")), 0o700);
+        for scope in ["read", "app", "admin"] {
+            assert_eq!(mode(dir.join(format!("tokens/{scope}.token"))), 0o600);
+        }
         for node in &plan.nodes {
             let nd = dir.join("nodes").join(node.ident.name.as_str());
             assert_eq!(mode(nd.join("key.pem")), 0o600);
@@ -1387,7 +1440,9 @@ mod tests {
             assert_eq!(c.cluster.as_str(), CLUSTER);
             assert_eq!(c.listen, node.addr);
             assert_eq!(c.advertise, node.addr);
-            assert_eq!(c.control, node.control);
+            assert_eq!(c.control, Some(node.control));
+            assert!(c.control_tokens.is_some(), "the TCP listener has tokens");
+            assert_eq!(c.control_socket, socket_path(&dir, &node.ident.name));
             assert_eq!(c.data_dir, nd.join("data"));
             assert!(c.data_dir.is_dir());
             assert!(!c.insecure && c.tls.is_some());
@@ -1441,6 +1496,7 @@ mod tests {
                 role: Role::Gateway,
                 addr: "127.77.1.1:7400".into(),
                 control: "127.77.1.1:7401".into(),
+                socket: tmp.path().join("nodes/gw-us-1/data/control.sock"),
                 config: tmp.path().join("nodes/gw-us-1/config.toml"),
                 pid: u32::MAX,
                 pid_start: 1,
@@ -1474,6 +1530,7 @@ mod tests {
             role: Role::Member,
             addr: String::new(),
             control: String::new(),
+            socket: PathBuf::new(),
             config: arg0,
             pid,
             pid_start: start,

@@ -22,20 +22,19 @@ pub struct Args {
     /// answering the CLI).
     #[arg(long)]
     from: Option<String>,
-    /// Longest the whole run may take, in milliseconds (sending and confirmation).
-    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    timeout_ms: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::resolve(agent)?;
-    let client = Client::with_timeout(
-        client.addr(),
-        Duration::from_millis(a.timeout_ms) + Duration::from_secs(15),
-    );
+    // --timeout bounds the whole run (sending and confirmation).
+    let run = agent
+        .timeout()?
+        .unwrap_or(Duration::from_secs(60))
+        .min(Duration::from_secs(3600));
+    let timeout_ms = u64::try_from(run.as_millis()).unwrap_or(3_600_000).max(1);
+    let client = Client::resolve_with(agent, run + Duration::from_secs(15))?;
     let r: LoadReport = client.post(
         "/v1/load",
         &LoadRequest {
@@ -43,7 +42,7 @@ pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
             from: a.from,
             count: a.count,
             size: a.size,
-            timeout_ms: a.timeout_ms,
+            timeout_ms,
         },
     )?;
     if a.json {

@@ -4,6 +4,12 @@ use crate::client::Client;
 use crate::{out, out_json, AgentArgs};
 use clusterctl_api::{PingAttempt, PingReport, PingRequest};
 use std::process::ExitCode;
+use std::time::Duration;
+
+/// Default wait for each probe's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one probe the agent accepts.
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Send probes along the real route and show the hop path with per-hop and total RTT.
 #[derive(Debug, clap::Args)]
@@ -16,21 +22,25 @@ pub struct Args {
     /// Number of probes, one after the other.
     #[arg(long, short, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     count: u32,
-    /// Time to wait for each answer, in milliseconds.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    timeout_ms: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::resolve(agent)?;
+    // --timeout is the wait for each probe; the request may take all of them, and then some.
+    let per_probe = agent
+        .timeout()?
+        .unwrap_or(PROBE_TIMEOUT)
+        .min(MAX_PROBE_TIMEOUT);
+    let client = Client::resolve_with(agent, per_probe * (a.count + 1) + Duration::from_secs(5))?;
     let req = PingRequest {
         target: a.node,
         from: a.from,
         count: a.count,
-        timeout_ms: a.timeout_ms,
+        timeout_ms: u64::try_from(per_probe.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
     };
     let r: PingReport = client.post("/v1/ping", &req)?;
     if a.json {

@@ -16,7 +16,8 @@
 //! - `key-file`, `secret-file`, `keyring`: permissions and contents of the private key, the
 //!   cluster secret and the persisted keyring;
 //! - `data-dir`: the data directory exists and is writable (or can be created);
-//! - `listen`, `control`: the ports are free (bound and released at once);
+//! - `listen`, `control`: the ports are free (bound and released at once; no `control`, no TCP
+//!   listener);
 //! - `advertise`: dialable from the seeds (no wildcard; no loopback when seeds are remote);
 //! - `seed NAME`: the seed's host resolves, and a full handshake with it succeeds (QUIC, mutual
 //!   TLS against our CA for exactly that node, the cluster secret both ways, the same contract).
@@ -913,7 +914,10 @@ impl Preflight {
     fn check_port(&mut self, raw: &Raw, key: &str, udp: bool) {
         let text = match (raw.str(key), key) {
             (Some(t), _) => t.to_string(),
-            (None, "control") => clusterctl_node::config::DEFAULT_CONTROL.to_string(),
+            (None, "control") => return self.push(Check::pass(
+                key,
+                "not set: the control API is served on the control socket only (no TCP listener)",
+            )),
             (None, _) => return, // reported by `config`
         };
         let Ok(addr) = text.parse::<SocketAddr>() else {

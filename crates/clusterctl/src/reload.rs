@@ -30,6 +30,9 @@ pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
                 }
                 reports.push(r);
             }
+            // One agent that cannot be asked is a connection error (exit 2), as for every
+            // command; with --all the others are still asked.
+            Err(e) if !a.all => return Err(e),
             Err(e) => {
                 failed += 1;
                 eprintln!("clusterctl: {e:#}");
@@ -54,6 +57,9 @@ pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
                     r.node,
                     r.reason.as_deref().unwrap_or("unknown reason")
                 )),
+            }
+            if let Some(c) = &r.contract_changed {
+                out(format!("{:12} contract  {c}", r.node));
             }
         }
     }

@@ -5,6 +5,7 @@ use crate::{out, out_json, AgentArgs};
 use clusterctl_api::{LinkKind, LinkState, NodeStatus, Role, Topology};
 use std::fmt::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Show sites, nodes and links; exit 1 if any expected link is not up.
 #[derive(Debug, clap::Args)]
@@ -16,17 +17,24 @@ pub struct Args {
     /// reporting; exit 1 if any probe fails.
     #[arg(long)]
     probe: bool,
-    /// Time to wait for each probe, in milliseconds.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    timeout_ms: u64,
 }
 
 pub fn run(a: Args, agent: &AgentArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::resolve(agent)?;
-    let path = if a.probe {
-        format!("/v1/topology?probe=true&timeout_ms={}", a.timeout_ms)
+    let (client, path) = if a.probe {
+        // --timeout is the wait for each probe; probes run in parallel, in up to three rounds.
+        let per_probe = agent
+            .timeout()?
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(60));
+        let ms = u64::try_from(per_probe.as_millis())
+            .unwrap_or(60_000)
+            .max(1);
+        (
+            Client::resolve_with(agent, per_probe * 3 + Duration::from_secs(10))?,
+            format!("/v1/topology?probe=true&timeout_ms={ms}"),
+        )
     } else {
-        "/v1/topology".to_string()
+        (Client::resolve(agent)?, "/v1/topology".to_string())
     };
     let t: Topology = client.get(&path)?;
     if a.json {

@@ -140,10 +140,10 @@ impl Deploy {
     }
 
     fn write_config(&self, cert: &str, key: &str) {
-        let (listen, control) = free_ports("127.0.0.1");
+        let (listen, _) = free_ports("127.0.0.1");
         let text = format!(
             "cluster = \"prod\"\nname = \"edge-us-1\"\nsite = \"us-east\"\nrole = \"member\"\n\
-             listen = \"127.0.0.1:{listen}\"\ncontrol = \"127.0.0.1:{control}\"\n\
+             listen = \"127.0.0.1:{listen}\"\n\
              data-dir = \"../data\"\ncontract = \"contract.toml\"\nsecret = \"cluster.secret\"\n\n\
              [tls]\nca = \"../ca/ca.pem\"\ncert = \"{cert}\"\nkey = \"{key}\"\n"
         );

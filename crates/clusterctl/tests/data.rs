@@ -20,14 +20,19 @@ fn converged_lab() -> Lab {
     lab
 }
 
-/// One gauge of `name`'s `/metrics` (plain HTTP/1.0 on its control address).
+/// One gauge of `name`'s `/metrics` (plain HTTP/1.0 on its TCP control address, read token).
 fn metric(lab: &Lab, name: &str, gauge: &str) -> u64 {
     let addr = &lab.node(name).control;
     let mut s = std::net::TcpStream::connect(addr)
         .unwrap_or_else(|e| panic!("cannot connect to {name}'s control API at {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("a read timeout can be set");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request written");
+    let token = lab.token("read");
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .expect("request written");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("metrics read");
     let key = format!("clusterctl_{gauge} ");
@@ -98,8 +103,10 @@ fn a_cross_site_load_is_delivered_in_full_and_counted_by_the_sink() {
 
     // The sink's counters, read through the cluster from another site, then reset.
     let at = &lab.node("edge-us-1").control;
+    // Resetting the counters changes what others read: it needs the admin token.
+    let admin = lab.token("admin");
     let sink = |path: &str| -> SinkReport {
-        http_get_json(at, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        http_get_json(at, path, &admin).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     };
     let r = sink("/v1/sink?node=edge-eu-2&reset=true");
     assert_eq!(r.node, "edge-eu-2");

@@ -709,6 +709,7 @@ fn graceful_leave_is_never_reported_as_dead() {
 fn wire_counters(lab: &Lab, node: &str) -> Result<[u64; 4], String> {
     let url = format!("http://{}/metrics", lab.node(node).control);
     let text = ureq::get(&url)
+        .header("Authorization", &format!("Bearer {}", lab.token("read")))
         .call()
         .map_err(|e| format!("{url}: {e}"))?
         .body_mut()

@@ -77,6 +77,7 @@ fn ca_rotation_runbook_refuses_no_link() {
         let c = clusterctl_testkit::http_get_json::<CertsReport>(
             &lab.node("gw-us-1").control,
             "/v1/certs",
+            &lab.token("read"),
         );
         c.unwrap_or_else(|e| panic!("GET /v1/certs: {e}"))
     };

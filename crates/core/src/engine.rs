@@ -3590,15 +3590,27 @@ impl Engine {
     // ----- operator commands ------------------------------------------------------------------
 
     /// Writes a tombstone for `name` above every clock seen, and spreads it.
-    pub fn forget(&mut self, now: Time, name: &NodeName) -> Result<u64, String> {
+    /// Without `force`, a node this observer sees `alive` or `suspect` is not forgotten: the
+    /// tombstone would make a running node exit and be refused everywhere.
+    pub fn forget(&mut self, now: Time, name: &NodeName, force: bool) -> Result<u64, String> {
         if *name == self.cfg.me.name {
-            return Err("a node cannot forget itself; run `forget` on another node".into());
+            return Err(format!(
+                "{name} is the node answering this request: a node cannot forget itself; ask another node (--agent) to forget it"
+            ));
         }
         let Some(r) = self.table.get(name.as_str()).cloned() else {
             return Err(format!("{name} is not in the node table"));
         };
         if r.is_tombstone() {
             return Ok(r.clock);
+        }
+        let status = self.status_of(name);
+        if !force && matches!(status, NodeStatus::Alive | NodeStatus::Suspect) {
+            return Err(format!(
+                "{name} is {} as seen by {}: forgetting it would make the running node exit and be refused by every peer; stop it first, or pass --force if that is what you want",
+                status.as_str(),
+                self.cfg.me.name
+            ));
         }
         let stone = Arc::new(NodeRecord::tombstone(&r, r.clock + 1));
         let clock = stone.clock;

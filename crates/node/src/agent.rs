@@ -257,10 +257,81 @@ pub async fn run(
     };
     let udp =
         std::net::UdpSocket::bind(cfg.listen).map_err(|e| bind_error("listen", cfg.listen, &e))?;
-    let control = tokio::net::TcpListener::bind(cfg.control)
-        .await
-        .map_err(|e| bind_error("control", cfg.control, &e))?;
+    let control = bind_control(&cfg).await?;
     run_bound(cfg, opts, security, udp, control, shutdown).await
+}
+
+/// Binds the control socket (mode 0600, or 0660 for `control-group`) and, when configured, the
+/// TCP control listener.
+pub async fn bind_control(cfg: &AgentConfig) -> Result<control::Listeners, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = &cfg.control_socket;
+    let sock_err = |problem: String, fix: &str| -> AgentError {
+        ConfigError {
+            key: "control-socket".into(),
+            problem,
+            fix: fix.into(),
+        }
+        .into()
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            sock_err(
+                format!("cannot create {}: {e}", parent.display()),
+                "choose a directory the agent's user can write",
+            )
+        })?;
+    }
+    if path.exists() {
+        // A socket someone answers on belongs to a running agent; a dead one is left over.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(sock_err(
+                format!(
+                    "{} is in use: another agent serves its control API there",
+                    path.display()
+                ),
+                "stop that agent, or give this one another data-dir / control-socket",
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| {
+            sock_err(
+                format!("cannot remove the stale socket {}: {e}", path.display()),
+                "remove it by hand",
+            )
+        })?;
+    }
+    let socket = tokio::net::UnixListener::bind(path).map_err(|e| {
+        sock_err(
+            format!("cannot bind {}: {e}", path.display()),
+            "choose a path in a directory the agent's user can write",
+        )
+    })?;
+    let mode = if let Some((name, gid)) = &cfg.control_group {
+        std::os::unix::fs::chown(path, None, Some(*gid)).map_err(|e| ConfigError {
+            key: "control-group".into(),
+            problem: format!("cannot give {} to group {name}: {e}", path.display()),
+            fix: "run the agent as a member of that group (or as root), or remove control-group"
+                .into(),
+        })?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+        sock_err(
+            format!("cannot set the mode of {}: {e}", path.display()),
+            "choose a path the agent's user owns",
+        )
+    })?;
+    let tcp = match cfg.control {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| bind_error("control", addr, &e))?,
+        ),
+    };
+    Ok(control::Listeners { socket, tcp })
 }
 
 fn bind_error(key: &str, addr: SocketAddr, e: &std::io::Error) -> AgentError {
@@ -296,7 +367,7 @@ pub async fn run_bound(
     opts: AgentOptions,
     security: Security,
     udp: std::net::UdpSocket,
-    control_listener: tokio::net::TcpListener,
+    control_listeners: control::Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let restored = persist::load(&cfg.data_dir)?;
@@ -358,9 +429,20 @@ pub async fn run_bound(
         routes: SharedRoutes::default(),
         stats: Arc::new(DataStats::default()),
     };
-    let control_addr = control_listener
-        .local_addr()
-        .map_err(|e| AgentError::Io(e.to_string()))?;
+    let control_addr = match &control_listeners.tcp {
+        Some(l) => l
+            .local_addr()
+            .map_err(|e| AgentError::Io(e.to_string()))?
+            .to_string(),
+        None => "-".to_string(),
+    };
+    let access = control::Access {
+        socket: crate::auth::SocketAccess {
+            owner: crate::auth::my_uid(),
+            group: cfg.control_group.as_ref().map(|g| g.1),
+        },
+        tokens: cfg.control_tokens.as_ref().map(|t| t.1.clone()),
+    };
     let info = control::StaticInfo {
         cluster: cfg.cluster.to_string(),
         name: cfg.ident.name.to_string(),
@@ -372,11 +454,12 @@ pub async fn run_bound(
         started_at: clusterctl_core::engine::format_rfc3339_ms(wall_base_ms),
     };
     let control_task = tokio::spawn(control::serve(
-        control_listener,
+        control_listeners,
         cmd_tx.clone(),
         events.clone(),
         info,
         data.clone(),
+        access,
     ));
     info!(
         node = %cfg.ident.name,
@@ -384,6 +467,7 @@ pub async fn run_bound(
         role = %cfg.ident.role,
         listen = %cfg.listen,
         control = %control_addr,
+        socket = %cfg.control_socket.display(),
         clock = engine.clock(),
         contract = cfg.contract.hash(),
         "agent started"
@@ -395,6 +479,9 @@ pub async fn run_bound(
 
     let mut owner = Owner {
         tls_files: cfg.tls.clone(),
+        contract_path: cfg.contract_path.clone(),
+        contract_hash: cfg.contract.hash().to_string(),
+        contract_warning: None,
         tls_mtimes: cfg.tls.as_ref().map(tls_mtimes),
         sink,
         cluster: cfg.cluster.clone(),
@@ -433,11 +520,17 @@ pub async fn run_bound(
     accept_task.abort();
     control_task.abort();
     persist_task.abort();
+    let _ = std::fs::remove_file(&cfg.control_socket);
     result
 }
 
 struct Owner {
     tls_files: Option<TlsFiles>,
+    /// The contract file, and the hash of the contract in use.
+    contract_path: std::path::PathBuf,
+    contract_hash: String,
+    /// Why the contract on disk is not the one in use, since the last `reload` found it.
+    contract_warning: Option<String>,
     tls_mtimes: Option<Vec<Option<SystemTime>>>,
     sink: Arc<dyn RejectSink>,
     cluster: ClusterName,
@@ -915,7 +1008,11 @@ impl Owner {
         let now = self.now();
         match cmd {
             Command::Topology { reply } => {
-                let _ = reply.send(engine.topology(now));
+                let mut t = engine.topology(now);
+                if let Some(w) = &self.contract_warning {
+                    t.warnings.push(w.clone());
+                }
+                let _ = reply.send(t);
             }
             Command::Members { reply } => {
                 let _ = reply.send(engine.members());
@@ -956,10 +1053,10 @@ impl Owner {
                     Duration::from_millis(timeout_ms.clamp(1, 60_000)),
                 );
             }
-            Command::Forget { name, reply } => {
+            Command::Forget { name, force, reply } => {
                 let r = NodeName::new(name.clone())
                     .map_err(|e| format!("{name:?}: {e}"))
-                    .and_then(|n| engine.forget(now, &n));
+                    .and_then(|n| engine.forget(now, &n, force));
                 let _ = reply.send(r);
             }
             Command::Certs { reply } => {
@@ -1068,9 +1165,55 @@ impl Owner {
         })
     }
 
+    /// Re-reads the certificate, key and CA bundle, and compares the contract on disk with the
+    /// one in use (a changed contract is reported, not applied: it needs a restart).
+    fn reload(&mut self, engine: &mut Engine, why: &str) -> ReloadReport {
+        let mut report = self.reload_tls(engine, why);
+        report.contract_changed = self.check_contract(why);
+        report
+    }
+
+    /// Compares the contract file with the contract in use; a difference is recorded once per
+    /// distinct file content as a `contract-changed` event and kept for `topology`'s warnings.
+    fn check_contract(&mut self, why: &str) -> Option<String> {
+        let on_disk = match crate::config::load_contract(&self.contract_path) {
+            Ok(c) => c.hash().to_string(),
+            Err(e) => {
+                let msg = format!(
+                    "the contract on disk cannot be used ({e}); the contract in use ({}) stays",
+                    self.contract_hash
+                );
+                self.note_contract(why, msg.clone());
+                return Some(msg);
+            }
+        };
+        if on_disk == self.contract_hash {
+            self.contract_warning = None;
+            return None;
+        }
+        let msg = format!(
+            "the contract on disk ({}, {on_disk}) differs from the one in use ({}): restart this node to apply it (live contract changes are not supported yet)",
+            self.contract_path.display(),
+            self.contract_hash
+        );
+        self.note_contract(why, msg.clone());
+        Some(msg)
+    }
+
+    fn note_contract(&mut self, why: &str, msg: String) {
+        if self.contract_warning.as_deref() != Some(msg.as_str()) {
+            self.events.record_now(
+                EventKind::ContractChanged,
+                Some(self.ident.name.to_string()),
+                format!("{msg} (found by {why})"),
+            );
+        }
+        self.contract_warning = Some(msg);
+    }
+
     /// Re-reads the certificate, key and CA bundle. New handshakes use the new material; open
     /// links stay up. Bad new files are refused (with an event) and the old material stays.
-    fn reload(&mut self, engine: &mut Engine, why: &str) -> ReloadReport {
+    fn reload_tls(&mut self, engine: &mut Engine, why: &str) -> ReloadReport {
         let node = self.ident.name.to_string();
         let Some(files) = self.tls_files.clone() else {
             return ReloadReport {
@@ -1080,6 +1223,7 @@ impl Owner {
                     "this node runs insecure = true: there is no certificate to reload".into(),
                 ),
                 cert: None,
+                contract_changed: None,
             };
         };
         let attempt = || -> Result<(Security, quinn::ServerConfig, quinn::ClientConfig), String> {
@@ -1156,6 +1300,7 @@ impl Owner {
                 .into_iter()
                 .find(|n| n.name == self.ident.name.as_str())
                 .and_then(|n| n.cert),
+            contract_changed: None,
         }
     }
 

@@ -22,8 +22,10 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// Control API address used when `control` is not set.
+/// Example TCP control address in messages (there is no TCP listener unless `control` is set).
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:7401";
+/// Longest path a Unix socket address can hold (sun_path, with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// Largest config file read.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest contract file read.
@@ -45,6 +47,9 @@ const KEYS: &[&str] = &[
     "seeds",
     "data-dir",
     "control",
+    "control-socket",
+    "control-group",
+    "control-tokens",
     "contract",
     "insecure",
     "secret",
@@ -74,8 +79,15 @@ pub struct AgentConfig {
     pub seeds: Vec<Seed>,
     /// Directory of the persisted node table (created if missing).
     pub data_dir: PathBuf,
-    /// TCP address of the control API (HTTP/JSON).
-    pub control: SocketAddr,
+    /// The control API's Unix socket (`control-socket`, default `DATA-DIR/control.sock`).
+    pub control_socket: PathBuf,
+    /// `control-group`: the group whose members may use the control socket (mode 0660), with
+    /// its name as written.
+    pub control_group: Option<(String, u32)>,
+    /// TCP address of the control API (`control`), served only with `control_tokens`.
+    pub control: Option<SocketAddr>,
+    /// `control-tokens`: the directory the tokens were read from, and the tokens.
+    pub control_tokens: Option<(PathBuf, crate::auth::Tokens)>,
     pub contract_path: PathBuf,
     pub contract: Contract,
     /// Certificate files; `None` exactly when `insecure` is true.
@@ -189,6 +201,9 @@ struct RawConfig {
     seeds: Option<Vec<String>>,
     data_dir: Option<String>,
     control: Option<String>,
+    control_socket: Option<String>,
+    control_group: Option<String>,
+    control_tokens: Option<String>,
     contract: Option<String>,
     insecure: Option<bool>,
     secret: Option<String>,
@@ -315,6 +330,19 @@ impl RawConfig {
             seeds,
             data_dir: take_str(t, "data-dir", "data-dir", "\"/var/lib/clusterctl\"")?,
             control: take_str(t, "control", "control", "\"127.0.0.1:7401\"")?,
+            control_socket: take_str(
+                t,
+                "control-socket",
+                "control-socket",
+                "\"/var/lib/clusterctl/control.sock\"",
+            )?,
+            control_group: take_str(t, "control-group", "control-group", "\"clusterops\"")?,
+            control_tokens: take_str(
+                t,
+                "control-tokens",
+                "control-tokens",
+                "\"/etc/clusterctl/tokens\"",
+            )?,
             contract: take_str(
                 t,
                 "contract",
@@ -427,16 +455,48 @@ impl RawConfig {
         };
 
         let control = match self.control {
-            None => DEFAULT_CONTROL.parse().map_err(|_| {
-                ConfigError::new("control", "the built-in default does not parse", "set control explicitly")
-            })?,
-            Some(text) => text.parse().map_err(|_| {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
                 ConfigError::new(
                     "control",
                     format!("{text:?} is not an IP:PORT address"),
-                    format!("write an IP address and TCP port, e.g. control = \"{DEFAULT_CONTROL}\" (keep it on loopback: the control API has no authentication)"),
+                    format!("write an IP address and TCP port, e.g. control = \"{DEFAULT_CONTROL}\", or remove `control` to use only the control socket"),
                 )
-            })?,
+            })?),
+        };
+        let control_tokens = match self.control_tokens {
+            None => None,
+            Some(text) => {
+                let dir = resolve_path(base_dir, &text, "control-tokens")?;
+                let tokens = crate::auth::Tokens::load(&dir)
+                    .map_err(|e| ConfigError::new("control-tokens", e.problem, e.fix))?;
+                Some((dir, tokens))
+            }
+        };
+        if let (Some(addr), None) = (control, &control_tokens) {
+            let problem = if addr.ip().is_loopback() {
+                format!("control = \"{addr}\" opens a TCP control listener without tokens: any local user could change the cluster")
+            } else {
+                format!("control = \"{addr}\" opens a TCP control listener on a non-loopback address without tokens: anyone who reaches {addr} could change the cluster")
+            };
+            return Err(ConfigError::new(
+                "control",
+                problem,
+                "set control-tokens = \"DIR\" (a directory holding admin.token, and optionally read.token and app.token, each mode 0600), or remove `control`: the control socket (control-socket, default DATA-DIR/control.sock) needs no token",
+            ));
+        }
+        let control_group = match self.control_group {
+            None => None,
+            Some(name) => match crate::auth::resolve_group(&name) {
+                Some(gid) => Some((name, gid)),
+                None => {
+                    return Err(ConfigError::new(
+                        "control-group",
+                        format!("there is no group named {name:?} (see /etc/group)"),
+                        "create the group (`groupadd NAME`), write its numeric gid, or remove control-group",
+                    ))
+                }
+            },
         };
 
         let advertise_wan = match self.advertise_wan {
@@ -520,6 +580,21 @@ impl RawConfig {
         )?;
         let data_dir = resolve_path(base_dir, &data_dir_text, "data-dir")?;
         check_data_dir(&data_dir)?;
+        let control_socket = match self.control_socket {
+            None => crate::auth::default_socket(&data_dir),
+            Some(text) => resolve_path(base_dir, &text, "control-socket")?,
+        };
+        if control_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ConfigError::new(
+                "control-socket",
+                format!(
+                    "{} is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                    control_socket.display(),
+                    control_socket.as_os_str().len()
+                ),
+                "set control-socket to a shorter path, e.g. control-socket = \"/run/clusterctl/control.sock\"",
+            ));
+        }
 
         Ok(AgentConfig {
             path: PathBuf::new(),
@@ -530,7 +605,10 @@ impl RawConfig {
             advertise_wan,
             seeds,
             data_dir,
+            control_socket,
+            control_group,
             control,
+            control_tokens,
             contract_path,
             contract,
             tls,
@@ -783,7 +861,8 @@ fn parse_seeds(
     Ok(seeds)
 }
 
-fn load_contract(path: &Path) -> Result<Contract, ConfigError> {
+/// Reads and parses a topology contract file (the config's `contract`).
+pub fn load_contract(path: &Path) -> Result<Contract, ConfigError> {
     const FIX: &str = "point contract at the topology contract file (the same file on every node)";
     let bytes =
         read_capped(path, MAX_CONTRACT_BYTES).map_err(|p| ConfigError::new("contract", p, FIX))?;
@@ -1202,7 +1281,8 @@ key = "node.key"
         assert_eq!(c.ident, ident("edge-us-1", "us-east", Role::Member));
         assert_eq!(c.listen, "127.0.0.1:7400".parse().unwrap());
         assert_eq!(c.advertise, c.listen, "advertise defaults to listen");
-        assert_eq!(c.control, DEFAULT_CONTROL.parse().unwrap());
+        assert_eq!(c.control, None, "no TCP control listener unless asked");
+        assert_eq!(c.control_socket, f.dir.path().join("data/control.sock"));
         assert_eq!(c.seeds.len(), 2);
         assert_eq!(c.seeds[0].to_string(), "gw-us-1@127.0.0.2:7400");
         assert!(c.seeds[1].addr.ip().is_loopback(), "{:?}", c.seeds[1]);
@@ -1319,10 +1399,40 @@ key = "node.key"
         assert_key(&e, "advertise", "not an IP:PORT");
         let e = f.err(&format!("control = \"7401\"\n{GOOD}"));
         assert_key(&e, "control", "not an IP:PORT");
+        let tokens = f.dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        crate::auth::ensure_token_file(&tokens.join("admin.token")).unwrap();
         let c = f
-            .parse(&format!("control = \"127.0.0.1:9000\"\n{GOOD}"))
+            .parse(&format!(
+                "control = \"127.0.0.1:9000\"\ncontrol-tokens = \"tokens\"\n{GOOD}"
+            ))
             .unwrap();
-        assert_eq!(c.control.port(), 9000);
+        assert_eq!(c.control.map(|a| a.port()), Some(9000));
+        assert_eq!(c.control_tokens.map(|t| t.0), Some(tokens));
+    }
+
+    #[test]
+    fn tcp_control_without_tokens_is_refused_naming_the_fix() {
+        let f = Fixture::new();
+        let e = f.err(&format!("control = \"0.0.0.0:7401\"\n{GOOD}"));
+        assert_key(&e, "control", "non-loopback");
+        assert!(e.fix.contains("control-tokens"), "{e}");
+        let e = f.err(&format!("control = \"127.0.0.1:7401\"\n{GOOD}"));
+        assert_key(&e, "control", "without tokens");
+        let e = f.err(&format!("control-tokens = \"nowhere\"\n{GOOD}"));
+        assert_key(&e, "control-tokens", "cannot read");
+    }
+
+    #[test]
+    fn control_socket_path_is_checked() {
+        let f = Fixture::new();
+        let long = format!("/tmp/{}/control.sock", "x".repeat(120));
+        let e = f.err(&format!("control-socket = \"{long}\"\n{GOOD}"));
+        assert_key(&e, "control-socket", "at most 107");
+        let e = f.err(&format!("control-group = \"no-such-group-here\"\n{GOOD}"));
+        assert_key(&e, "control-group", "no group named");
+        let c = f.parse(&format!("control-group = \"0\"\n{GOOD}")).unwrap();
+        assert_eq!(c.control_group, Some(("0".to_string(), 0)));
     }
 
     #[test]

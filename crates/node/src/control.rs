@@ -17,18 +17,28 @@
 //! | GET | `/metrics` | Prometheus text format |
 //!
 //! Handlers never touch the engine: they send a [`Command`] to the owner task and wait for the
-//! answer. Errors are `{"error": "..."}` with a 4xx/5xx status.
+//! answer. Every error, 404 and 405 included, is `{"error": "..."}` with a 4xx/5xx status.
+//!
+//! The API is served on the control socket and, when configured, on a TCP listener with tokens;
+//! [`guard`] admits each request (see [`crate::auth`]), checks the `Host` header on TCP, and
+//! records every request that needs the `admin` scope as a `control-call` event naming the caller.
+//! `GET /v1/events?follow=true` sends an empty line every [`KEEPALIVE`] while nothing happens, so
+//! a client can tell a quiet agent from a frozen one.
 
+use crate::auth::{Caller, Scope, SocketAccess, Tokens};
 use axum::body::Body;
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use clusterctl_api::{
-    ApiError, CertsReport, Event, ForgetReport, ForgetRequest, KeyringReport, LoadReport,
-    LoadRequest, Members, NodeInfo, PingRequest, ReloadReport, Role, SecretRequest, Secrets,
-    SinkReport, Topology, API_VERSION,
+    ApiError, CertsReport, Event, EventKind, ForgetReport, ForgetRequest, KeyringReport,
+    LoadReport, LoadRequest, Members, NodeInfo, PingRequest, ReloadReport, Role, SecretRequest,
+    Secrets, SinkReport, Topology, API_VERSION,
 };
 use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
 use clusterctl_core::name::NodeName;
@@ -41,6 +51,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Most events kept for `GET /v1/events`.
 pub const EVENT_HISTORY: usize = 4096;
+/// Pause between two keep-alive lines of a followed event stream.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+/// Largest body of a non-JSON error answer that is wrapped into `{"error": ...}`.
+const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// Requests from the control API to the owner task.
 #[derive(Debug)]
@@ -64,6 +78,7 @@ pub enum Command {
     },
     Forget {
         name: String,
+        force: bool,
         reply: oneshot::Sender<Result<u64, String>>,
     },
     Metrics {
@@ -187,6 +202,21 @@ impl EventLog {
         let _ = self.tx.send(ev);
     }
 
+    /// Records an event of the agent itself (not of the engine), stamped with the wall clock.
+    pub fn record_now(&self, kind: EventKind, node: Option<String>, reason: String) {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let node = node.and_then(|n| NodeName::new(n).ok());
+        self.record(EventOut {
+            at_ms,
+            kind,
+            node,
+            peer: None,
+            reason,
+        });
+    }
+
     /// Events with a sequence number above `since`.
     pub fn since(&self, since: u64) -> Vec<Event> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,6 +230,58 @@ struct Ctx {
     events: Arc<EventLog>,
     info: Arc<StaticInfo>,
     data: crate::data::DataPath,
+    access: Arc<Access>,
+}
+
+/// Who may use the API: the control socket's operators, and the TCP listener's tokens.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub socket: SocketAccess,
+    pub tokens: Option<Tokens>,
+}
+
+/// The listeners the API is served on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The control socket (always).
+    pub socket: tokio::net::UnixListener,
+    /// The TCP listener (`control`), only with tokens.
+    pub tcp: Option<tokio::net::TcpListener>,
+}
+
+/// Who is on the other end of a control connection, as the kernel says.
+#[derive(Debug, Clone)]
+enum Conn {
+    /// A control socket peer; `None` when its credentials could not be read.
+    Socket(Option<(u32, u32, Option<i32>)>),
+    /// A TCP peer and the listener's own address.
+    Tcp {
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    },
+}
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Conn::Socket(
+            stream
+                .io()
+                .peer_cred()
+                .ok()
+                .map(|c| (c.uid(), c.gid(), c.pid())),
+        )
+    }
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        let peer = *stream.remote_addr();
+        let local = stream
+            .io()
+            .local_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        Conn::Tcp { peer, local }
+    }
 }
 
 type ApiResult<T> = Result<T, (StatusCode, Json<ApiError>)>;
@@ -235,17 +317,19 @@ async fn ask<T>(
 
 /// Serves the control API until the task is aborted.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     cmd: mpsc::Sender<Command>,
     events: Arc<EventLog>,
     info: StaticInfo,
     data: crate::data::DataPath,
+    access: Access,
 ) {
     let ctx = Ctx {
         cmd,
         events,
         info: Arc::new(info),
         data,
+        access: Arc::new(access),
     };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -261,10 +345,222 @@ pub async fn serve(
         .route("/v1/load", post(load))
         .route("/v1/sink", get(sink))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), guard))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(ctx);
-    if let Err(e) = axum::serve(listener, app).await {
+    let socket = axum::serve(
+        listeners.socket,
+        app.clone().into_make_service_with_connect_info::<Conn>(),
+    );
+    let result = match listeners.tcp {
+        None => socket.await,
+        Some(tcp) => {
+            let tcp = axum::serve(tcp, app.into_make_service_with_connect_info::<Conn>());
+            tokio::select! {
+                r = socket => r,
+                r = tcp => r,
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::error!("control API stopped: {e}");
     }
+}
+
+async fn not_found() -> (StatusCode, Json<ApiError>) {
+    err(
+        StatusCode::NOT_FOUND,
+        "no such endpoint (the control API is described in docs/api.md)",
+    )
+}
+
+async fn method_not_allowed() -> (StatusCode, Json<ApiError>) {
+    err(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint (the control API is described in docs/api.md)",
+    )
+}
+
+/// Admits a request or answers 401/403/421, and records every `admin` request as an event.
+async fn guard(
+    State(ctx): State<Ctx>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let needed = crate::auth::required_scope(&method, &path, &query);
+    let what = if query.is_empty() {
+        format!("{method} {path}")
+    } else {
+        format!("{method} {path}?{query}")
+    };
+    let caller = match authenticate(&ctx.access, &conn, &req) {
+        Ok(c) => c,
+        Err((status, why, who)) => {
+            if needed == Scope::Admin {
+                ctx.events.record_now(
+                    EventKind::ControlCall,
+                    None,
+                    format!("{what} by {who}: refused ({}): {why}", status.as_u16()),
+                );
+            }
+            let mut r = err(status, why).into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            return r;
+        }
+    };
+    if !caller.scope().allows(needed) {
+        let why = format!(
+            "{what} needs the {needed} scope; this caller ({caller}) holds {}",
+            caller.scope()
+        );
+        if needed == Scope::Admin {
+            ctx.events.record_now(
+                EventKind::ControlCall,
+                None,
+                format!("{what} by {caller}: refused (403): needs {needed}"),
+            );
+        }
+        return err(StatusCode::FORBIDDEN, why).into_response();
+    }
+    req.extensions_mut().insert(caller.clone());
+    let response = next.run(req).await;
+    if needed == Scope::Admin {
+        let status = response.status();
+        ctx.events.record_now(
+            EventKind::ControlCall,
+            None,
+            format!(
+                "{what} by {caller}: {} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        );
+    }
+    response
+}
+
+/// Who is calling, or why they may not: (status, reason, who as far as known).
+fn authenticate(
+    access: &Access,
+    conn: &Conn,
+    req: &Request,
+) -> Result<Caller, (StatusCode, String, String)> {
+    match conn {
+        Conn::Socket(None) => Err((
+            StatusCode::FORBIDDEN,
+            "the control socket could not read this caller's credentials".into(),
+            "an unknown socket peer".into(),
+        )),
+        Conn::Socket(Some((uid, gid, pid))) => {
+            if access.socket.admits(*uid, *gid, crate::auth::groups_of) {
+                Ok(Caller::Socket {
+                    uid: *uid,
+                    pid: *pid,
+                })
+            } else {
+                Err((
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "uid {uid} is not an operator of this agent: only its user (uid {}), root{} may use its control socket",
+                        access.socket.owner,
+                        if access.socket.group.is_some() { " and members of control-group" } else { "" }
+                    ),
+                    format!("uid {uid} on the control socket"),
+                ))
+            }
+        }
+        Conn::Tcp { peer, local } => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok());
+            if !crate::auth::host_allowed(host, *local) {
+                return Err((
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!(
+                        "the Host header {:?} does not name this control listener ({local}): requests through other names are refused",
+                        host.unwrap_or("")
+                    ),
+                    format!("{peer}"),
+                ));
+            }
+            let Some(tokens) = &access.tokens else {
+                return Err((
+                    StatusCode::UNAUTHORIZED,
+                    "this listener has no tokens configured".into(),
+                    format!("{peer}"),
+                ));
+            };
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .map(str::trim);
+            let Some(presented) = presented else {
+                return Err((
+                    StatusCode::UNAUTHORIZED,
+                    "a token is required: pass --token-file FILE or set CLUSTERCTL_TOKEN (header `Authorization: Bearer TOKEN`)".into(),
+                    format!("{peer} without a token"),
+                ));
+            };
+            match tokens.check(presented) {
+                Some((scope, id)) => Ok(Caller::Token {
+                    scope,
+                    id,
+                    from: *peer,
+                }),
+                None => Err((
+                    StatusCode::UNAUTHORIZED,
+                    "the token is not valid for this agent".into(),
+                    format!("{peer} with an unknown token"),
+                )),
+            }
+        }
+    }
+}
+
+/// Turns every error answer that is not JSON (extractor rejections, timeouts) into
+/// `{"error": ...}`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_ERROR_BODY).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let body = serde_json::to_vec(&ApiError { error: message }).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
 }
 
 async fn status(State(ctx): State<Ctx>) -> ApiResult<Json<NodeInfo>> {
@@ -423,9 +719,10 @@ async fn forget(
     Json(req): Json<ForgetRequest>,
 ) -> ApiResult<Json<ForgetReport>> {
     let name = req.name.clone();
+    let force = req.force;
     match ask(
         &ctx,
-        |reply| Command::Forget { name, reply },
+        |reply| Command::Forget { name, force, reply },
         Duration::from_secs(5),
     )
     .await?
@@ -523,7 +820,11 @@ async fn events_route(State(ctx): State<Ctx>, Query(q): Query<EventsQuery>) -> R
             };
             std::future::ready(out)
         });
-        Body::from_stream(head.chain(tail))
+        // Keep-alive lines while nothing happens: a client tells a quiet agent from a frozen one.
+        let beat = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        let beats = tokio_stream::wrappers::IntervalStream::new(beat)
+            .map(|_| Ok(bytes::Bytes::from_static(b"\n")));
+        Body::from_stream(head.chain(futures_util::stream::select(tail, beats)))
     } else {
         Body::from_stream(head)
     };

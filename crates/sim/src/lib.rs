@@ -1335,8 +1335,8 @@ impl Sim {
         Ok(())
     }
 
-    /// Asks `observer` to forget `name`.
-    pub fn forget(&mut self, observer: &str, name: &str) -> Result<u64, String> {
+    /// Asks `observer` to forget `name` (with `force`, even while it is alive).
+    pub fn forget(&mut self, observer: &str, name: &str, force: bool) -> Result<u64, String> {
         let i = self.idx(observer);
         let now = self.now;
         let target = NodeName::new(name).map_err(|e| e.to_string())?;
@@ -1344,7 +1344,7 @@ impl Sim {
             .engine
             .as_mut()
             .ok_or("observer is down")?
-            .forget(now, &target);
+            .forget(now, &target, force);
         self.pump(i);
         r
     }

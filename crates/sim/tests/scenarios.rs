@@ -300,12 +300,38 @@ fn redeployed_node_learns_its_clock_from_peers() {
 }
 
 #[test]
+fn a_live_node_is_forgotten_only_with_force() {
+    let seed = seed_from_env(17);
+    let mut sim = converged(seed, 1);
+    let e = sim
+        .forget("edge-us-1", "edge-eu-2", false)
+        .expect_err("forgetting a live node without force");
+    assert!(
+        e.contains("is alive") && e.contains("--force"),
+        "{e} (seed {seed})"
+    );
+    assert!(
+        !sim.engine("edge-us-1")
+            .table()
+            .get("edge-eu-2")
+            .is_some_and(|r| r.is_tombstone()),
+        "nothing was written (seed {seed})"
+    );
+    let e = sim
+        .forget("edge-us-1", "edge-us-1", true)
+        .expect_err("a node forgetting itself");
+    assert!(e.contains("cannot forget itself"), "{e} (seed {seed})");
+    sim.forget("edge-us-1", "edge-eu-2", true)
+        .unwrap_or_else(|e| panic!("forced forget: {e} (seed {seed})"));
+}
+
+#[test]
 fn forgotten_node_stays_out() {
     let seed = seed_from_env(13);
     let mut sim = converged(seed, 1);
     sim.crash("edge-eu-2");
     sim.run_for(Duration::from_secs(15));
-    let clock = sim.forget("edge-us-1", "edge-eu-2").expect("forget");
+    let clock = sim.forget("edge-us-1", "edge-eu-2", false).expect("forget");
     sim.run_for(Duration::from_secs(10));
     for n in sim.names().into_iter().filter(|n| n != "edge-eu-2") {
         let r = sim
@@ -647,7 +673,7 @@ fn a_record_missed_while_cut_off_is_repaired_by_anti_entropy() {
     sim.run_for(Duration::from_secs(15));
     // Shorter than the idle timeout: edge-us-2's connections survive, it misses the pushes.
     sim.isolate("edge-us-2");
-    let clock = sim.forget("edge-us-1", "edge-eu-2").expect("forget");
+    let clock = sim.forget("edge-us-1", "edge-eu-2", false).expect("forget");
     sim.run_for(Duration::from_secs(1));
     sim.heal();
     let before = sim.frame_kinds.clone();

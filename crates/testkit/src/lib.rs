@@ -68,8 +68,10 @@ pub struct LabNode {
     pub role: Role,
     /// Cluster address (QUIC, UDP).
     pub addr: String,
-    /// Control API address (HTTP, TCP).
+    /// Control API address (HTTP, TCP; needs a token of `DIR/tokens`).
     pub control: String,
+    /// The node's control socket.
+    pub socket: PathBuf,
     /// The node's config file.
     pub config: PathBuf,
     /// The agent `lab up` started.
@@ -245,6 +247,52 @@ impl Lab {
     /// The lab directory (`--dir`).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The lab's control token of `scope` (`read`, `app` or `admin`).
+    #[track_caller]
+    pub fn token(&self, scope: &str) -> String {
+        let path = self.dir.join("tokens").join(format!("{scope}.token"));
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// Runs `clusterctl ARGS` as user `uid` (through `setpriv`), with `env` added, from a copy
+    /// of the binary that user may execute. Nothing of the lab is readable by that user unless a
+    /// test makes it so.
+    pub fn cli_as(&self, uid: u32, env: &[(&str, &str)], args: &[&str]) -> CliOutput {
+        let bin = self
+            .dir
+            .parent()
+            .unwrap_or(&self.dir)
+            .join("bin-for-others");
+        if !bin.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            let copy = || -> std::io::Result<()> {
+                std::fs::create_dir_all(&bin)?;
+                std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+                if let Some(p) = bin.parent() {
+                    let mode = std::fs::metadata(p)?.permissions().mode();
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o011))?;
+                }
+                std::fs::copy(&self.bin, bin.join("clusterctl"))?;
+                std::fs::set_permissions(
+                    bin.join("clusterctl"),
+                    std::fs::Permissions::from_mode(0o755),
+                )
+            };
+            copy().unwrap_or_else(|e| panic!("cannot copy the binary for uid {uid}: {e}"));
+        }
+        let mut full = vec![
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_string(),
+            bin.join("clusterctl").display().to_string(),
+        ];
+        full.extend(args.iter().map(|a| a.to_string()));
+        run_cli_with(Path::new("setpriv"), &self.dir, &full, env, CLI_TIMEOUT)
     }
 
     /// The address prefix, e.g. `127.103`.
@@ -631,10 +679,23 @@ fn reserve_prefix() -> (String, TcpListener) {
 
 /// Runs the binary with a time guard; both outputs are captured.
 fn run_cli(bin: &Path, lab_dir: &Path, args: &[String], timeout: Duration) -> CliOutput {
+    run_cli_with(bin, lab_dir, args, &[], timeout)
+}
+
+/// [`run_cli`] with environment variables added.
+fn run_cli_with(
+    bin: &Path,
+    lab_dir: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> CliOutput {
     let mut child = Command::new(bin)
         .args(args)
         .env("CLUSTERCTL_LAB_DIR", lab_dir)
         .env_remove("CLUSTERCTL_AGENT")
+        .env_remove("CLUSTERCTL_TOKEN")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -713,10 +774,17 @@ pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// `GET http://ADDR/PATH` on an agent's control API, decoded as JSON.
-pub fn http_get_json<T: DeserializeOwned>(addr: &str, path: &str) -> Result<T, String> {
+/// `GET http://ADDR/PATH` on an agent's TCP control API with `token`, decoded as JSON.
+pub fn http_get_json<T: DeserializeOwned>(
+    addr: &str,
+    path: &str,
+    token: &str,
+) -> Result<T, String> {
     let url = format!("http://{addr}{path}");
-    let mut resp = ureq::get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+    let mut resp = ureq::get(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .map_err(|e| format!("{url}: {e}"))?;
     resp.body_mut()
         .read_json::<T>()
         .map_err(|e| format!("{url}: {e}"))

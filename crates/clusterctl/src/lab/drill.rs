@@ -320,7 +320,7 @@ impl Ctx {
     }
 
     fn client(&self, name: &str) -> Client {
-        Client::with_timeout(&self.node(name).control, API_TIMEOUT)
+        Client::with_timeout(&self.node(name).endpoint().to_string(), API_TIMEOUT)
     }
 
     fn site_of(&self, name: &str) -> Option<&str> {
@@ -353,7 +353,7 @@ impl Ctx {
     /// One probe from `from` to `to` along the real route.
     fn ping(&self, from: &str, to: &str, timeout_ms: u64) -> Option<PingReport> {
         let client = Client::with_timeout(
-            &self.node(from).control,
+            &self.node(from).endpoint().to_string(),
             Duration::from_millis(timeout_ms) + API_TIMEOUT,
         );
         client

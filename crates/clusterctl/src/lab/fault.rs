@@ -326,7 +326,7 @@ pub fn restart_with(dir: &Path, name: &str, secret: Option<&Path>) -> anyhow::Re
         });
     }
     state.save(dir)?;
-    let client = Client::with_timeout(&n.control, Duration::from_secs(2));
+    let client = Client::with_timeout(&n.endpoint().to_string(), Duration::from_secs(2));
     let deadline = Instant::now() + RESTART_WAIT;
     while client.get::<Topology>("/v1/topology").is_err() {
         // The child handle, not /proc: right after the spawn `ip netns exec` is still
