@@ -126,6 +126,9 @@ fn apply(req: &SecretRequest, target: &Target, agent: &AgentArgs) -> anyhow::Res
                 r.primary,
                 r.keys.join(",")
             )),
+            // One agent that cannot be asked is a connection error (exit 2), as for every
+            // command; with --all the others are still asked.
+            Err(e) if !target.all => return Err(e),
             Err(e) => {
                 failed += 1;
                 eprintln!("clusterctl: {e:#}");
