@@ -22,6 +22,7 @@ mod ping;
 mod preflight;
 mod reload;
 mod secret;
+mod token;
 mod topology;
 
 use std::io::Write;
@@ -140,6 +141,9 @@ enum Cmd {
     /// Cluster CA and node certificates: init, issue, inspect, status.
     #[command(subcommand)]
     Certs(certs::CertsCmd),
+    /// Tokens for an agent's TCP control listener (read, app, admin).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// Check a node's config, files, ports and seeds before starting it (exit 1 on any FAIL).
     Preflight(preflight::Args),
     /// Build and run a cluster on this machine.
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
         Cmd::Secret(c) => secret::run(c, &cli.agent),
         Cmd::Certs(c) => certs::run(c, &cli.agent),
         Cmd::Preflight(a) => preflight::run(a),
+        Cmd::Token(c) => token::run(c),
         Cmd::Reload(a) => reload::run(a, &cli.agent),
     };
     match result {

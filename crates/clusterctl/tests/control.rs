@@ -462,3 +462,36 @@ fn a_frozen_agent_never_hangs_the_cli() {
         assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.describe());
     }
 }
+
+#[test]
+fn token_init_writes_private_tokens_an_agent_accepts() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("tokens");
+    let run = || {
+        std::process::Command::new(bin())
+            .args(["token", "init"])
+            .arg(&dir)
+            .output()
+            .expect("run clusterctl")
+    };
+    let out = run();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("control-tokens"), "{text}");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let mut values = Vec::new();
+    for scope in ["read", "app", "admin"] {
+        let p = dir.join(format!("{scope}.token"));
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+        values.push(std::fs::read_to_string(&p).expect("read"));
+    }
+    // Existing tokens are kept, and they load as the agent loads them.
+    assert!(run().status.success());
+    for (scope, v) in ["read", "app", "admin"].iter().zip(&values) {
+        assert_eq!(&std::fs::read_to_string(dir.join(format!("{scope}.token"))).expect("read"), v);
+    }
+    let tokens = clusterctl_node::auth::Tokens::load(&dir).expect("the agent accepts them");
+    assert_eq!(tokens.scopes().len(), 3);
+}
