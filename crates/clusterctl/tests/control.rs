@@ -490,7 +490,10 @@ fn token_init_writes_private_tokens_an_agent_accepts() {
     // Existing tokens are kept, and they load as the agent loads them.
     assert!(run().status.success());
     for (scope, v) in ["read", "app", "admin"].iter().zip(&values) {
-        assert_eq!(&std::fs::read_to_string(dir.join(format!("{scope}.token"))).expect("read"), v);
+        assert_eq!(
+            &std::fs::read_to_string(dir.join(format!("{scope}.token"))).expect("read"),
+            v
+        );
     }
     let tokens = clusterctl_node::auth::Tokens::load(&dir).expect("the agent accepts them");
     assert_eq!(tokens.scopes().len(), 3);

@@ -1699,6 +1699,15 @@ key = "node.key"
         assert!(!c.advertise.ip().is_unspecified());
         assert!(!c.seeds.is_empty());
         assert!(c.tls.is_some());
+        assert_eq!(c.control, None);
+        // The commented TCP listener works as written once its tokens exist.
+        std::fs::create_dir(etc.join("tokens")).unwrap();
+        crate::auth::ensure_token_file(&etc.join("tokens/admin.token")).unwrap();
+        let text = text
+            .replace("# control = ", "control = ")
+            .replace("# control-tokens = ", "control-tokens = ");
+        let c = AgentConfig::parse(&text, f.dir.path()).unwrap();
+        assert!(c.control.is_some() && c.control_tokens.is_some());
     }
 
     #[test]
@@ -1722,10 +1731,18 @@ key = "node.key"
         let table: toml::Table = toml::from_str(EXAMPLE).unwrap();
         let keys: Vec<&str> = table.keys().map(String::as_str).collect();
         for k in KEYS {
-            if *k == "advertise-wan" {
-                // Gateway-only: the member example documents it in a comment.
+            if [
+                "advertise-wan",
+                "control-socket",
+                "control-group",
+                "control",
+                "control-tokens",
+            ]
+            .contains(k)
+            {
+                // Optional keys whose defaults are right for most: documented in a comment.
                 assert!(
-                    EXAMPLE.contains("# advertise-wan = "),
+                    EXAMPLE.contains(&format!("\n# {k} = ")),
                     "config.example.toml lacks `{k}`"
                 );
                 continue;
