@@ -498,3 +498,44 @@ fn token_init_writes_private_tokens_an_agent_accepts() {
     let tokens = clusterctl_node::auth::Tokens::load(&dir).expect("the agent accepts them");
     assert_eq!(tokens.scopes().len(), 3);
 }
+
+/// `events` follows a quiet agent for as long as it lives (keep-alives), and reports one that
+/// freezes mid-stream within its timeout.
+#[test]
+fn events_follow_a_quiet_agent_and_report_a_frozen_one() {
+    let mut lab = converged_lab();
+    let mut child = std::process::Command::new(bin())
+        .args(["events", "--agent", "edge-us-2", "--timeout", "3s"])
+        .env("CLUSTERCTL_LAB_DIR", lab.dir())
+        .env_remove("CLUSTERCTL_AGENT")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run clusterctl events");
+    // Twice the timeout with (most likely) no event: keep-alives hold the stream.
+    std::thread::sleep(Duration::from_secs(7));
+    let alive = child.try_wait().expect("try_wait").is_none();
+    lab.signal("edge-us-2", "STOP");
+    let stopped = Instant::now();
+    let mut status = None;
+    while stopped.elapsed() < Duration::from_secs(15) {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = stopped.elapsed();
+    lab.signal("edge-us-2", "CONT");
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(alive, "events gave up on a live, quiet agent: {stderr}");
+    let status = status.unwrap_or_else(|| panic!("events still follows a frozen agent after 15 s"));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(stderr.contains("not even a keep-alive"), "{stderr}");
+}
