@@ -542,28 +542,18 @@ impl RawConfig {
     }
 }
 
-/// Reads a cluster secret file: it must be readable by its owner only (mode 0600 or 0400) and
-/// hold a hex secret. Used for the config's `secret` and for `clusterctl secret install`.
+/// Reads a cluster secret file: it must be owned by the agent's user (or root), readable by its
+/// owner only (mode 0600 or 0400) and hold a hex secret. Used for the config's `secret`, for
+/// `--secret` and for `clusterctl secret install`.
 pub fn load_secret(path: &Path, key: &str) -> Result<Secret, ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
+    std::fs::metadata(path).map_err(|e| {
         ConfigError::new(
             key,
             format!("cannot read {}: {e}", path.display()),
             "point it at the cluster secret file, or create one with `clusterctl secret generate FILE`",
         )
     })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ConfigError::new(
-            key,
-            format!(
-                "{} has mode {mode:04o}: a secret file must be readable by its owner only",
-                path.display()
-            ),
-            format!("chmod 600 {}", path.display()),
-        ));
-    }
+    crate::files::check_private(path, key)?;
     let text = read_capped(path, 4096)
         .map_err(|problem| ConfigError::new(key, problem, "point it at the cluster secret file"))?;
     let text = String::from_utf8(text).map_err(|_| {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod data;
+pub mod files;
 pub mod keyring;
 pub mod meter;
 pub mod persist;
