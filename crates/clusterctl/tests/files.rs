@@ -319,6 +319,30 @@ fn the_agent_refuses_a_key_or_secret_readable_by_others_naming_the_chmod() {
     let (pf, report) = d.preflight();
     pf.assert_success();
     assert_eq!(report.check("key-file").status, "pass");
+
+    // `agent --secret FILE` holds its file to the same rule.
+    cli(d.dir(), &["secret", "generate", "etc/next.secret"]).assert_success();
+    let next = d.dir().join("etc/next.secret");
+    chmod(&next, 0o640);
+    let cfg = d.config().display().to_string();
+    let out = cli(
+        d.dir(),
+        &[
+            "agent",
+            "--config",
+            &cfg,
+            "--secret",
+            &next.display().to_string(),
+        ],
+    );
+    out.assert_code(2);
+    let lines = plain_lines(&out);
+    assert_eq!(lines.len(), 1, "{}", out.describe());
+    assert!(
+        lines[0].contains(&format!("chmod 600 {}", next.display())),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]

@@ -113,4 +113,21 @@ mod tests {
         let e = load_or_init(d.path(), &s(1), None).unwrap_err();
         assert!(e.to_string().contains("chmod 600"), "{e}");
     }
+
+    #[test]
+    fn a_keyring_of_another_user_is_refused() {
+        if crate::files::current_uid() != 0 {
+            eprintln!("note: needs root to give a file away; skipped");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        load_or_init(d.path(), &s(1), None).unwrap();
+        std::os::unix::fs::chown(path(d.path()), Some(65534), None).unwrap();
+        let e = load_or_init(d.path(), &s(1), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("chown root {}", path(d.path()).display())),
+            "{e}"
+        );
+    }
 }
