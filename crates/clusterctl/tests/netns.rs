@@ -444,7 +444,7 @@ fn drill_one_way_passes() {
     // 90 s: the old connection idles out (10 s), then a few dials on each side give the
     // evidence (each waits 5 s); detection was 26-28 s in runs on a 2-core machine. The drill
     // then requires `one-way`, with its direction, at every poll (at most 3 s apart) of the
-    // last 45 s: a fault that also dropped ARP became a full partition after ~15 s.
+    // last 45 s: a fault that also dropped ARP became a full partition within a minute.
     if require_netns("drill_one_way_passes") {
         let out = drill("one-way", "90");
         assert!(

@@ -757,7 +757,7 @@ fn one_way(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
         v.notes.push(r);
     }
     // The fault stays one-way for as long as it is held (a fault that also dropped ARP would
-    // turn into a full partition after ~15 s): FROM shows it, with its direction, at every poll
+    // turn into a full partition within a minute): FROM shows it, with its direction, at every poll
     // of the last part of the hold.
     let steady = steady_window(held);
     let judged = steady_polls(&polls, held - steady);
