@@ -448,3 +448,66 @@ fn preflight_fails_a_damaged_snapshot_that_the_agent_refuses() {
         out.describe()
     );
 }
+
+/// Gives `path` and everything under it to `uid`.
+fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).expect("read_dir") {
+            chown_tree(&e.expect("entry").path(), uid);
+        }
+    }
+}
+
+#[test]
+fn an_agent_of_another_user_than_root_names_its_own_user_in_the_chown() {
+    let setpriv_runs = Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !is_root() || !setpriv_runs {
+        eprintln!("note: needs root and setpriv to run as another user; skipped");
+        return;
+    }
+    let d = Deploy::new();
+    // The deployment belongs to uid 65534, which runs the agent; the key to uid 65533.
+    chown_tree(d.dir(), 65534);
+    std::os::unix::fs::chown(d.key(), Some(65533), None).expect("chown");
+    let user = clusterctl_node::files::user_name(65534);
+    let fix = format!("chown {user} {}", d.key().display());
+    let as_agent_user = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(bin())
+            .args(args)
+            .current_dir(d.dir())
+            .env_remove("CLUSTERCTL_AGENT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv runs");
+        CliOutput {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let cfg = d.config().display().to_string();
+    let pf = as_agent_user(&["preflight", "--config", &cfg, "--json"]);
+    pf.assert_code(1);
+    let report: Report = serde_json::from_str(&pf.stdout).expect("a report");
+    let c = report.check("key-file");
+    assert_eq!(c.status, "fail", "{}", pf.describe());
+    assert!(
+        c.detail.contains(&format!(
+            "not by the agent's user {user} (uid 65534) or root"
+        )),
+        "{c:?}"
+    );
+    assert_eq!(c.fix.as_deref(), Some(fix.as_str()), "{c:?}");
+    let out = as_agent_user(&["agent", "--config", &cfg]);
+    out.assert_code(2);
+    assert!(out.stderr.contains(&fix), "{}", out.describe());
+}

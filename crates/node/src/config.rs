@@ -935,6 +935,10 @@ fn check_tls(
     };
     let ca_pem = read("tls.ca", &files.ca)?;
     let cert_pem = read("tls.cert", &files.cert)?;
+    // Owner and mode first: a key of another user is "not yours" before it is "unreadable".
+    if files.key.exists() {
+        crate::files::check_private(&files.key, "tls.key")?;
+    }
     let key_pem = read("tls.key", &files.key)?;
 
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
@@ -1136,8 +1140,17 @@ between = ["us-east", "eu-west"]
             self.write(&format!("{stem}.key"), &pair.key_pem);
         }
 
+        /// Writes a file of the fixture; keys mode 0600, as the agent requires.
         fn write(&self, name: &str, text: &str) {
-            std::fs::write(self.dir.path().join(name), text).unwrap();
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            if name.ends_with(".key") {
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+            }
         }
 
         fn parse(&self, text: &str) -> Result<AgentConfig, ConfigError> {
@@ -1495,6 +1508,17 @@ key = "node.key"
     }
 
     #[test]
+    fn a_tls_key_readable_by_others_is_refused_with_the_chmod() {
+        let f = Fixture::new();
+        let key = f.dir.path().join("node.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        let e = f.err(GOOD);
+        assert_key(&e, "tls.key", "0640");
+        assert_eq!(e.fix, format!("chmod 600 {}", key.display()));
+    }
+
+    #[test]
     fn certificate_must_name_this_node() {
         let f = Fixture::new();
         f.issue("other", &ident("edge-us-2", "us-east", Role::Member));
@@ -1562,6 +1586,11 @@ key = "node.key"
         std::fs::write(etc.join("ca.pem"), &ca.cert_pem).unwrap();
         std::fs::write(etc.join("edge-us-1.pem"), &node.cert_pem).unwrap();
         std::fs::write(etc.join("edge-us-1.key"), &node.key_pem).unwrap();
+        std::fs::set_permissions(
+            etc.join("edge-us-1.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::copy(
             f.dir.path().join("cluster.secret"),
             etc.join("cluster.secret"),

@@ -56,10 +56,14 @@ pub fn check_private(path: &Path, key: &str) -> Result<(), ConfigError> {
     let mut problems = Vec::new();
     let mut fixes = Vec::new();
     if foreign {
+        let allowed = if me == 0 {
+            "by root, the agent's user".to_string()
+        } else {
+            format!("by the agent's user {} (uid {me}) or root", user_name(me))
+        };
         problems.push(format!(
-            "is owned by {} (uid {owner}), not by the agent's user {} (uid {me}) or root",
-            user_name(owner),
-            user_name(me)
+            "is owned by {} (uid {owner}), not {allowed}",
+            user_name(owner)
         ));
         fixes.push(format!("chown {} {}", user_name(me), path.display()));
     }
