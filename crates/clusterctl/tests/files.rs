@@ -259,6 +259,17 @@ fn a_second_agent_on_the_same_data_directory_exits_2_naming_the_holder() {
         assert!(line.contains(&needle), "{needle:?} missing: {line}");
     }
     assert!(!out.stderr.contains("agent started"), "{}", out.describe());
+    // The same config (the same ports too): the lock is taken before any port is bound, so
+    // the line names the holder, not a busy port.
+    let out = d.refused_agent();
+    out.assert_code(2);
+    let lines = plain_lines(&out);
+    assert_eq!(lines.len(), 1, "{}", out.describe());
+    assert!(
+        lines[0].contains(&format!("is in use by another agent (pid {pid} ")),
+        "{}",
+        out.describe()
+    );
 
     // The first one keeps running, and still holds the directory.
     std::thread::sleep(Duration::from_secs(1));
