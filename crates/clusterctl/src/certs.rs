@@ -195,6 +195,10 @@ fn issue(
     };
     let ca_cert = ca_dir.join("ca.pem");
     let ca_key = ca_dir.join("ca.key");
+    // A CA key others can read may already be copied: refuse to sign with it.
+    if ca_key.exists() {
+        clusterctl_node::files::check_owner_only(&ca_key).map_err(|e| anyhow!(e))?;
+    }
     let ca = pki::read_ca(&ca_cert, &ca_key).map_err(|e| {
         anyhow!("{e} (--ca-dir must hold the ca.pem and ca.key written by `clusterctl certs init`)")
     })?;

@@ -13,9 +13,12 @@
 //! - `cert-chain`, `cert-names`, `cert-validity`, `clock`: the certificate was issued by the CA
 //!   of `tls.ca`, the key is its key, it names this node, site, role and cluster, it has not
 //!   expired, and this machine's clock lies inside its (and its CA's) validity;
-//! - `key-file`, `secret-file`, `keyring`: permissions and contents of the private key, the
-//!   cluster secret and the persisted keyring;
+//! - `key-file`, `secret-file`, `keyring`: owner, permissions and contents of the private key,
+//!   the cluster secret and the persisted keyring (owned by the agent's user or root, readable
+//!   by the owner only: the agent's own rule);
 //! - `data-dir`: the data directory exists and is writable (or can be created);
+//! - `snapshot`: the node-table snapshot in the data directory, if any, decodes (the agent's own
+//!   loader);
 //! - `listen`, `control`: the ports are free (bound and released at once; no `control`, no TCP
 //!   listener);
 //! - `advertise`: dialable from the seeds (no wildcard; no loopback when seeds are remote);
@@ -304,6 +307,7 @@ impl Preflight {
         self.check_tls(&raw);
         self.check_secret(&raw);
         self.check_data_dir(&raw);
+        self.check_snapshot(&raw);
         if self.scope == Scope::Full {
             self.check_port(&raw, "listen", true);
             self.check_port(&raw, "control", false);
@@ -618,7 +622,8 @@ impl Preflight {
             return;
         };
         let now = self.now;
-        match TlsMaterial::load(&ca, &cert, &key) {
+        // The key file's owner and mode are the `key-file` check's; this one judges the chain.
+        match TlsMaterial::load_contents(&ca, &cert, &key) {
             Ok(m) => {
                 let issuer = std::fs::read_to_string(&ca)
                     .ok()
@@ -686,27 +691,23 @@ impl Preflight {
         self.check_clock(&id, &cas);
     }
 
+    /// The agent's own rule ([`clusterctl_node::files::check_private`]): owned by the agent's
+    /// user or root, readable by its owner only.
     fn check_key_file(&mut self, key: &Path) {
-        match std::fs::metadata(key) {
-            Ok(m) if m.permissions().mode() & 0o077 != 0 => self.push(Check::warn(
-                "key-file",
-                format!(
-                    "{} has mode {:04o}: the private key is readable by other users",
-                    key.display(),
-                    m.permissions().mode() & 0o777
-                ),
-                format!("chmod 600 {}", key.display()),
-            )),
-            Ok(m) => self.push(Check::pass(
-                "key-file",
-                format!(
-                    "{} has mode {:04o}",
-                    key.display(),
-                    m.permissions().mode() & 0o777
-                ),
-            )),
+        let Ok(m) = std::fs::metadata(key) else {
             // Reported by `cert-chain`.
-            Err(_) => {}
+            return;
+        };
+        match clusterctl_node::files::check_private(key, "tls.key") {
+            Ok(()) => self.push(Check::pass(
+                "key-file",
+                format!(
+                    "{} has mode {:04o} and belongs to this user or root",
+                    key.display(),
+                    m.permissions().mode() & 0o777
+                ),
+            )),
+            Err(e) => self.push(Check::fail("key-file", e.problem, e.fix)),
         }
     }
 
@@ -864,6 +865,49 @@ impl Preflight {
                 self.keyring = Some(ring);
             }
             Err(e) => self.push(Check::fail("keyring", e.problem, e.fix)),
+        }
+    }
+
+    /// The node-table snapshot, read with the agent's own loader: a file the agent would refuse
+    /// is a failure here too.
+    fn check_snapshot(&mut self, raw: &Raw) {
+        let Some(dir) = raw.path(raw.str("data-dir")) else {
+            return;
+        };
+        let file = clusterctl_node::persist::snapshot_path(&dir);
+        if !file.exists() {
+            return self.push(Check::pass(
+                "snapshot",
+                format!(
+                    "no node table in {} yet: the node starts with an empty one",
+                    dir.display()
+                ),
+            ));
+        }
+        match clusterctl_node::persist::load(&dir) {
+            Ok(records) => self.push(Check::pass(
+                "snapshot",
+                format!("{}: {} records", file.display(), records.len()),
+            )),
+            Err(clusterctl_node::persist::PersistError::Corrupt { path, problem }) => {
+                self.push(Check::fail(
+                    "snapshot",
+                    format!(
+                        "{} is not a usable node-table snapshot: {problem}",
+                        path.display()
+                    ),
+                    format!(
+                        "mv {} {}.damaged (the node then starts with an empty table and learns its clock back from its peers)",
+                        path.display(),
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) => self.push(Check::fail(
+                "snapshot",
+                e.to_string(),
+                "make the file readable by the agent's user",
+            )),
         }
     }
 
@@ -1737,10 +1781,67 @@ between = ["us-east", "eu-west"]
             "secret-file",
             "keyring",
             "data-dir",
+            "snapshot",
             "advertise",
         ] {
             find(&checks, name);
         }
+    }
+
+    #[test]
+    fn secret_and_key_files_of_another_user_fail_with_the_chown() {
+        if clusterctl_node::files::current_uid() != 0 {
+            eprintln!("note: needs root to give files away; skipped");
+            return;
+        }
+        let f = Fixture::new();
+        let p = f.dir.path();
+        for file in ["secret", "node.key"] {
+            std::os::unix::fs::chown(p.join(file), Some(65534), None).expect("chown");
+        }
+        let checks = local_checks(&f.config(""));
+        for (check, file) in [("secret-file", "secret"), ("key-file", "node.key")] {
+            let c = find(&checks, check);
+            assert_eq!(c.status, Status::Fail, "{checks:#?}");
+            assert!(c.detail.contains("uid 65534"), "{c:?}");
+            assert_eq!(
+                c.fix.as_deref(),
+                Some(format!("chown root {}", p.join(file).display()).as_str()),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_snapshot_fails_naming_the_file_and_the_fix() {
+        let f = Fixture::new();
+        let cfg = f.config("");
+        let data = f.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        let c = local_checks(&cfg);
+        assert_eq!(find(&c, "snapshot").status, Status::Pass, "{c:#?}");
+        clusterctl_node::persist::store(&data, &[]).expect("store");
+        let c = local_checks(&cfg);
+        assert_eq!(find(&c, "snapshot").status, Status::Pass, "{c:#?}");
+        let file = clusterctl_node::persist::snapshot_path(&data);
+        let mut bytes = std::fs::read(&file).expect("read");
+        bytes.push(0);
+        std::fs::write(&file, bytes).expect("write");
+        // The agent's own loader refuses it; so does preflight.
+        assert!(clusterctl_node::persist::load(&data).is_err());
+        let c = local_checks(&cfg);
+        let snap = find(&c, "snapshot");
+        assert_eq!(snap.status, Status::Fail, "{c:#?}");
+        assert!(
+            snap.detail.contains(&file.display().to_string()) && snap.detail.contains("length"),
+            "{snap:?}"
+        );
+        assert!(
+            snap.fix
+                .as_deref()
+                .is_some_and(|f| f.starts_with(&format!("mv {} ", file.display()))),
+            "{snap:?}"
+        );
     }
 
     #[test]
@@ -1764,7 +1865,14 @@ between = ["us-east", "eu-west"]
             .fix
             .as_deref()
             .is_some_and(|f| f.contains("chmod 600")));
-        assert_eq!(find(&checks, "key-file").status, Status::Warn);
+        let key = find(&checks, "key-file");
+        assert_eq!(key.status, Status::Fail, "{checks:#?}");
+        assert_eq!(
+            key.fix.as_deref(),
+            Some(format!("chmod 600 {}", p.join("node.key").display()).as_str())
+        );
+        // The chain itself is still judged (and is fine).
+        assert_eq!(find(&checks, "cert-chain").status, Status::Pass);
         assert_eq!(find(&checks, "site-role").status, Status::Fail);
         // The certificate names a member: the names differ from the config.
         assert_eq!(find(&checks, "cert-names").status, Status::Fail);

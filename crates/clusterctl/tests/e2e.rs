@@ -244,6 +244,11 @@ fn certificate_from_another_ca_is_refused_and_reported() {
     .unwrap();
     std::fs::write(node_dir.join("rogue-cert.pem"), &rogue.cert_pem).unwrap();
     std::fs::write(node_dir.join("rogue-key.pem"), &rogue.key_pem).unwrap();
+    std::fs::set_permissions(
+        node_dir.join("rogue-key.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let mut config = read_config(&lab, "edge-us-2");
     let tls = tls_table(&mut config);
     tls.insert("ca".into(), "rogue-ca.pem".into());

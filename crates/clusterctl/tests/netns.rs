@@ -354,7 +354,8 @@ fn lab_faults_cut_heal_and_restart_what_they_name() {
     .assert_code(2);
 }
 
-fn drill(name: &str, duration: &str) {
+/// Runs `lab drill NAME --duration DURATION`, requires a PASS and returns its output.
+fn drill(name: &str, duration: &str) -> String {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path().join("drill");
     let out = run_clusterctl(
@@ -385,6 +386,7 @@ fn drill(name: &str, duration: &str) {
         !dir.join("lab.json").exists(),
         "the drill tears its lab down"
     );
+    out.stdout
 }
 
 #[test]
@@ -439,9 +441,15 @@ fn drill_dns_drift_passes() {
 
 #[test]
 fn drill_one_way_passes() {
-    // 45 s: the old connection idles out (10 s), then a few dials on each side give the
-    // evidence (each waits 5 s); detection was 26-28 s in runs on a 2-core machine.
+    // 90 s: the old connection idles out (10 s), then a few dials on each side give the
+    // evidence (each waits 5 s); detection was 26-28 s in runs on a 2-core machine. The drill
+    // then requires `one-way`, with its direction, at every poll (at most 3 s apart) of the
+    // last 45 s: a fault that also dropped ARP became a full partition within a minute.
     if require_netns("drill_one_way_passes") {
-        drill("one-way", "45");
+        let out = drill("one-way", "90");
+        assert!(
+            out.contains("steady_window_s=45") && out.contains("fault held 90 s"),
+            "{out}"
+        );
     }
 }

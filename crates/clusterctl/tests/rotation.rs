@@ -7,6 +7,7 @@ use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, short_fingerprint, Validity};
 use clusterctl_testkit::{Lab, LabOptions, DEFAULT_WAIT};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 fn bin() -> &'static Path {
@@ -23,9 +24,11 @@ fn fingerprint(pem: &str) -> String {
 }
 
 /// Writes a file by rename, so an agent polling it never reads half of it.
+/// Replaces a certificate or key file as an operator would: a new file, mode 0600, renamed over.
 fn replace(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     std::fs::rename(&tmp, path).expect("rename");
 }
 
@@ -42,7 +45,7 @@ fn refusals(lab: &Lab) -> Vec<String> {
 }
 
 #[test]
-fn reload_refuses_a_bad_key_and_keeps_links_up() {
+fn reload_refuses_a_bad_or_readable_key_and_keeps_links_up() {
     let lab = Lab::up(bin(), LabOptions::default());
     lab.wait_converged();
     let key = lab.node("edge-us-1").dir().join("key.pem");
@@ -58,6 +61,23 @@ fn reload_refuses_a_bad_key_and_keeps_links_up() {
     let (code, t) = lab.topology("edge-us-1");
     assert_eq!(code, Some(0), "links must stay up: {}", pretty(&t));
     replace(&key, &good);
+    let r: Vec<ReloadReport> = lab.cli_json(&["--agent", "edge-us-1", "reload", "--json"]);
+    assert!(r[0].reloaded, "{}", pretty(&r));
+
+    // A key readable by others is refused as at start, with the same reason and fix.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let r: Vec<ReloadReport> = lab.cli_json(&["--agent", "edge-us-1", "reload", "--json"]);
+    assert!(!r[0].reloaded, "{}", pretty(&r));
+    let reason = r[0].reason.as_deref().unwrap_or("");
+    assert!(
+        reason.starts_with(&format!("tls.key: {} has mode 0644", key.display()))
+            && reason.ends_with(&format!("fix: chmod 600 {}", key.display())),
+        "{}",
+        pretty(&r)
+    );
+    let (code, t) = lab.topology("edge-us-1");
+    assert_eq!(code, Some(0), "links must stay up: {}", pretty(&t));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let r: Vec<ReloadReport> = lab.cli_json(&["--agent", "edge-us-1", "reload", "--json"]);
     assert!(r[0].reloaded, "{}", pretty(&r));
 }

@@ -148,3 +148,36 @@ fn install_use_remove_rotates_the_secret_with_zero_refused_links() {
         "links were refused during the rotation: {refused:#?}"
     );
 }
+
+#[test]
+fn secret_install_refuses_a_file_readable_by_others_or_owned_by_another_user() {
+    let lab = converged_lab();
+    let (file, id) = new_secret(&lab, "other.secret");
+    let path = Path::new(&file);
+    let mut cases = vec![("chmod", format!("chmod 600 {file}"))];
+    if clusterctl_node::files::current_uid() == 0 {
+        cases.push(("chown", format!("chown root {file}")));
+    }
+    for (how, fix) in cases {
+        match how {
+            "chmod" => {
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+                    .expect("chmod")
+            }
+            _ => {
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .expect("chmod");
+                std::os::unix::fs::chown(path, Some(65534), None).expect("chown");
+            }
+        }
+        let out = lab.cli(&["secret", "install", &file, "--agent", "edge-us-1"]);
+        assert_ne!(out.code, Some(0), "{}", out.describe());
+        assert!(
+            format!("{}{}", out.stdout, out.stderr).contains(&fix),
+            "{how}: {}",
+            out.describe()
+        );
+        let s: Secrets = lab.cli_json(&["secret", "list", "--json", "--agent", "edge-us-1"]);
+        assert!(!pretty(&s).contains(&id), "{how}: {}", pretty(&s));
+    }
+}

@@ -26,6 +26,7 @@ use crate::control::{self, Command, EventLog};
 use crate::data::{
     self, BulkLane, DataPath, DataStats, LinkLanes, Queued, Routes, SharedRoutes, ToOwner,
 };
+use crate::files::DataDirLock;
 use crate::persist::{self, PersistError};
 use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
@@ -64,6 +65,8 @@ const LANES_IN_FLIGHT: usize = 4;
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2);
 /// Application close code for the losing connection of a simultaneous dial.
 const CLOSE_DUPLICATE: u32 = 3;
+/// Longest wait for the final snapshot at shutdown.
+const FINAL_SAVE: Duration = Duration::from_secs(5);
 /// How often the certificate files are checked for changes.
 const TLS_FILES_POLL: Duration = Duration::from_secs(2);
 /// Capacity of the channel from connection tasks to the owner.
@@ -217,12 +220,15 @@ struct ConnEntry {
     bulk: BulkLane,
 }
 
-/// Binds the sockets named in `cfg` and runs the agent until `shutdown` resolves.
+/// Takes the data directory's lock, binds the sockets named in `cfg` and runs the agent until
+/// `shutdown` resolves. A data directory held by another agent stops this one before it binds
+/// anything (exit code 2, naming the holder).
 pub async fn run(
     cfg: AgentConfig,
     opts: AgentOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    let lock = DataDirLock::acquire(&cfg.data_dir, &cfg.path)?;
     let security = match &cfg.tls {
         Some(files) => {
             let m = TlsMaterial::load(&files.ca, &files.cert, &files.key)?;
@@ -258,7 +264,7 @@ pub async fn run(
     let udp =
         std::net::UdpSocket::bind(cfg.listen).map_err(|e| bind_error("listen", cfg.listen, &e))?;
     let control = bind_control(&cfg).await?;
-    run_bound(cfg, opts, security, udp, control, shutdown).await
+    run_locked(cfg, opts, security, udp, control, lock, shutdown).await
 }
 
 /// Binds the control socket (mode 0600, or 0660 for `control-group`) and, when configured, the
@@ -361,13 +367,28 @@ fn bind_error(key: &str, addr: SocketAddr, e: &std::io::Error) -> AgentError {
     .into()
 }
 
-/// Runs the agent on already-bound sockets (tests bind port 0).
+/// Runs the agent on already-bound sockets (tests bind port 0), after taking the data
+/// directory's lock.
 pub async fn run_bound(
     cfg: AgentConfig,
     opts: AgentOptions,
     security: Security,
     udp: std::net::UdpSocket,
     control_listeners: control::Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let lock = DataDirLock::acquire(&cfg.data_dir, &cfg.path)?;
+    run_locked(cfg, opts, security, udp, control_listeners, lock, shutdown).await
+}
+
+/// The agent itself; `_lock` is held until it returns.
+async fn run_locked(
+    cfg: AgentConfig,
+    opts: AgentOptions,
+    security: Security,
+    udp: std::net::UdpSocket,
+    control_listeners: control::Listeners,
+    _lock: DataDirLock,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let restored = persist::load(&cfg.data_dir)?;
@@ -513,13 +534,21 @@ pub async fn run_bound(
         .run(&mut engine, net_rx, bulk_rx, cmd_rx, shutdown)
         .await;
 
-    // Final snapshot, then close everything.
-    let _ = persist::store(&cfg.data_dir, &engine.records());
+    // The final snapshot goes through the persister too (one writer): it saves the last value
+    // and ends once the sender is gone. Then close everything.
+    let persist_tx = owner.persist_tx;
+    persist_tx.send_replace(Some(engine.records()));
+    drop(persist_tx);
+    if timeout(FINAL_SAVE, persist_task).await.is_err() {
+        error!(
+            "the final node table snapshot was not written within {} s",
+            FINAL_SAVE.as_secs()
+        );
+    }
     endpoint.close(0u32.into(), b"shutting down");
     let _ = timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     accept_task.abort();
     control_task.abort();
-    persist_task.abort();
     let _ = std::fs::remove_file(&cfg.control_socket);
     result
 }
@@ -1585,6 +1614,8 @@ async fn reader(
         .await;
 }
 
+/// The one writer of the snapshot while the agent runs: it saves the latest table it was sent
+/// (coalescing bursts), and returns after saving the last value once the sender is dropped.
 async fn persister(dir: std::path::PathBuf, mut rx: watch::Receiver<Option<Vec<NodeRecord>>>) {
     while rx.changed().await.is_ok() {
         let Some(records) = rx.borrow_and_update().clone() else {

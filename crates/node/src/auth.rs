@@ -15,7 +15,6 @@
 
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
 
@@ -131,8 +130,8 @@ impl Tokens {
         let mut tokens = Vec::new();
         for (scope, file) in TOKEN_FILES {
             let path = dir.join(file);
-            let meta = match std::fs::metadata(&path) {
-                Ok(m) => m,
+            match std::fs::metadata(&path) {
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
                     return Err(TokenError {
@@ -143,8 +142,8 @@ impl Tokens {
                         ),
                     })
                 }
-            };
-            check_private_file(&path, &meta)?;
+            }
+            check_private_file(&path)?;
             let text = read_capped(&path)?;
             let token = text.trim();
             if token.len() < MIN_TOKEN_LEN || !token.chars().all(|c| c.is_ascii_graphic()) {
@@ -218,34 +217,15 @@ pub fn generate_token() -> std::io::Result<String> {
 
 /// The effective user id of this process.
 pub fn my_uid() -> u32 {
-    rustix::process::geteuid().as_raw()
+    crate::files::current_uid()
 }
 
-/// Checks that a secret file (token, key, secret) is owned by this process's user or root and
-/// not readable or writable by group or others.
-fn check_private_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), TokenError> {
-    let me = my_uid();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(TokenError {
-            problem: format!(
-                "{} is owned by uid {}, not by the agent's user (uid {me}) or root",
-                path.display(),
-                meta.uid()
-            ),
-            fix: format!("chown {me} {}", path.display()),
-        });
-    }
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(TokenError {
-            problem: format!(
-                "{} has mode {mode:04o}: a token file must be readable by its owner only",
-                path.display()
-            ),
-            fix: format!("chmod 600 {}", path.display()),
-        });
-    }
-    Ok(())
+/// A token file follows the rule of every file holding a secret ([`crate::files::check_private`]).
+fn check_private_file(path: &Path) -> Result<(), TokenError> {
+    crate::files::check_private(path, "control-tokens").map_err(|e| TokenError {
+        problem: e.problem,
+        fix: e.fix,
+    })
 }
 
 fn read_capped(path: &Path) -> Result<String, TokenError> {
@@ -511,8 +491,8 @@ mod tests {
         ensure_token_file(&admin).unwrap();
         std::os::unix::fs::chown(&admin, Some(65534), None).unwrap();
         let e = Tokens::load(dir.path()).unwrap_err();
-        assert!(e.problem.contains("owned by uid 65534"), "{e:?}");
-        assert!(e.fix.starts_with("chown 0"), "{e:?}");
+        assert!(e.problem.contains("(uid 65534)"), "{e:?}");
+        assert!(e.fix.starts_with("chown root"), "{e:?}");
     }
 
     #[test]

@@ -620,28 +620,18 @@ impl RawConfig {
     }
 }
 
-/// Reads a cluster secret file: it must be readable by its owner only (mode 0600 or 0400) and
-/// hold a hex secret. Used for the config's `secret` and for `clusterctl secret install`.
+/// Reads a cluster secret file: it must be owned by the agent's user (or root), readable by its
+/// owner only (mode 0600 or 0400) and hold a hex secret. Used for the config's `secret`, for
+/// `--secret` and for `clusterctl secret install`.
 pub fn load_secret(path: &Path, key: &str) -> Result<Secret, ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
+    std::fs::metadata(path).map_err(|e| {
         ConfigError::new(
             key,
             format!("cannot read {}: {e}", path.display()),
             "point it at the cluster secret file, or create one with `clusterctl secret generate FILE`",
         )
     })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(ConfigError::new(
-            key,
-            format!(
-                "{} has mode {mode:04o}: a secret file must be readable by its owner only",
-                path.display()
-            ),
-            format!("chmod 600 {}", path.display()),
-        ));
-    }
+    crate::files::check_private(path, key)?;
     let text = read_capped(path, 4096)
         .map_err(|problem| ConfigError::new(key, problem, "point it at the cluster secret file"))?;
     let text = String::from_utf8(text).map_err(|_| {
@@ -1024,6 +1014,10 @@ fn check_tls(
     };
     let ca_pem = read("tls.ca", &files.ca)?;
     let cert_pem = read("tls.cert", &files.cert)?;
+    // Owner and mode first: a key of another user is "not yours" before it is "unreadable".
+    if files.key.exists() {
+        crate::files::check_private(&files.key, "tls.key")?;
+    }
     let key_pem = read("tls.key", &files.key)?;
 
     let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
@@ -1225,8 +1219,17 @@ between = ["us-east", "eu-west"]
             self.write(&format!("{stem}.key"), &pair.key_pem);
         }
 
+        /// Writes a file of the fixture; keys mode 0600, as the agent requires.
         fn write(&self, name: &str, text: &str) {
-            std::fs::write(self.dir.path().join(name), text).unwrap();
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            if name.ends_with(".key") {
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+            }
         }
 
         fn parse(&self, text: &str) -> Result<AgentConfig, ConfigError> {
@@ -1615,6 +1618,17 @@ key = "node.key"
     }
 
     #[test]
+    fn a_tls_key_readable_by_others_is_refused_with_the_chmod() {
+        let f = Fixture::new();
+        let key = f.dir.path().join("node.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+            .unwrap();
+        let e = f.err(GOOD);
+        assert_key(&e, "tls.key", "0640");
+        assert_eq!(e.fix, format!("chmod 600 {}", key.display()));
+    }
+
+    #[test]
     fn certificate_must_name_this_node() {
         let f = Fixture::new();
         f.issue("other", &ident("edge-us-2", "us-east", Role::Member));
@@ -1682,6 +1696,11 @@ key = "node.key"
         std::fs::write(etc.join("ca.pem"), &ca.cert_pem).unwrap();
         std::fs::write(etc.join("edge-us-1.pem"), &node.cert_pem).unwrap();
         std::fs::write(etc.join("edge-us-1.key"), &node.key_pem).unwrap();
+        std::fs::set_permissions(
+            etc.join("edge-us-1.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::copy(
             f.dir.path().join("cluster.secret"),
             etc.join("cluster.secret"),

@@ -7,8 +7,6 @@
 
 use crate::config::ConfigError;
 use clusterctl_core::secret::{KeyId, Keyring, Secret};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// File name of the keyring in the data directory.
@@ -48,21 +46,7 @@ pub fn load_or_init(
         }
         Err(e) => return Err(bad(&p, e.to_string())),
     };
-    let mode = std::fs::metadata(&p)
-        .map_err(|e| bad(&p, e.to_string()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(ConfigError {
-            key: "data-dir".into(),
-            problem: format!(
-                "{} has mode {:04o}: it holds secrets and must be readable by its owner only",
-                p.display(),
-                mode & 0o777
-            ),
-            fix: format!("chmod 600 {}", p.display()),
-        });
-    }
+    crate::files::check_private(&p, "data-dir")?;
     let mut primary: Option<KeyId> = None;
     let mut keys = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -78,10 +62,9 @@ pub fn load_or_init(
     Keyring::from_parts(keys, primary).map_err(|e| bad(&p, e.to_string()))
 }
 
-/// Writes the keyring (the key in use first), atomically, mode 0600.
+/// Writes the keyring (the key in use first), atomically through a temporary file of its own,
+/// mode 0600.
 pub fn store(dir: &Path, ring: &Keyring) -> std::io::Result<()> {
-    let p = path(dir);
-    let tmp = dir.join(format!("{KEYRING_FILE}.tmp"));
     let mut text =
         String::from("# clusterctl keyring: one hex secret per line, the one in use first\n");
     for id in ring.ids() {
@@ -89,24 +72,13 @@ pub fn store(dir: &Path, ring: &Keyring) -> std::io::Result<()> {
             text.push_str(&s.to_text());
         }
     }
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &p)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::files::write_atomic(&path(dir), text.as_bytes(), 0o600)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn s(b: u8) -> Secret {
         Secret::from_bytes(&[b; 32]).unwrap()
@@ -140,5 +112,22 @@ mod tests {
         std::fs::set_permissions(path(d.path()), std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = load_or_init(d.path(), &s(1), None).unwrap_err();
         assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn a_keyring_of_another_user_is_refused() {
+        if crate::files::current_uid() != 0 {
+            eprintln!("note: needs root to give a file away; skipped");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        load_or_init(d.path(), &s(1), None).unwrap();
+        std::os::unix::fs::chown(path(d.path()), Some(65534), None).unwrap();
+        let e = load_or_init(d.path(), &s(1), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("chown root {}", path(d.path()).display())),
+            "{e}"
+        );
     }
 }

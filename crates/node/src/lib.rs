@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod data;
+pub mod files;
 pub mod keyring;
 pub mod meter;
 pub mod persist;

@@ -1,14 +1,15 @@
 //! The node table on disk: one snapshot file, replaced atomically.
 //!
-//! Write: `table.snap.tmp` -> write -> fsync -> rename over `table.snap` -> fsync the directory.
-//! A crash at any point leaves either the old or the new snapshot, never a torn one; the
-//! checksum in the header catches anything else. A corrupt file stops the agent with a clear
+//! Write: a temporary file of its own (`.table.snap.XXXXXX.tmp`, unique per write) -> write ->
+//! fsync -> rename over `table.snap` -> fsync the directory ([`crate::files::write_atomic`]).
+//! A crash at any point leaves either the old or the new snapshot, never a torn one, and two
+//! writes at once never share a temporary file; the checksum in the header catches anything
+//! else. The agent writes through one task (its persister), the final save at shutdown included. A corrupt file stops the agent with a clear
 //! message instead of silently starting empty (which would lose the clock and tombstones).
 
 use clusterctl_core::snapshot;
 use clusterctl_core::table::NodeRecord;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File name of the snapshot inside the data directory.
@@ -45,19 +46,9 @@ pub fn load(dir: &Path) -> Result<Vec<NodeRecord>, PersistError> {
     })
 }
 
-/// Writes the snapshot atomically and durably.
+/// Writes the snapshot atomically and durably (mode 0600); safe to call from several threads.
 pub fn store(dir: &Path, records: &[NodeRecord]) -> std::io::Result<()> {
-    let path = snapshot_path(dir);
-    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    let bytes = snapshot::encode(records);
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, &path)?;
-    fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    crate::files::write_atomic(&snapshot_path(dir), &snapshot::encode(records), 0o600)
 }
 
 #[cfg(test)]
@@ -88,7 +79,51 @@ mod tests {
         store(dir.path(), &[rec(1)]).unwrap();
         store(dir.path(), &[rec(2)]).unwrap();
         assert_eq!(load(dir.path()).unwrap(), vec![rec(2)]);
-        assert!(!dir.path().join("table.snap.tmp").exists());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SNAPSHOT_FILE)]);
+    }
+
+    #[test]
+    fn concurrent_saves_never_fail_and_the_file_always_decodes() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path(), &[rec(0)]).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let writers: Vec<_> = (0..4u64)
+                .map(|w| {
+                    let d = dir.path();
+                    s.spawn(move || {
+                        for i in 0..100u64 {
+                            let many: Vec<NodeRecord> =
+                                (0..1 + (i % 7)).map(|k| rec(w * 1000 + i + k)).collect();
+                            store(d, &many).unwrap_or_else(|e| panic!("writer {w}, save {i}: {e}"));
+                        }
+                    })
+                })
+                .collect();
+            let reader = s.spawn(|| {
+                let mut reads = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    load(dir.path()).unwrap_or_else(|e| panic!("read {reads}: {e}"));
+                    reads += 1;
+                }
+                reads
+            });
+            for w in writers {
+                w.join().unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
+        assert!(!load(dir.path()).unwrap().is_empty());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SNAPSHOT_FILE)]);
     }
 
     #[test]

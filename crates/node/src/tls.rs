@@ -105,6 +105,14 @@ pub enum TlsError {
         /// What is wrong.
         detail: String,
     },
+    /// The key file is readable by others, or owned by another user.
+    #[error("tls.key: {problem}; fix: {fix}")]
+    KeyFile {
+        /// What is wrong with the file (it names the file).
+        problem: String,
+        /// The `chmod`/`chown` that fixes it.
+        fix: String,
+    },
     /// The key file holds no private key.
     #[error(
         "tls.key: no private key in the file (expected an unencrypted \
@@ -184,7 +192,9 @@ impl fmt::Debug for TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// Reads and validates the PEM files of `tls.ca`, `tls.cert` and `tls.key`.
+    /// Reads and validates the PEM files of `tls.ca`, `tls.cert` and `tls.key`. The key file
+    /// must be owned by this process's user (or root) and readable by its owner only
+    /// ([`crate::files::check_private`]).
     ///
     /// Errors name the file's config key and what is wrong: unreadable, no certificate in it,
     /// no private key in it, key does not match certificate, certificate has no clusterctl
@@ -200,8 +210,31 @@ impl TlsMaterial {
         };
         let ca_pem = read(KEY_CA, ca)?;
         let cert_pem = read(KEY_CERT, cert)?;
+        if std::fs::metadata(key).is_ok() {
+            crate::files::check_private(key, KEY_KEY).map_err(|e| TlsError::KeyFile {
+                problem: e.problem,
+                fix: e.fix,
+            })?;
+        }
         let key_pem = read(KEY_KEY, key)?;
         TlsMaterial::from_pem(&ca_pem, &cert_pem, &key_pem)
+    }
+
+    /// [`TlsMaterial::load`] without the owner and mode check of the key file: for reports that
+    /// check the file apart (`clusterctl preflight`) and still judge the chain.
+    pub fn load_contents(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
+        let read = |config_key: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+                key: config_key,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        TlsMaterial::from_pem(
+            &read(KEY_CA, ca)?,
+            &read(KEY_CERT, cert)?,
+            &read(KEY_KEY, key)?,
+        )
     }
 
     /// Validates PEM contents, as [`TlsMaterial::load`] does for files.

@@ -10,7 +10,9 @@ use clusterctl_node::pki::{self, CertPair, Validity};
 use clusterctl_node::tls::{self, RejectSink, Security, TlsError, TlsMaterial};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::fs::Permissions;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -755,6 +757,7 @@ fn missing_file_error_names_the_key() {
     std::fs::write(&ca_path, &ca.cert_pem).unwrap();
     std::fs::write(&cert_path, &node.cert_pem).unwrap();
     std::fs::write(&key_path, &node.key_pem).unwrap();
+    std::fs::set_permissions(&key_path, Permissions::from_mode(0o600)).unwrap();
 
     let loaded = TlsMaterial::load(&ca_path, &cert_path, &key_path).unwrap();
     assert_eq!(loaded.identity.ident.name.as_str(), "gw-us-1");
@@ -772,6 +775,49 @@ fn missing_file_error_names_the_key() {
         let text = e.to_string();
         assert!(text.starts_with(&format!("{key}: cannot read ")), "{text}");
         assert!(text.contains("missing.pem"), "{text}");
+    }
+}
+
+#[test]
+fn a_key_file_readable_by_others_or_owned_by_another_user_is_refused_at_load() {
+    let cluster = lab();
+    let ca = new_ca(&cluster);
+    let node = issue(
+        &ca,
+        &cluster,
+        &ident("gw-us-1", "us-east", Role::Gateway),
+        Validity::days_from_now(5),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    let cert_path = dir.path().join("node.pem");
+    let key_path = dir.path().join("node.key");
+    std::fs::write(&ca_path, &ca.cert_pem).unwrap();
+    std::fs::write(&cert_path, &node.cert_pem).unwrap();
+    std::fs::write(&key_path, &node.key_pem).unwrap();
+    for mode in [0o644, 0o640] {
+        std::fs::set_permissions(&key_path, Permissions::from_mode(mode)).unwrap();
+        let e = TlsMaterial::load(&ca_path, &cert_path, &key_path).unwrap_err();
+        assert!(matches!(e, TlsError::KeyFile { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("tls.key: ")
+                && text.contains(&format!("{mode:04o}"))
+                && text.ends_with(&format!("fix: chmod 600 {}", key_path.display())),
+            "{text}"
+        );
+    }
+    if clusterctl_node::files::current_uid() == 0 {
+        std::fs::set_permissions(&key_path, Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&key_path, Some(65534), None).unwrap();
+        let text = TlsMaterial::load(&ca_path, &cert_path, &key_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("uid 65534")
+                && text.contains(&format!("chown root {}", key_path.display())),
+            "{text}"
+        );
     }
 }
 

@@ -52,8 +52,9 @@ pub enum DrillName {
     /// Re-point a seed's host name to another node (20 s): preflight reports DNS drift, the
     /// agent's refusals are shown as they are.
     DnsDrift,
-    /// Drop gw-us -> gw-eu only (30 s): the link is reported one-way with its direction, and no
-    /// node flaps between alive and dead.
+    /// Drop IP from gw-us to gw-eu only (90 s): the link is reported one-way with its direction
+    /// at every poll of the last 45 s (at most 3 s apart), and no node flaps between alive and
+    /// dead.
     OneWay,
 }
 
@@ -80,7 +81,7 @@ impl DrillName {
             | DrillName::RollingRestartSecret
             | DrillName::DnsDrift => 20,
             DrillName::SlowNode => 60,
-            DrillName::OneWay => 30,
+            DrillName::OneWay => 90,
             DrillName::LossyWan => 120,
         }
     }
@@ -705,6 +706,8 @@ fn one_way(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
     let mut flips: Vec<String> = Vec::new();
     let mut dead_seen = Vec::new();
     let mut reported = None;
+    // Every look at FROM's topology: when, and whether the link showed one-way that way.
+    let mut polls: Vec<(Duration, bool)> = Vec::new();
     while t_fault.elapsed() < held {
         for o in &ctx.nodes {
             let Some(s) = ctx.statuses(&o.name) else {
@@ -726,21 +729,23 @@ fn one_way(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
                 }
             }
         }
-        if v.detection.is_none() {
-            if let Some(t) = ctx.topology(&from) {
-                if let Some(l) = t.links.iter().find(|l| {
-                    l.state == clusterctl_api::LinkState::OneWay
-                        && l.reason.as_deref().is_some_and(|r| r.contains(&expect))
-                }) {
-                    v.detection = Some(t_fault.elapsed());
-                    reported = Some(format!(
-                        "{} <=> {}: {}",
-                        l.from,
-                        l.to,
-                        l.reason.clone().unwrap_or_default()
-                    ));
-                }
-            }
+        let topology = ctx.topology(&from);
+        let at = t_fault.elapsed();
+        let link = topology.as_ref().and_then(|t| {
+            t.links.iter().find(|l| {
+                l.state == clusterctl_api::LinkState::OneWay
+                    && l.reason.as_deref().is_some_and(|r| r.contains(&expect))
+            })
+        });
+        polls.push((at, link.is_some()));
+        if let (None, Some(l)) = (v.detection, link) {
+            v.detection = Some(at);
+            reported = Some(format!(
+                "{} <=> {}: {}",
+                l.from,
+                l.to,
+                l.reason.clone().unwrap_or_default()
+            ));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -751,6 +756,31 @@ fn one_way(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
     if let Some(r) = reported {
         v.notes.push(r);
     }
+    // The fault stays one-way for as long as it is held (a fault that also dropped ARP would
+    // turn into a full partition within a minute): FROM shows it, with its direction, at every poll
+    // of the last part of the hold.
+    let steady = steady_window(held);
+    let judged = steady_polls(&polls, held - steady);
+    v.extra
+        .push(("steady_window_s", steady.as_secs().to_string()));
+    v.extra
+        .push(("steady_polls", format!("{}/{}", judged.shown, judged.polls)));
+    v.extra.push((
+        "max_poll_gap_s",
+        format!("{:.2}", judged.max_gap.as_secs_f64()),
+    ));
+    v.check(
+        judged.polls > 0 && judged.shown == judged.polls && judged.max_gap <= MAX_POLL_GAP,
+        format!(
+            "{from} shows the link one-way, {to} -> {from} only, at every poll of the last {} s \
+             ({}/{} polls, largest gap {:.1} s, at most {} s allowed)",
+            steady.as_secs(),
+            judged.shown,
+            judged.polls,
+            judged.max_gap.as_secs_f64(),
+            MAX_POLL_GAP.as_secs()
+        ),
+    );
     // Each observer changes its view of a far node once (alive -> unreachable); more is a flap.
     let mut per_pair: BTreeMap<String, usize> = BTreeMap::new();
     for f in &flips {
@@ -791,6 +821,41 @@ fn one_way(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
         },
     );
     ctx.heal_and_recover(v)
+}
+
+/// Longest pause between two looks at the one-way link in the judged window.
+const MAX_POLL_GAP: Duration = Duration::from_secs(3);
+/// Longest judged window of the one-way drill (the last part of the hold).
+const MAX_STEADY: Duration = Duration::from_secs(45);
+
+/// The judged window of a one-way drill held `held`: the last 45 s, or the last half of a
+/// shorter hold.
+fn steady_window(held: Duration) -> Duration {
+    MAX_STEADY.min(held / 2)
+}
+
+/// What the polls from `start` on (times since the fault) showed.
+#[derive(Debug, PartialEq, Eq)]
+struct Steady {
+    polls: usize,
+    shown: usize,
+    /// Largest time between `start` and the first poll or between two polls.
+    max_gap: Duration,
+}
+
+fn steady_polls(polls: &[(Duration, bool)], start: Duration) -> Steady {
+    let judged: Vec<&(Duration, bool)> = polls.iter().filter(|(t, _)| *t >= start).collect();
+    let mut max_gap = Duration::ZERO;
+    let mut prev = start;
+    for (t, _) in &judged {
+        max_gap = max_gap.max(t.saturating_sub(prev));
+        prev = *t;
+    }
+    Steady {
+        polls: judged.len(),
+        shown: judged.iter().filter(|(_, shown)| *shown).count(),
+        max_gap,
+    }
 }
 
 fn gateway_failover(ctx: &Ctx, held: Duration, v: &mut Verdict) -> anyhow::Result<()> {
@@ -1836,6 +1901,31 @@ fn dns_drift(ctx: &Ctx, state: &LabState, held: Duration, v: &mut Verdict) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_one_way_drill_judges_every_poll_of_the_last_45_s() {
+        assert_eq!(DrillName::OneWay.default_duration(), 90);
+        assert_eq!(steady_window(Duration::from_secs(90)), MAX_STEADY);
+        assert_eq!(
+            steady_window(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
+        let s = |ms: u64| Duration::from_millis(ms);
+        // Lost at 40 s (before the window), shown from 44 s on, every 2 s.
+        let mut polls: Vec<(Duration, bool)> = vec![(s(40_000), false)];
+        polls.extend((0..24).map(|i| (s(44_000 + 2_000 * i), true)));
+        let ok = steady_polls(&polls, s(45_000));
+        assert_eq!(ok.polls, 23);
+        assert_eq!(ok.shown, 23);
+        assert_eq!(ok.max_gap, s(2_000));
+        // One poll in the window without it (the fault became a partition) is counted.
+        polls.push((s(91_000), false));
+        assert_eq!(steady_polls(&polls, s(45_000)).shown, 23);
+        assert_eq!(steady_polls(&polls, s(45_000)).polls, 24);
+        // A hole in the polling shows as the largest gap.
+        let sparse = [(s(46_000), true), (s(52_000), true)];
+        assert_eq!(steady_polls(&sparse, s(45_000)).max_gap, s(6_000));
+    }
 
     #[test]
     fn drill_verdict_needs_every_check_and_prints_its_figures() {

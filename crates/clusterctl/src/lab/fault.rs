@@ -36,7 +36,8 @@ pub enum FaultCmd {
         #[command(flatten)]
         dir: DirArgs,
     },
-    /// Drop traffic in one direction only: from FROM to TO (sites on the WAN, or nodes).
+    /// Drop IP traffic in one direction only: from FROM to TO (sites on the WAN, or nodes).
+    /// ARP passes both ways, so the fault stays one-way for as long as it is held.
     Oneway {
         from: String,
         to: String,
@@ -482,7 +483,11 @@ fn rules(ns: &NetnsState, fault: &Fault) -> anyhow::Result<Vec<String>> {
                 bail!("oneway {from} {to}: name two different sites or nodes");
             }
             let (pf, pt) = (set(&ports(ns, from, true)?), set(&ports(ns, to, true)?));
-            vec![format!("iifname {pf} oifname {pt} drop")]
+            // IPv4 only: ARP must still get through, or FROM soon cannot resolve TO's address
+            // (nor TO answer FROM's requests) and the fault turns into a full partition once
+            // the neighbour entries expire. (`meta nfproto` does not exist in a bridge chain:
+            // the ethertype is the match.)
+            vec![format!("iifname {pf} oifname {pt} ether type ip drop")]
         }
         Fault::Isolate { node } => {
             if ns.node(node).is_none() {
@@ -567,7 +572,7 @@ mod tests {
             "flush chain bridge cc0001 faults",
             "add rule bridge cc0001 faults iifname { \"cc0001-0w\" } oifname { \"cc0001-3w\" } drop comment \"partition us-east eu-west\"",
             "add rule bridge cc0001 faults iifname { \"cc0001-3w\" } oifname { \"cc0001-0w\" } drop comment \"partition us-east eu-west\"",
-            "add rule bridge cc0001 faults iifname { \"cc0001-0s\", \"cc0001-0w\" } oifname { \"cc0001-3s\", \"cc0001-3w\" } drop comment \"oneway gw-us-1 gw-eu-1\"",
+            "add rule bridge cc0001 faults iifname { \"cc0001-0s\", \"cc0001-0w\" } oifname { \"cc0001-3s\", \"cc0001-3w\" } ether type ip drop comment \"oneway gw-us-1 gw-eu-1\"",
             "add rule bridge cc0001 faults iifname { \"cc0001-0w\", \"cc0001-3w\" } numgen random mod 100 < 5 drop comment \"loss wan 5\"",
             "add rule bridge cc0001 faults iifname { \"cc0001-5s\" } drop comment \"isolate edge-eu-2\"",
             "add rule bridge cc0001 faults oifname { \"cc0001-5s\" } drop comment \"isolate edge-eu-2\"",
@@ -585,6 +590,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(all, ["iifname { \"cc0001-0w\", \"cc0001-3w\" } drop"]);
+    }
+
+    #[test]
+    fn a_oneway_fault_drops_ip_only_never_arp() {
+        let ns = lab();
+        let r = rules(
+            &ns,
+            &Fault::Oneway {
+                from: "us-east".into(),
+                to: "eu-west".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            ["iifname { \"cc0001-0w\" } oifname { \"cc0001-3w\" } ether type ip drop"]
+        );
     }
 
     #[test]
