@@ -142,10 +142,10 @@ impl Deploy {
 
     /// Writes `etc/NAME`, a config of edge-us-1 on ports of its own, data directory `data/`.
     fn write_config(&self, name: &str) -> PathBuf {
-        let (listen, control) = free_ports();
+        let (listen, _) = free_ports();
         let text = format!(
             "cluster = \"prod\"\nname = \"edge-us-1\"\nsite = \"us-east\"\nrole = \"member\"\n\
-             listen = \"127.0.0.1:{listen}\"\ncontrol = \"127.0.0.1:{control}\"\n\
+             listen = \"127.0.0.1:{listen}\"\n\
              data-dir = \"../data\"\ncontract = \"contract.toml\"\nsecret = \"cluster.secret\"\n\n\
              [tls]\nca = \"../ca/ca.pem\"\ncert = \"edge-us-1.pem\"\nkey = \"edge-us-1.key\"\n"
         );
