@@ -1555,6 +1555,7 @@ mod tests {
             secure: true,
             insecure_reason: None,
             healthy: false,
+            problems: Vec::new(),
             sites: vec![SiteView {
                 name: "us-east".into(),
                 nodes: vec![

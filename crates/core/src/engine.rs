@@ -29,6 +29,7 @@ use crate::swim::{RingTiming, Swim, SwimId};
 use crate::table::{
     CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState, Summary,
 };
+use crate::verdict;
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
     LoadSpec, Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
@@ -327,6 +328,17 @@ struct Direction {
     one_way_since: Option<Time>,
 }
 
+/// How long a refused second instance of a node's name keeps reports unhealthy after its last
+/// attempt (it retries every `dial_backoff_max`, 5 s by default).
+pub const DUPLICATE_EVIDENCE: Duration = Duration::from_secs(30);
+
+/// A second instance of a node's name refused at handshake ([`crate::instance`]).
+#[derive(Debug, Clone)]
+struct Duplicate {
+    reason: String,
+    last: Time,
+}
+
 #[derive(Debug, Clone)]
 struct Refused {
     reason: String,
@@ -496,6 +508,8 @@ pub struct Engine {
     table: NodeTable,
     links: BTreeMap<NodeName, Link>,
     refused: BTreeMap<NodeName, Refused>,
+    /// Second instances of live nodes refused lately (at most [`MAX_REFUSALS`]).
+    duplicates: BTreeMap<NodeName, Duplicate>,
     dialing: BTreeMap<NodeName, Dialing>,
     announced: BTreeMap<NodeName, Time>,
     /// Evidence about each direction of links that do not come up (one-way detection).
@@ -712,6 +726,7 @@ impl Engine {
             table,
             links: BTreeMap::new(),
             refused: BTreeMap::new(),
+            duplicates: BTreeMap::new(),
             dialing: BTreeMap::new(),
             announced: BTreeMap::new(),
             direction: BTreeMap::new(),
@@ -1241,6 +1256,9 @@ impl Engine {
                 ));
             }
         }
+        if let Some(reason) = self.second_instance(hello) {
+            return Err(refuse(RefusalCode::Identity, reason));
+        }
         let secret = self
             .keyring
             .prove_with(key, ProofRole::Ack, &self.cfg.me.name, binding)
@@ -1257,6 +1275,22 @@ impl Engine {
             last_clock_for_you: last.map_or(0, |r| r.clock),
             secret,
         })
+    }
+
+    /// The [`crate::instance`] rule for `hello`: refused when the table's instance of the name
+    /// answers at another address.
+    fn second_instance(&self, hello: &Hello) -> Option<String> {
+        let name = &hello.ident.name;
+        let incumbent = self
+            .table
+            .get(name.as_str())
+            .map(|r| crate::instance::Incumbent {
+                addr: &r.addr,
+                answers: r.state == RecordState::Alive
+                    && r.clock > 0
+                    && self.status_of(name) == NodeStatus::Alive,
+            });
+        crate::instance::second_instance(name.as_str(), &hello.addr, incumbent)
     }
 
     /// What a dial needs to build its hello once the TLS session exists (the proof of the
@@ -1366,6 +1400,14 @@ impl Engine {
             self.push(Output::Fatal(reason));
             return;
         }
+        if let (true, Some(p)) = (by_us, &peer) {
+            if code == Some(RefusalCode::Identity)
+                && reason.starts_with(crate::instance::SECOND_INSTANCE)
+            {
+                self.note_duplicate(now, p.clone(), reason);
+                return;
+            }
+        }
         match peer {
             Some(p) => {
                 if !by_us {
@@ -1387,6 +1429,42 @@ impl Engine {
                     format!("{who}: {reason}"),
                 );
             }
+        }
+    }
+
+    /// We refused a second instance of `name`: an event when it starts (or its reason changes),
+    /// and reports stay unhealthy while it keeps trying ([`DUPLICATE_EVIDENCE`]). The incumbent's
+    /// link and record are left alone.
+    fn note_duplicate(&mut self, now: Time, name: NodeName, reason: &str) {
+        let fresh = self
+            .duplicates
+            .get(&name)
+            .is_none_or(|d| d.reason != reason || now.saturating_sub(d.last) >= DUPLICATE_EVIDENCE);
+        if self.duplicates.len() >= MAX_REFUSALS && !self.duplicates.contains_key(&name) {
+            if let Some(oldest) = self
+                .duplicates
+                .iter()
+                .min_by_key(|(_, d)| d.last)
+                .map(|(n, _)| n.clone())
+            {
+                self.duplicates.remove(&oldest);
+            }
+        }
+        self.duplicates.insert(
+            name.clone(),
+            Duplicate {
+                reason: short(reason),
+                last: now,
+            },
+        );
+        if fresh {
+            self.event(
+                now,
+                EventKind::LinkRefused,
+                Some(self.cfg.me.name.clone()),
+                Some(name),
+                format!("refused by {}: {reason}", self.cfg.me.name),
+            );
         }
     }
 
@@ -2533,7 +2611,8 @@ impl Engine {
                 NodeStatus::Left => EventKind::NodeLeft,
                 NodeStatus::Unreachable => EventKind::NodeUnreachable,
                 NodeStatus::Forgotten => EventKind::NodeForgotten,
-                NodeStatus::Unknown => continue,
+                // Never computed by `status_of` (only reports show it).
+                NodeStatus::Unknown | NodeStatus::Refused => continue,
             };
             let site = self.table.get(name.as_str()).map(|r| r.site.clone());
             let why = match (s, &site) {
@@ -3844,7 +3923,23 @@ impl Engine {
 
     /// Links the contract expects, between known nodes: `(a, b, kind)` with `a < b`.
     pub fn expected_links(&self) -> Vec<(NodeName, NodeName, LinkKind)> {
+        self.expected_links_with(&BTreeSet::new())
+    }
+
+    /// [`Engine::expected_links`], also with the `refused` nodes that left and came back (see
+    /// [`crate::verdict`]).
+    fn expected_links_with(
+        &self,
+        refused: &BTreeSet<NodeName>,
+    ) -> Vec<(NodeName, NodeName, LinkKind)> {
         let mut nodes: BTreeMap<NodeName, Ident> = BTreeMap::new();
+        for name in refused {
+            if let Some(r) = self.table.get(name.as_str()) {
+                if !r.is_tombstone() && r.clock > 0 {
+                    nodes.insert(r.name.clone(), r.ident());
+                }
+            }
+        }
         for r in self.table.live() {
             if r.state == RecordState::Alive && r.clock > 0 {
                 nodes.insert(r.name.clone(), r.ident());
@@ -3862,7 +3957,9 @@ impl Engine {
                             role: Role::Gateway,
                         },
                     );
-                } else if known.is_some_and(|r| r.state != RecordState::Alive) {
+                } else if known.is_some_and(|r| r.state != RecordState::Alive)
+                    && !refused.contains(g)
+                {
                     nodes.remove(g);
                 }
             }
@@ -4070,6 +4167,67 @@ impl Engine {
         }
     }
 
+    /// Nodes refused at handshake, each with the first reason found: from this node's own
+    /// refusals and every live record's refused link reports ([`verdict::refused_end`]).
+    fn refused_nodes(&self) -> BTreeMap<NodeName, String> {
+        let me = &self.cfg.me.name;
+        let mut out: BTreeMap<NodeName, String> = BTreeMap::new();
+        for (peer, r) in &self.refused {
+            if !self.links.get(peer).is_some_and(|l| l.up) {
+                let end = verdict::refused_end(me, peer, &r.reason);
+                out.entry(end.clone()).or_insert_with(|| r.reason.clone());
+            }
+        }
+        for r in self.table.live().filter(|r| r.name != *me) {
+            for l in r.links.iter().filter(|l| l.state == LinkState::Refused) {
+                let reason = l.reason.as_deref().unwrap_or("refused");
+                let end = verdict::refused_end(&r.name, &l.peer, reason);
+                out.entry(end.clone()).or_insert_with(|| reason.to_string());
+            }
+        }
+        out
+    }
+
+    /// The status each node is shown with, and why the expected nodes that are at fault make
+    /// the report unhealthy ([`crate::verdict`]).
+    fn node_verdicts(&self, now: Time) -> (BTreeMap<NodeName, NodeStatus>, Vec<String>) {
+        let refused = self.refused_nodes();
+        let duplicates: BTreeMap<&NodeName, &str> = self
+            .duplicates
+            .iter()
+            .filter(|(_, d)| now.saturating_sub(d.last) < DUPLICATE_EVIDENCE)
+            .map(|(n, d)| (n, d.reason.as_str()))
+            .collect();
+        let mut names: BTreeSet<NodeName> = self
+            .table
+            .live()
+            .filter(|r| r.clock > 0 || r.name == self.cfg.me.name)
+            .map(|r| r.name.clone())
+            .collect();
+        let mut listed: BTreeSet<&NodeName> = BTreeSet::new();
+        for s in self.cfg.contract.sites() {
+            listed.extend(s.gateways.iter());
+            listed.extend(s.nodes.iter().flatten());
+        }
+        names.extend(listed.iter().map(|n| (*n).clone()));
+        names.extend(refused.keys().cloned());
+        let mut out = BTreeMap::new();
+        let mut problems = Vec::new();
+        for name in &names {
+            let in_contract = listed.contains(name);
+            let f = verdict::NodeFacts {
+                name,
+                status: self.status_of(name),
+                in_contract,
+                refused: refused.get(name).map(String::as_str),
+                duplicate: duplicates.get(name).copied(),
+            };
+            problems.extend(verdict::problem(&f));
+            out.insert(name.clone(), verdict::shown_status(&f));
+        }
+        (out, problems)
+    }
+
     /// The topology as this node sees it.
     pub fn topology(&self, now: Time) -> Topology {
         let my_hash = self.cfg.contract.hash().to_string();
@@ -4084,15 +4242,17 @@ impl Engine {
                 },
             );
         }
+        let (facts, problems) = self.node_verdicts(now);
         for r in self.table.live() {
             if r.clock == 0 && r.name != self.cfg.me.name {
                 continue;
             }
+            let status = self.status_of(&r.name);
             let view = NodeView {
                 name: r.name.to_string(),
                 site: r.site.to_string(),
                 role: r.role,
-                status: self.status_of(&r.name),
+                status: facts.get(&r.name).copied().unwrap_or(status),
                 clock: r.clock,
                 addr: r.addr.clone(),
                 contract_hash: r.contract_hash.clone(),
@@ -4108,7 +4268,12 @@ impl Engine {
                 .nodes
                 .push(view);
         }
-        let expected = self.expected_links();
+        let refused_nodes: BTreeSet<NodeName> = facts
+            .iter()
+            .filter(|(_, s)| **s == NodeStatus::Refused)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let expected = self.expected_links_with(&refused_nodes);
         let mut links: Vec<LinkView> = expected
             .iter()
             .map(|(a, b, k)| self.link_view(now, a, b, *k, true))
@@ -4141,10 +4306,25 @@ impl Engine {
             };
             links.push(self.link_view(now, &a, &b, kind, false));
         }
-        let healthy = links
-            .iter()
-            .filter(|l| l.expected)
-            .all(|l| l.state == LinkState::Up);
+        let mut problems: Vec<String> = problems;
+        problems.extend(
+            links
+                .iter()
+                .filter(|l| l.expected && l.state != LinkState::Up)
+                .map(|l| {
+                    format!(
+                        "{} link {} - {} is {}{}",
+                        l.kind.as_str(),
+                        l.from,
+                        l.to,
+                        l.state.as_str(),
+                        l.reason
+                            .as_ref()
+                            .map_or_else(String::new, |r| format!(": {r}"))
+                    )
+                }),
+        );
+        let healthy = problems.is_empty();
         let insecure_nodes: Vec<String> = self
             .table
             .live()
@@ -4182,6 +4362,7 @@ impl Engine {
             secure,
             insecure_reason,
             healthy,
+            problems,
             sites: sites.into_values().collect(),
             links,
             probes: None,
