@@ -10,7 +10,9 @@ use clusterctl_core::table::NodeRecord;
 use clusterctl_core::wire::{Frame, Handshake, RefusalCode};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, CertPair, Validity};
 use clusterctl_node::tls::TlsMaterial;
-use clusterctl_testkit::handshake::{hello_with, send_hello, Outcome};
+use clusterctl_testkit::handshake::{
+    dial_without_client_certificate, hello_with, send_hello, Outcome,
+};
 use clusterctl_testkit::{Lab, LabOptions, DEFAULT_WAIT};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -304,6 +306,56 @@ fn plaintext_and_garbage_on_the_cluster_port_are_dropped() {
                 Ok(())
             } else {
                 Err(format!("{t:?}"))
+            }
+        },
+    );
+}
+
+/// `handshakes_refused_in` of `node`, from `/metrics`.
+fn refused_in(lab: &Lab, node: &str) -> Result<u64, String> {
+    let url = format!("http://{}/metrics", lab.node(node).control);
+    let text = ureq::get(&url)
+        .call()
+        .map_err(|e| format!("{url}: {e}"))?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{url}: {e}"))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("clusterctl_handshakes_refused_in ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| format!("no clusterctl_handshakes_refused_in in\n{text}"))
+}
+
+#[test]
+fn a_dial_without_a_client_certificate_is_counted_and_reported_with_its_address() {
+    let f = Fixture::new();
+    let before = refused_in(&f.lab, "gw-us-1").expect("metrics");
+    match dial_without_client_certificate(f.bind, f.target) {
+        Outcome::Failed(why) => assert!(why.contains("certificate"), "{why}"),
+        Outcome::Answer(a) => panic!("a peer without a certificate got an answer: {a:?}"),
+    }
+    let from = f.bind.ip().to_string();
+    f.lab.wait_for(
+        "gw-us-1 to count and report the refused dial with its address",
+        DEFAULT_WAIT,
+        || {
+            let after = refused_in(&f.lab, "gw-us-1")?;
+            let events = f.lab.events("gw-us-1");
+            let event = events.iter().find(|e| {
+                e.kind == EventKind::LinkRefused
+                    && e.reason.contains(&from)
+                    && e.reason.contains("no client certificate")
+            });
+            if after > before && event.is_some() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "refused_in {before} -> {after}; events: {events:?}"
+                ))
             }
         },
     );

@@ -1341,6 +1341,21 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
             let _ = net.send(Net::InboundStalled { from: remote }).await;
             return;
         }
+        Ok(Err(e)) if tls::refused_for_no_client_certificate(&e) => {
+            // Refused by our TLS layer before any certificate verifier ran: counted and
+            // reported here, with the address (the verifier reports every other refusal).
+            let reason = format!(
+                "peer at {remote} presented no client certificate (this node requires mutual TLS)"
+            );
+            warn!(%remote, "refused: {reason}");
+            let _ = net
+                .send(Net::TlsRejected {
+                    claimed: None,
+                    reason,
+                })
+                .await;
+            return;
+        }
         Ok(Err(e)) => {
             debug!(%remote, "incoming handshake failed: {}", tls::describe_connection_error(&e));
             return;
