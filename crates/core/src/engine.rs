@@ -4211,6 +4211,7 @@ impl Engine {
         }
         names.extend(listed.iter().map(|n| (*n).clone()));
         names.extend(refused.keys().cloned());
+        names.extend(duplicates.keys().map(|n| (*n).clone()));
         let mut out = BTreeMap::new();
         let mut problems = Vec::new();
         for name in &names {
@@ -4713,6 +4714,36 @@ mod tests {
             own.links.iter().map(|l| l.rtt_us).collect::<Vec<_>>(),
             [5_000]
         );
+    }
+
+    /// A refused second instance makes reports unhealthy while it retries, for
+    /// [`DUPLICATE_EVIDENCE`] after its last attempt, without marking the name's link refused.
+    #[test]
+    fn a_second_instance_keeps_reports_unhealthy_while_it_retries_and_no_longer() {
+        let contract = one_site_contract();
+        let mut e = Engine::new(
+            test_config(&contract, member_of_us("edge-1")),
+            vec![],
+            Time::ZERO,
+        )
+        .unwrap();
+        let x = NodeName::new("edge-2").unwrap();
+        let why = "second instance of edge-2: edge-2 answers at A, refused the instance at B";
+        let dup = |t: &Topology| t.problems.iter().any(|p| p.contains("second instance"));
+        let t0 = Time::from_secs(10);
+        e.handle_refused(t0, Some(x.clone()), Some(RefusalCode::Identity), why, true);
+        assert!(dup(&e.topology(t0)));
+        assert!(
+            !e.refused.contains_key(&x),
+            "the incumbent's link is not refused"
+        );
+        assert_eq!(e.counters.refused_in, 1);
+        let retry = t0 + Duration::from_secs(5);
+        e.handle_refused(retry, Some(x), Some(RefusalCode::Identity), why, true);
+        assert!(dup(
+            &e.topology(retry + DUPLICATE_EVIDENCE - Duration::from_secs(1))
+        ));
+        assert!(!dup(&e.topology(retry + DUPLICATE_EVIDENCE)));
     }
 
     /// A busy host's RTT estimate jumps from 1 to 4 ms for one second in three. Either value

@@ -29,6 +29,8 @@ pub struct NodeFacts<'a> {
 pub fn expected(f: &NodeFacts) -> bool {
     match f.status {
         NodeStatus::Forgotten => false,
+        // Refused only while an instance answers: the name is in use.
+        _ if f.duplicate.is_some() => true,
         NodeStatus::Left => f.refused.is_some(),
         NodeStatus::Unknown => f.in_contract,
         _ => true,
