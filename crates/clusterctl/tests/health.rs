@@ -286,19 +286,9 @@ fn of_two_crashed_gateways_the_one_still_down_is_dead_everywhere() {
     let mut lab = lab_with("us-east=1,eu-west=1", 2);
     lab.kill9("gw-us-1");
     lab.kill9("gw-us-2");
-    // Long enough for the far site to hold the whole site unreachable.
-    lab.wait_for("gw-eu-1 to see gw-us-2 unreachable", DEFAULT_WAIT, || {
-        let m = lab.try_members("gw-eu-1")?;
-        match m
-            .members
-            .iter()
-            .find(|r| r.name == "gw-us-2")
-            .map(|r| r.status)
-        {
-            Some(NodeStatus::Unreachable) => Ok(()),
-            other => Err(format!("{other:?}\n{}", pretty(&m))),
-        }
-    });
+    // Long enough for the site's ring to stop gossiping gw-us-2's death: the restarted gw-us-1
+    // then never hears of it from the ring, only from its own table.
+    std::thread::sleep(Duration::from_secs(40));
     lab.start_agent("gw-us-1", &[]);
     lab.wait_for("gw-eu-1 to see gw-us-1 alive again", DEFAULT_WAIT, || {
         let m = lab.try_members("gw-eu-1")?;

@@ -566,6 +566,8 @@ pub struct Engine {
     sink: Sink,
     /// Loads other nodes asked for, running on the data path: handle -> who to answer.
     loads: BTreeMap<u64, CallFrom>,
+    /// When this engine started.
+    started: Time,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -727,6 +729,7 @@ impl Engine {
             links: BTreeMap::new(),
             refused: BTreeMap::new(),
             duplicates: BTreeMap::new(),
+            started: now,
             dialing: BTreeMap::new(),
             announced: BTreeMap::new(),
             direction: BTreeMap::new(),
@@ -935,6 +938,7 @@ impl Engine {
         }
         self.dial_wanted(now);
         self.reannounce(now);
+        self.suspect_unheard_gateways(now);
         let mine = self.table.summary();
         if mine != self.last_summary {
             self.last_summary = mine;
@@ -960,6 +964,37 @@ impl Engine {
     }
 
     /// Our table moved, or a peer's differs: anti-entropy rounds every `sync_every` again.
+    /// Gateways of our site that the table holds alive but our site ring never heard of, once
+    /// the ring had time to learn of every live member: handed to the ring as suspects, so a
+    /// gateway that crashed while we were down is declared dead (and our view, which the other
+    /// sites read, says so) instead of staying `unknown` here and `alive` in its own last record.
+    fn suspect_unheard_gateways(&mut self, now: Time) {
+        if now.saturating_sub(self.started) < self.cfg.timing.site_ring.suspect_to_down * 2 {
+            return;
+        }
+        let unheard: Vec<NodeName> = self
+            .table
+            .gateways_of(&self.cfg.me.site)
+            .filter(|r| {
+                r.name != self.cfg.me.name
+                    && r.site == self.cfg.me.site
+                    && r.state == RecordState::Alive
+                    && r.clock > 0
+                    && !self.left_peers.contains(&r.name)
+                    && self.site_ring.liveness(&r.name).is_none()
+                    && !self.links.get(&r.name).is_some_and(|l| l.up)
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        if unheard.is_empty() {
+            return;
+        }
+        for g in unheard {
+            self.site_ring.suspect_unheard(now, &g);
+        }
+        self.drain_rings(now);
+    }
+
     fn table_moving(&mut self, now: Time) {
         self.table_moved_at = now;
         self.next_sync = self.next_sync.min(now + self.cfg.timing.sync_every);

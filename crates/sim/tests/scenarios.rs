@@ -880,3 +880,27 @@ fn member_paused_for_longer_than_the_longest_suspicion_is_dead_then_back() {
         "live nodes suspected: {others:?} (seed {seed})"
     );
 }
+
+/// Both gateways of a site crash; one comes back once the site's ring stopped gossiping the
+/// other's death. The one still down is `dead` everywhere within the detection bound, never
+/// `alive` (its own last record) nor `unknown` (its twin's ring never heard of it).
+#[test]
+fn of_two_crashed_gateways_the_one_still_down_is_dead_everywhere() {
+    let seed = seed_from_env(31);
+    let mut sim = converged(seed, 2);
+    sim.crash("gw-us-1");
+    sim.crash("gw-us-2");
+    sim.run_for(Duration::from_secs(40));
+    sim.restart("gw-us-1");
+    let observers: Vec<String> = sim.names().into_iter().filter(|n| n != "gw-us-2").collect();
+    let took = sim.run_until(Duration::from_secs(15), |s| {
+        observers
+            .iter()
+            .all(|o| s.status(o, "gw-us-2") == NodeStatus::Dead)
+    });
+    let seen: Vec<(String, NodeStatus)> = observers
+        .iter()
+        .map(|o| (o.clone(), sim.status(o, "gw-us-2")))
+        .collect();
+    assert!(took.is_some(), "{seen:?} (seed {seed})");
+}
