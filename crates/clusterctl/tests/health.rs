@@ -175,6 +175,21 @@ fn second_instance_with_a_copied_identity_is_refused_and_the_incumbent_is_untouc
     let clock_before = clock_seen_by(&lab.members("gw-us-1"), "edge-us-2").expect("listed");
     let own_clock_before = clock_seen_by(&lab.members("edge-us-2"), "edge-us-2").expect("listed");
 
+    // Preflight of the copy fails: the name answers elsewhere.
+    let pre = lab.cli(&["preflight", "--config", &config.to_string_lossy(), "--json"]);
+    pre.assert_code(1);
+    let report: serde_json::Value = pre.json();
+    let unique = report["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "name-unique"))
+        .unwrap_or_else(|| panic!("no name-unique check\n{}", pre.describe()));
+    assert_eq!(unique["status"], "fail", "{}", pre.describe());
+    assert!(
+        unique["detail"].as_str().unwrap_or("").contains(&incumbent),
+        "{}",
+        pre.describe()
+    );
+
     let agent = lab.start_agent_with_config("edge-us-2", &config, &[]);
     // The refusing node's event names both addresses.
     lab.wait_for(
