@@ -445,3 +445,72 @@ fn drill_one_way_passes() {
         drill("one-way", "45");
     }
 }
+
+/// Runs `nft -f -` with `rules` inside network namespace `ns`.
+fn nft_in(ns: &str, rules: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(rules.as_bytes())
+        .expect("rules written");
+    let status = child.wait().expect("nft ends");
+    assert!(status.success(), "nft -f in {ns} failed: {status}");
+}
+
+/// A node whose own UDP sends are refused by its kernel (an nftables drop on the output hook of
+/// its own namespace returns EPERM to sendmsg) says so on its links, not just "timed out".
+#[test]
+fn a_member_whose_own_sends_fail_shows_local_send_error_on_its_links() {
+    if !require_netns("a_member_whose_own_sends_fail_shows_local_send_error_on_its_links") {
+        return;
+    }
+    let lab = NetnsLab::up(bin(), &[]);
+    let state = lab.state();
+    let ns = state["netns"]["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["name"] == "edge-us-1"))
+        .and_then(|n| n["netns"].as_str())
+        .expect("lab.json records edge-us-1's namespace")
+        .to_string();
+    nft_in(
+        &ns,
+        "table inet send-fault {\n\tchain out {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tudp dport 7400 drop\n\t}\n}\n",
+    );
+    wait_for(
+        "edge-us-1 to show a local send error on its links",
+        Duration::from_secs(60),
+        || {
+            let out = lab.cli(&["topology", "--json", "--agent", "edge-us-1"]);
+            let t: Topology =
+                serde_json::from_str(&out.stdout).map_err(|e| out.describe() + &e.to_string())?;
+            let mine: Vec<_> = t
+                .links
+                .iter()
+                .filter(|l| l.from == "edge-us-1" || l.to == "edge-us-1")
+                .collect();
+            let shown = mine.iter().any(|l| {
+                l.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("local send error: EPERM"))
+            });
+            if shown && out.code == Some(1) {
+                Ok(())
+            } else {
+                Err(out.stdout)
+            }
+        },
+    );
+    let events = lab.cli(&["events", "--once", "--agent", "edge-us-1"]);
+    assert!(
+        events.stdout.contains("local send error: EPERM"),
+        "{}",
+        events.describe()
+    );
+}

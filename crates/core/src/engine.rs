@@ -328,6 +328,10 @@ struct Direction {
     one_way_since: Option<Time>,
 }
 
+/// How the runtime starts the reason of a link down or a dial failed because this node's own
+/// kernel refused the send (`local send error: EPERM (timed out)`).
+pub const LOCAL_SEND_ERROR: &str = "local send error";
+
 /// How long a refused second instance of a node's name keeps reports unhealthy after its last
 /// attempt (it retries every `dial_backoff_max`, 5 s by default).
 pub const DUPLICATE_EVIDENCE: Duration = Duration::from_secs(30);
@@ -2133,6 +2137,13 @@ impl Engine {
             if self.links.get(name).is_some_and(|l| l.up) || self.refused.contains_key(name) {
                 continue;
             }
+            // Our own kernel refusing our sends is the cause to show, not only its effect.
+            let local = self
+                .links
+                .get(name)
+                .and_then(|l| l.reason.as_deref())
+                .filter(|r| r.starts_with(LOCAL_SEND_ERROR))
+                .map_or_else(String::new, |r| format!(" ({r})"));
             links.retain(|x| &x.peer != name);
             links.push(LinkReport {
                 peer: name.clone(),
@@ -2141,7 +2152,7 @@ impl Engine {
                 since_ms: wall(since),
                 secure: self.cfg.secure,
                 reason: Some(format!(
-                    "one-way: {name} -> {me} gets through, {me} -> {name} does not",
+                    "one-way: {name} -> {me} gets through, {me} -> {name} does not{local}",
                     me = self.cfg.me.name
                 )),
                 key: None,
