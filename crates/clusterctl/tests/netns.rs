@@ -514,3 +514,58 @@ fn a_member_whose_own_sends_fail_shows_local_send_error_on_its_links() {
         events.describe()
     );
 }
+
+/// A gateway whose own WAN sends fail (EPERM) holds the far site unreachable no later than its
+/// members, which go by the `reach` of its record: its own WAN link still looks up to the
+/// transport (the far gateway's packets keep arriving), but its WAN ring declared the far gateway
+/// dead.
+#[test]
+fn a_gateway_whose_wan_sends_fail_sees_the_far_site_unreachable_with_its_members() {
+    if !require_netns(
+        "a_gateway_whose_wan_sends_fail_sees_the_far_site_unreachable_with_its_members",
+    ) {
+        return;
+    }
+    let lab = NetnsLab::up(bin(), &[]);
+    let state = lab.state();
+    let node = |name: &str| {
+        state["netns"]["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("lab.json records {name}"))
+    };
+    let ns = node("gw-us-1")["netns"]
+        .as_str()
+        .expect("netns")
+        .to_string();
+    let far = node("gw-eu-1")["wan_addr"]
+        .as_str()
+        .expect("wan address")
+        .to_string();
+    nft_in(
+        &ns,
+        &format!("table inet send-fault {{\n\tchain out {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\tip daddr {far} udp dport 7400 drop\n\t}}\n}}\n"),
+    );
+    let start = Instant::now();
+    let (mut gw_at, mut member_at) = (None, None);
+    while start.elapsed() < Duration::from_secs(60) && (gw_at.is_none() || member_at.is_none()) {
+        for (observer, at) in [("gw-us-1", &mut gw_at), ("edge-us-1", &mut member_at)] {
+            if at.is_none()
+                && status_seen_by(&lab, observer, "edge-eu-1") == Ok(NodeStatus::Unreachable)
+            {
+                *at = Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (gw_at, member_at) = (
+        gw_at.expect("gw-us-1 saw eu-west unreachable within 60 s"),
+        member_at.expect("edge-us-1 saw eu-west unreachable within 60 s"),
+    );
+    eprintln!("eu-west unreachable: gw-us-1 after {gw_at:?}, edge-us-1 after {member_at:?}");
+    assert!(
+        gw_at <= member_at + Duration::from_secs(1),
+        "gw-us-1 saw eu-west unreachable at {gw_at:?}, its member at {member_at:?}"
+    );
+}

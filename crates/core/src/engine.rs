@@ -2176,18 +2176,7 @@ impl Engine {
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
         links.truncate(crate::table::MAX_LINKS);
         let (reach, view) = if self.cfg.me.role == Role::Gateway {
-            let reach: BTreeSet<SiteName> = self
-                .links
-                .values()
-                .filter(|l| l.up && l.kind == LinkKind::Wan)
-                .filter(|l| {
-                    self.wan_ring
-                        .as_ref()
-                        .and_then(|w| w.liveness(&l.ident.name))
-                        .is_none_or(|lv| lv != Liveness::Dead)
-                })
-                .map(|l| l.ident.site.clone())
-                .collect();
+            let reach: BTreeSet<SiteName> = self.wan_reach().cloned().collect();
             let mut view: Vec<(NodeName, Liveness)> = self
                 .site_ring
                 .members()
@@ -2345,15 +2334,29 @@ impl Engine {
         if *site == self.cfg.me.site {
             return true;
         }
-        if self.cfg.me.role == Role::Gateway
-            && self
-                .links
-                .values()
-                .any(|l| l.up && l.kind == LinkKind::Wan && l.ident.site == *site)
-        {
+        if self.wan_reach().any(|s| s == site) {
             return true;
         }
         self.local_gateways_reaching(site).next().is_some()
+    }
+
+    /// The sites a gateway reaches over its own WAN links: links up whose far gateway the WAN
+    /// ring does not hold dead. A link the ring already declared dead still looks up until its
+    /// transport times out (longer when only our sends are lost: the far end's packets keep it
+    /// alive); the `reach` our record publishes, which our members go by, drops it at once, and so
+    /// must our own view. Empty for a member.
+    fn wan_reach(&self) -> impl Iterator<Item = &SiteName> + '_ {
+        let gateway = self.cfg.me.role == Role::Gateway;
+        self.links
+            .values()
+            .filter(move |l| gateway && l.up && l.kind == LinkKind::Wan)
+            .filter(|l| {
+                self.wan_ring
+                    .as_ref()
+                    .and_then(|w| w.liveness(&l.ident.name))
+                    .is_none_or(|lv| lv != Liveness::Dead)
+            })
+            .map(|l| &l.ident.site)
     }
 
     /// Live gateways of our own site (other than us) that report reaching `site`.
@@ -2550,11 +2553,8 @@ impl Engine {
     /// every site at once).
     fn reachable_sites(&self) -> BTreeSet<SiteName> {
         let me = &self.cfg.me;
-        let mut out = BTreeSet::new();
+        let mut out: BTreeSet<SiteName> = self.wan_reach().cloned().collect();
         for (n, l) in self.links.iter().filter(|(_, l)| l.up) {
-            if me.role == Role::Gateway && l.kind == LinkKind::Wan {
-                out.insert(l.ident.site.clone());
-            }
             if l.kind == LinkKind::Site
                 && l.ident.role == Role::Gateway
                 && self.site_ring.liveness(n) != Some(Liveness::Dead)
