@@ -81,6 +81,25 @@ impl Fixture {
         keyring: Keyring,
         intruder: &str,
     ) -> Outcome {
+        // A lab node's own address, as a restart in place would advertise it.
+        let addr = self
+            .lab
+            .nodes()
+            .iter()
+            .find(|n| n.name == claimed.name.as_str())
+            .map_or_else(|| "127.0.0.1:9".to_string(), |n| n.addr.clone());
+        self.attempt_from(material, claimed, keyring, intruder, addr)
+    }
+
+    /// [`Fixture::attempt`] advertising `addr` in the hello.
+    fn attempt_from(
+        &self,
+        material: TlsMaterial,
+        claimed: Ident,
+        keyring: Keyring,
+        intruder: &str,
+        addr: String,
+    ) -> Outcome {
         let mut fake = NodeRecord::new(
             &ident(intruder, "us-east", Role::Member),
             99,
@@ -90,7 +109,7 @@ impl Fixture {
             true,
         );
         fake.clock = 99;
-        let hello = hello_with(keyring, claimed, self.hash.clone(), "127.0.0.1:9".into());
+        let hello = hello_with(keyring, claimed, self.hash.clone(), addr);
         send_hello(
             self.bind,
             self.target,
@@ -144,6 +163,17 @@ fn every_unauthorized_handshake_is_refused_with_a_precise_reason_and_no_frame_pr
     let day = Duration::from_secs(86_400);
     let valid = Validity::days_from_now(10);
     let me = ident("edge-us-1", "us-east", Role::Member);
+
+    // The real credentials advertising another address while edge-us-1 answers: a second
+    // instance of its identity.
+    let o = f.attempt_from(
+        f.material(&f.ca, &me, valid),
+        me.clone(),
+        f.keyring.clone(),
+        "intruder-0b",
+        "127.0.0.1:9".into(),
+    );
+    f.assert_refused(&o, RefusalCode::Identity, "second instance of edge-us-1");
 
     // The positive: the real credentials are accepted, and that link really is TLS (the
     // handshake above the TLS session only works when the server proved the lab certificate).
@@ -239,6 +269,7 @@ fn every_unauthorized_handshake_is_refused_with_a_precise_reason_and_no_frame_pr
     f.assert_refused(&o, RefusalCode::Contract, "not listed");
 
     f.assert_no_intruder(&[
+        "intruder-0b",
         "intruder-1",
         "intruder-2",
         "intruder-3",
@@ -252,6 +283,7 @@ fn every_unauthorized_handshake_is_refused_with_a_precise_reason_and_no_frame_pr
     // Each refusal is an event on the refusing node, with its reason.
     let events = f.lab.events("gw-us-1");
     for needle in [
+        "second instance of edge-us-1",
         "secret mismatch",
         "not listed",
         "certificate names edge-us-1",

@@ -967,7 +967,6 @@ impl Engine {
         }
     }
 
-    /// Our table moved, or a peer's differs: anti-entropy rounds every `sync_every` again.
     /// Gateways of our site that the table holds alive but our site ring never heard of, once
     /// the ring had time to learn of every live member: handed to the ring as suspects, so a
     /// gateway that crashed while we were down is declared dead (and our view, which the other
@@ -999,6 +998,7 @@ impl Engine {
         self.drain_rings(now);
     }
 
+    /// Our table moved, or a peer's differs: anti-entropy rounds every `sync_every` again.
     fn table_moving(&mut self, now: Time) {
         self.table_moved_at = now;
         self.next_sync = self.next_sync.min(now + self.cfg.timing.sync_every);
