@@ -4050,6 +4050,8 @@ impl Engine {
     ) -> LinkView {
         let ra = self.report_of(a, b);
         let rb = self.report_of(b, a);
+        // Both ends' reports as published, before an unreachable end's is set aside.
+        let (raw_a, raw_b) = (ra.clone(), rb.clone());
         let sa = self.status_of(a);
         let sb = self.status_of(b);
         let my_hash = self.cfg.contract.hash();
@@ -4127,8 +4129,25 @@ impl Engine {
             } else if up_a || up_b {
                 // Only one end says up: in our own view that is authoritative for our end.
                 let (up_end, down_end) = if up_a { (a, b) } else { (b, a) };
-                reason = Some(format!("{up_end} reports the link up, {down_end} does not"));
-                LinkState::OneWay
+                let (up_rep, down_raw) = if up_a { (&ra, &raw_b) } else { (&rb, &raw_a) };
+                let up_since = up_rep.as_ref().map_or(0, |r| r.since_ms);
+                // Its last word, unless that word is `up` too (set aside only because its end is
+                // unreachable from here at this instant).
+                let down_word = down_raw
+                    .as_ref()
+                    .filter(|r| !matches!(r.state, LinkState::Up | LinkState::Drift))
+                    .map(|r| r.since_ms);
+                if verdict::reported_since(down_word, up_since) {
+                    reason = Some(format!("{up_end} reports the link up, {down_end} does not"));
+                    LinkState::OneWay
+                } else {
+                    // The other end's last word predates the link (a link just up after a
+                    // partition healed): nothing says one direction fails.
+                    reason = Some(format!(
+                        "{down_end} has not reported the link since it came up"
+                    ));
+                    LinkState::Up
+                }
             } else {
                 reason = [&ra, &rb]
                     .into_iter()

@@ -84,6 +84,15 @@ pub fn refused_end<'a>(reporter: &'a NodeName, peer: &'a NodeName, reason: &str)
     }
 }
 
+/// Whether the end of a link that does not report it up has spoken since the other end's link
+/// came up (`up_since_ms`): only then is its word evidence of a one-way link. A report older
+/// than the link (from before a partition healed), or none, is not. Wall-clock milliseconds of
+/// the two ends: a clock skew between them larger than the time since the link came up can
+/// make a fresh report look old.
+pub fn reported_since(down_since_ms: Option<u64>, up_since_ms: u64) -> bool {
+    down_since_ms.is_some_and(|d| d >= up_since_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +165,14 @@ mod tests {
         let mut f = facts(&x, NodeStatus::Alive);
         f.refused = Some("refused by gw-2: contract");
         assert!(problem(&f).is_some_and(|p| p.contains("is refused")));
+    }
+
+    #[test]
+    fn only_a_report_newer_than_the_link_is_evidence_of_one_way() {
+        assert!(reported_since(Some(2_000), 1_000));
+        assert!(reported_since(Some(1_000), 1_000));
+        assert!(!reported_since(Some(500), 1_000));
+        assert!(!reported_since(None, 1_000));
     }
 
     #[test]

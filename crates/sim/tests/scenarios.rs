@@ -904,3 +904,37 @@ fn of_two_crashed_gateways_the_one_still_down_is_dead_everywhere() {
         .collect();
     assert!(took.is_some(), "{seen:?} (seed {seed})");
 }
+
+/// Right after a two-way WAN cut heals, no observer reports a link `one-way`: the evidence
+/// gathered while both directions were cut says nothing about one direction.
+#[test]
+fn no_one_way_is_reported_after_a_two_way_cut_heals() {
+    let seed = seed_from_env(41);
+    let mut sim = converged(seed, 1);
+    sim.cut_wan("us-east", "eu-west");
+    sim.run_for(Duration::from_secs(30));
+    sim.heal();
+    for _ in 0..200 {
+        sim.run_for(Duration::from_millis(100));
+        for o in sim.names() {
+            let t = sim.topology(&o);
+            let one_way: Vec<_> = t
+                .links
+                .iter()
+                .filter(|l| l.state == clusterctl_api::LinkState::OneWay)
+                .collect();
+            if !one_way.is_empty() {
+                let e = sim.engine(&o);
+                let recs: Vec<String> = ["gw-us-1", "gw-eu-1"]
+                    .iter()
+                    .filter_map(|n| e.table().get(n))
+                    .map(|r| format!("{}: {:?}", r.name, r.links))
+                    .collect();
+                panic!(
+                    "{o} at {:?}: {one_way:#?} {recs:#?} (seed {seed})",
+                    sim.now()
+                );
+            }
+        }
+    }
+}
