@@ -145,6 +145,14 @@ fn node_restarted_with_a_wrong_secret_makes_topology_exit_1_naming_the_refusal_o
         "{}",
         pretty(&t)
     );
+    let text = lab.cli(&["topology", "--agent", "gw-us-1"]);
+    text.assert_code(1);
+    assert!(
+        text.stdout.contains("gw-eu-1(refused)")
+            && text.stdout.contains("NOT HEALTHY: gw-eu-1 is refused"),
+        "{}",
+        text.describe()
+    );
     eprintln!("topology exit 1 naming the refusal {elapsed:?} after the restart");
 }
 
