@@ -4313,12 +4313,14 @@ impl Engine {
             if r.clock == 0 && r.name != self.cfg.me.name {
                 continue;
             }
-            let status = self.status_of(&r.name);
             let view = NodeView {
                 name: r.name.to_string(),
                 site: r.site.to_string(),
                 role: r.role,
-                status: facts.get(&r.name).copied().unwrap_or(status),
+                status: facts
+                    .get(&r.name)
+                    .copied()
+                    .unwrap_or_else(|| self.status_of(&r.name)),
                 clock: r.clock,
                 addr: r.addr.clone(),
                 contract_hash: r.contract_hash.clone(),
