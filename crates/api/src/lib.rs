@@ -70,6 +70,9 @@ pub enum NodeStatus {
     Forgotten,
     /// Known from the node table but never yet seen by the failure detector.
     Unknown,
+    /// Its handshakes are refused (a wrong secret, say) while it tries to (re)join: it runs,
+    /// but is kept out. Shown instead of `left`, `dead` or `unknown`.
+    Refused,
 }
 
 impl NodeStatus {
@@ -83,6 +86,7 @@ impl NodeStatus {
             NodeStatus::Unreachable => "unreachable",
             NodeStatus::Forgotten => "forgotten",
             NodeStatus::Unknown => "unknown",
+            NodeStatus::Refused => "refused",
         }
     }
 }
@@ -178,8 +182,12 @@ pub struct Topology {
     /// Why `secure` is false, when it is.
     #[serde(default)]
     pub insecure_reason: Option<String>,
-    /// True when every expected link is `up`.
+    /// True when every expected node is `alive` (none refused, none with a second instance
+    /// trying to join) and every expected link is `up` (docs/security.md, "What healthy means").
     pub healthy: bool,
+    /// Why `healthy` is false, one line per expected node or link at fault.
+    #[serde(default)]
+    pub problems: Vec<String>,
     pub sites: Vec<SiteView>,
     pub links: Vec<LinkView>,
     /// Present when the report was made with `--probe`: one result per expected link.

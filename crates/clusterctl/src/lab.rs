@@ -1612,6 +1612,7 @@ mod tests {
             secure: true,
             insecure_reason: None,
             healthy: false,
+            problems: Vec::new(),
             sites: vec![SiteView {
                 name: "us-east".into(),
                 nodes: vec![

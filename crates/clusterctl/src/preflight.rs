@@ -1117,12 +1117,32 @@ impl Preflight {
         };
         let outcomes = dial_all(ctx.clone(), seeds.clone());
         let mut table: Option<(NodeName, BTreeMap<String, NodeRecord>)> = None;
+        let mut second_instance: Option<String> = None;
         for (seed, outcome) in seeds.iter().zip(outcomes) {
+            if let Outcome::Refused(r) = &outcome {
+                if r.reason
+                    .starts_with(clusterctl_core::instance::SECOND_INSTANCE)
+                {
+                    second_instance.get_or_insert_with(|| r.reason.clone());
+                }
+            }
             let (check, records) = judge(&ctx, seed, outcome);
             self.push(check);
             if let (None, Some(r)) = (&table, records) {
                 table = Some((seed.name.clone(), r));
             }
+        }
+        if let Some(reason) = second_instance {
+            // The name answers elsewhere: starting would only be refused by every peer.
+            self.push(Check::fail(
+                "name-unique",
+                reason,
+                format!(
+                    "another instance of {} runs: stop it before starting this one, or give this node its own name and certificate",
+                    ctx.ident.name
+                ),
+            ));
+            return;
         }
         match table {
             Some((from, records)) => self.check_against_table(&ctx, &seeds, &from, &records),
@@ -1623,6 +1643,9 @@ fn judge(
                 RefusalCode::Secret => "give this node a secret the cluster holds: copy the cluster secret file (0600), or `clusterctl secret install` this node's secret on every node first".to_string(),
                 RefusalCode::Contract => "deploy the same contract on every node, and check this node's site and role".to_string(),
                 RefusalCode::Forgotten => "start the agent with --rejoin to bring the node back".to_string(),
+                RefusalCode::Identity if r.reason.starts_with(clusterctl_core::instance::SECOND_INSTANCE) => {
+                    "another instance of this node answers at the other address: stop it first, or give this node its own name".to_string()
+                }
                 RefusalCode::Identity => "use this node's own certificate (tls.cert names the node)".to_string(),
                 RefusalCode::Cluster => "set `cluster` to the seed's cluster, or choose seeds of this cluster".to_string(),
                 RefusalCode::SecurityMode => "run every node with [tls] (or every node insecure, labs only)".to_string(),

@@ -7,7 +7,8 @@ use std::fmt::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Show sites, nodes and links; exit 1 if any expected link is not up.
+/// Show sites, nodes and links; exit 1 unless healthy (every expected node alive, none refused
+/// or duplicated, every expected link up).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Print the report as JSON (schema: docs/api.md).
@@ -137,6 +138,9 @@ pub fn render_text(t: &Topology) -> String {
             }
         }
         s.push('\n');
+    }
+    for p in &t.problems {
+        let _ = writeln!(s, "NOT HEALTHY: {p}");
     }
     for w in &t.warnings {
         let _ = writeln!(s, "WARNING: {w}");

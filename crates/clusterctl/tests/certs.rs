@@ -414,6 +414,9 @@ fn lab_variant(
     let ip = n.addr.rsplit_once(':').expect("IP:PORT").0.to_string();
     let (listen, control) = free_ports(&ip);
     t.insert("listen".into(), format!("{ip}:{listen}").into());
+    // The node's own address, as preflight on its machine before a restart advertises it
+    // (another address would be a second instance of the running node, and refused).
+    t.insert("advertise".into(), n.addr.clone().into());
     t.insert("control".into(), format!("{ip}:{control}").into());
     t.insert("data-dir".into(), format!("data-{file}").into());
     t.insert(

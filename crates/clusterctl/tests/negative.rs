@@ -10,7 +10,9 @@ use clusterctl_core::table::NodeRecord;
 use clusterctl_core::wire::{Frame, Handshake, RefusalCode};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, CertPair, Validity};
 use clusterctl_node::tls::TlsMaterial;
-use clusterctl_testkit::handshake::{hello_with, send_hello, Outcome};
+use clusterctl_testkit::handshake::{
+    dial_without_client_certificate, hello_with, send_hello, Outcome,
+};
 use clusterctl_testkit::{Lab, LabOptions, DEFAULT_WAIT};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -79,6 +81,25 @@ impl Fixture {
         keyring: Keyring,
         intruder: &str,
     ) -> Outcome {
+        // A lab node's own address, as a restart in place would advertise it.
+        let addr = self
+            .lab
+            .nodes()
+            .iter()
+            .find(|n| n.name == claimed.name.as_str())
+            .map_or_else(|| "127.0.0.1:9".to_string(), |n| n.addr.clone());
+        self.attempt_from(material, claimed, keyring, intruder, addr)
+    }
+
+    /// [`Fixture::attempt`] advertising `addr` in the hello.
+    fn attempt_from(
+        &self,
+        material: TlsMaterial,
+        claimed: Ident,
+        keyring: Keyring,
+        intruder: &str,
+        addr: String,
+    ) -> Outcome {
         let mut fake = NodeRecord::new(
             &ident(intruder, "us-east", Role::Member),
             99,
@@ -88,7 +109,7 @@ impl Fixture {
             true,
         );
         fake.clock = 99;
-        let hello = hello_with(keyring, claimed, self.hash.clone(), "127.0.0.1:9".into());
+        let hello = hello_with(keyring, claimed, self.hash.clone(), addr);
         send_hello(
             self.bind,
             self.target,
@@ -142,6 +163,17 @@ fn every_unauthorized_handshake_is_refused_with_a_precise_reason_and_no_frame_pr
     let day = Duration::from_secs(86_400);
     let valid = Validity::days_from_now(10);
     let me = ident("edge-us-1", "us-east", Role::Member);
+
+    // The real credentials advertising another address while edge-us-1 answers: a second
+    // instance of its identity.
+    let o = f.attempt_from(
+        f.material(&f.ca, &me, valid),
+        me.clone(),
+        f.keyring.clone(),
+        "intruder-0b",
+        "127.0.0.1:9".into(),
+    );
+    f.assert_refused(&o, RefusalCode::Identity, "second instance of edge-us-1");
 
     // The positive: the real credentials are accepted, and that link really is TLS (the
     // handshake above the TLS session only works when the server proved the lab certificate).
@@ -237,6 +269,7 @@ fn every_unauthorized_handshake_is_refused_with_a_precise_reason_and_no_frame_pr
     f.assert_refused(&o, RefusalCode::Contract, "not listed");
 
     f.assert_no_intruder(&[
+        "intruder-0b",
         "intruder-1",
         "intruder-2",
         "intruder-3",
@@ -250,6 +283,7 @@ fn every_unauthorized_handshake_is_refused_with_a_precise_reason_and_no_frame_pr
     // Each refusal is an event on the refusing node, with its reason.
     let events = f.lab.events("gw-us-1");
     for needle in [
+        "second instance of edge-us-1",
         "secret mismatch",
         "not listed",
         "certificate names edge-us-1",
@@ -304,6 +338,56 @@ fn plaintext_and_garbage_on_the_cluster_port_are_dropped() {
                 Ok(())
             } else {
                 Err(format!("{t:?}"))
+            }
+        },
+    );
+}
+
+/// `handshakes_refused_in` of `node`, from `/metrics`.
+fn refused_in(lab: &Lab, node: &str) -> Result<u64, String> {
+    let url = format!("http://{}/metrics", lab.node(node).control);
+    let text = ureq::get(&url)
+        .call()
+        .map_err(|e| format!("{url}: {e}"))?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{url}: {e}"))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("clusterctl_handshakes_refused_in ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| format!("no clusterctl_handshakes_refused_in in\n{text}"))
+}
+
+#[test]
+fn a_dial_without_a_client_certificate_is_counted_and_reported_with_its_address() {
+    let f = Fixture::new();
+    let before = refused_in(&f.lab, "gw-us-1").expect("metrics");
+    match dial_without_client_certificate(f.bind, f.target) {
+        Outcome::Failed(why) => assert!(why.contains("certificate"), "{why}"),
+        Outcome::Answer(a) => panic!("a peer without a certificate got an answer: {a:?}"),
+    }
+    let from = f.bind.ip().to_string();
+    f.lab.wait_for(
+        "gw-us-1 to count and report the refused dial with its address",
+        DEFAULT_WAIT,
+        || {
+            let after = refused_in(&f.lab, "gw-us-1")?;
+            let events = f.lab.events("gw-us-1");
+            let event = events.iter().find(|e| {
+                e.kind == EventKind::LinkRefused
+                    && e.reason.contains(&from)
+                    && e.reason.contains("no client certificate")
+            });
+            if after > before && event.is_some() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "refused_in {before} -> {after}; events: {events:?}"
+                ))
             }
         },
     );

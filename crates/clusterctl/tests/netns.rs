@@ -453,3 +453,127 @@ fn drill_one_way_passes() {
         );
     }
 }
+
+/// Runs `nft -f -` with `rules` inside network namespace `ns`.
+fn nft_in(ns: &str, rules: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip netns exec runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(rules.as_bytes())
+        .expect("rules written");
+    let status = child.wait().expect("nft ends");
+    assert!(status.success(), "nft -f in {ns} failed: {status}");
+}
+
+/// A node whose own UDP sends are refused by its kernel (an nftables drop on the output hook of
+/// its own namespace returns EPERM to sendmsg) says so on its links, not just "timed out".
+#[test]
+fn a_member_whose_own_sends_fail_shows_local_send_error_on_its_links() {
+    if !require_netns("a_member_whose_own_sends_fail_shows_local_send_error_on_its_links") {
+        return;
+    }
+    let lab = NetnsLab::up(bin(), &[]);
+    let state = lab.state();
+    let ns = state["netns"]["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["name"] == "edge-us-1"))
+        .and_then(|n| n["netns"].as_str())
+        .expect("lab.json records edge-us-1's namespace")
+        .to_string();
+    nft_in(
+        &ns,
+        "table inet send-fault {\n\tchain out {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tudp dport 7400 drop\n\t}\n}\n",
+    );
+    wait_for(
+        "edge-us-1 to show a local send error on its links",
+        Duration::from_secs(60),
+        || {
+            let out = lab.cli(&["topology", "--json", "--agent", "edge-us-1"]);
+            let t: Topology =
+                serde_json::from_str(&out.stdout).map_err(|e| out.describe() + &e.to_string())?;
+            let mine: Vec<_> = t
+                .links
+                .iter()
+                .filter(|l| l.from == "edge-us-1" || l.to == "edge-us-1")
+                .collect();
+            let shown = mine.iter().any(|l| {
+                l.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("local send error: EPERM"))
+            });
+            if shown && out.code == Some(1) {
+                Ok(())
+            } else {
+                Err(out.stdout)
+            }
+        },
+    );
+    let events = lab.cli(&["events", "--once", "--agent", "edge-us-1"]);
+    assert!(
+        events.stdout.contains("local send error: EPERM"),
+        "{}",
+        events.describe()
+    );
+}
+
+/// A gateway whose own WAN sends fail (EPERM) holds the far site unreachable no later than its
+/// members, which go by the `reach` of its record: its own WAN link still looks up to the
+/// transport (the far gateway's packets keep arriving), but its WAN ring declared the far gateway
+/// dead.
+#[test]
+fn a_gateway_whose_wan_sends_fail_sees_the_far_site_unreachable_with_its_members() {
+    if !require_netns(
+        "a_gateway_whose_wan_sends_fail_sees_the_far_site_unreachable_with_its_members",
+    ) {
+        return;
+    }
+    let lab = NetnsLab::up(bin(), &[]);
+    let state = lab.state();
+    let node = |name: &str| {
+        state["netns"]["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("lab.json records {name}"))
+    };
+    let ns = node("gw-us-1")["netns"]
+        .as_str()
+        .expect("netns")
+        .to_string();
+    let far = node("gw-eu-1")["wan_addr"]
+        .as_str()
+        .expect("wan address")
+        .to_string();
+    nft_in(
+        &ns,
+        &format!("table inet send-fault {{\n\tchain out {{\n\t\ttype filter hook output priority 0; policy accept;\n\t\tip daddr {far} udp dport 7400 drop\n\t}}\n}}\n"),
+    );
+    let start = Instant::now();
+    let (mut gw_at, mut member_at) = (None, None);
+    while start.elapsed() < Duration::from_secs(60) && (gw_at.is_none() || member_at.is_none()) {
+        for (observer, at) in [("gw-us-1", &mut gw_at), ("edge-us-1", &mut member_at)] {
+            if at.is_none()
+                && status_seen_by(&lab, observer, "edge-eu-1") == Ok(NodeStatus::Unreachable)
+            {
+                *at = Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (gw_at, member_at) = (
+        gw_at.expect("gw-us-1 saw eu-west unreachable within 60 s"),
+        member_at.expect("edge-us-1 saw eu-west unreachable within 60 s"),
+    );
+    eprintln!("eu-west unreachable: gw-us-1 after {gw_at:?}, edge-us-1 after {member_at:?}");
+    assert!(
+        gw_at <= member_at + Duration::from_secs(1),
+        "gw-us-1 saw eu-west unreachable at {gw_at:?}, its member at {member_at:?}"
+    );
+}

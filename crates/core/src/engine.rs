@@ -29,6 +29,7 @@ use crate::swim::{RingTiming, Swim, SwimId};
 use crate::table::{
     CertSummary, LinkReport, Liveness, Merge, NodeRecord, NodeTable, RecordState, Summary,
 };
+use crate::verdict;
 use crate::wire::{
     decode_swim, encode_swim, Body, Call, CallReply, Envelope, Frame, Hello, HelloAck, Hop,
     LoadSpec, Refusal, RefusalCode, Ring, HOP_LIMIT, MAX_RECORDS_PER_FRAME,
@@ -327,6 +328,21 @@ struct Direction {
     one_way_since: Option<Time>,
 }
 
+/// How the runtime starts the reason of a link down or a dial failed because this node's own
+/// kernel refused the send (`local send error: EPERM (timed out)`).
+pub const LOCAL_SEND_ERROR: &str = "local send error";
+
+/// How long a refused second instance of a node's name keeps reports unhealthy after its last
+/// attempt (it retries every `dial_backoff_max`, 5 s by default).
+pub const DUPLICATE_EVIDENCE: Duration = Duration::from_secs(30);
+
+/// A second instance of a node's name refused at handshake ([`crate::instance`]).
+#[derive(Debug, Clone)]
+struct Duplicate {
+    reason: String,
+    last: Time,
+}
+
 #[derive(Debug, Clone)]
 struct Refused {
     reason: String,
@@ -496,6 +512,8 @@ pub struct Engine {
     table: NodeTable,
     links: BTreeMap<NodeName, Link>,
     refused: BTreeMap<NodeName, Refused>,
+    /// Second instances of live nodes refused lately (at most [`MAX_REFUSALS`]).
+    duplicates: BTreeMap<NodeName, Duplicate>,
     dialing: BTreeMap<NodeName, Dialing>,
     announced: BTreeMap<NodeName, Time>,
     /// Evidence about each direction of links that do not come up (one-way detection).
@@ -552,6 +570,8 @@ pub struct Engine {
     sink: Sink,
     /// Loads other nodes asked for, running on the data path: handle -> who to answer.
     loads: BTreeMap<u64, CallFrom>,
+    /// When this engine started.
+    started: Time,
     /// Counters for metrics.
     pub counters: Counters,
 }
@@ -712,6 +732,8 @@ impl Engine {
             table,
             links: BTreeMap::new(),
             refused: BTreeMap::new(),
+            duplicates: BTreeMap::new(),
+            started: now,
             dialing: BTreeMap::new(),
             announced: BTreeMap::new(),
             direction: BTreeMap::new(),
@@ -920,6 +942,7 @@ impl Engine {
         }
         self.dial_wanted(now);
         self.reannounce(now);
+        self.suspect_unheard_gateways(now);
         let mine = self.table.summary();
         if mine != self.last_summary {
             self.last_summary = mine;
@@ -942,6 +965,37 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Gateways of our site that the table holds alive but our site ring never heard of, once
+    /// the ring had time to learn of every live member: handed to the ring as suspects, so a
+    /// gateway that crashed while we were down is declared dead (and our view, which the other
+    /// sites read, says so) instead of staying `unknown` here and `alive` in its own last record.
+    fn suspect_unheard_gateways(&mut self, now: Time) {
+        if now.saturating_sub(self.started) < self.cfg.timing.site_ring.suspect_to_down * 2 {
+            return;
+        }
+        let unheard: Vec<NodeName> = self
+            .table
+            .gateways_of(&self.cfg.me.site)
+            .filter(|r| {
+                r.name != self.cfg.me.name
+                    && r.site == self.cfg.me.site
+                    && r.state == RecordState::Alive
+                    && r.clock > 0
+                    && !self.left_peers.contains(&r.name)
+                    && self.site_ring.liveness(&r.name).is_none()
+                    && !self.links.get(&r.name).is_some_and(|l| l.up)
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        if unheard.is_empty() {
+            return;
+        }
+        for g in unheard {
+            self.site_ring.suspect_unheard(now, &g);
+        }
+        self.drain_rings(now);
     }
 
     /// Our table moved, or a peer's differs: anti-entropy rounds every `sync_every` again.
@@ -1241,6 +1295,9 @@ impl Engine {
                 ));
             }
         }
+        if let Some(reason) = self.second_instance(hello) {
+            return Err(refuse(RefusalCode::Identity, reason));
+        }
         let secret = self
             .keyring
             .prove_with(key, ProofRole::Ack, &self.cfg.me.name, binding)
@@ -1257,6 +1314,22 @@ impl Engine {
             last_clock_for_you: last.map_or(0, |r| r.clock),
             secret,
         })
+    }
+
+    /// The [`crate::instance`] rule for `hello`: refused when the table's instance of the name
+    /// answers at another address.
+    fn second_instance(&self, hello: &Hello) -> Option<String> {
+        let name = &hello.ident.name;
+        let incumbent = self
+            .table
+            .get(name.as_str())
+            .map(|r| crate::instance::Incumbent {
+                addr: &r.addr,
+                answers: r.state == RecordState::Alive
+                    && r.clock > 0
+                    && self.status_of(name) == NodeStatus::Alive,
+            });
+        crate::instance::second_instance(name.as_str(), &hello.addr, incumbent)
     }
 
     /// What a dial needs to build its hello once the TLS session exists (the proof of the
@@ -1366,6 +1439,14 @@ impl Engine {
             self.push(Output::Fatal(reason));
             return;
         }
+        if let (true, Some(p)) = (by_us, &peer) {
+            if code == Some(RefusalCode::Identity)
+                && reason.starts_with(crate::instance::SECOND_INSTANCE)
+            {
+                self.note_duplicate(now, p.clone(), reason);
+                return;
+            }
+        }
         match peer {
             Some(p) => {
                 if !by_us {
@@ -1387,6 +1468,42 @@ impl Engine {
                     format!("{who}: {reason}"),
                 );
             }
+        }
+    }
+
+    /// We refused a second instance of `name`: an event when it starts (or its reason changes),
+    /// and reports stay unhealthy while it keeps trying ([`DUPLICATE_EVIDENCE`]). The incumbent's
+    /// link and record are left alone.
+    fn note_duplicate(&mut self, now: Time, name: NodeName, reason: &str) {
+        let fresh = self
+            .duplicates
+            .get(&name)
+            .is_none_or(|d| d.reason != reason || now.saturating_sub(d.last) >= DUPLICATE_EVIDENCE);
+        if self.duplicates.len() >= MAX_REFUSALS && !self.duplicates.contains_key(&name) {
+            if let Some(oldest) = self
+                .duplicates
+                .iter()
+                .min_by_key(|(_, d)| d.last)
+                .map(|(n, _)| n.clone())
+            {
+                self.duplicates.remove(&oldest);
+            }
+        }
+        self.duplicates.insert(
+            name.clone(),
+            Duplicate {
+                reason: short(reason),
+                last: now,
+            },
+        );
+        if fresh {
+            self.event(
+                now,
+                EventKind::LinkRefused,
+                Some(self.cfg.me.name.clone()),
+                Some(name),
+                format!("refused by {}: {reason}", self.cfg.me.name),
+            );
         }
     }
 
@@ -2020,6 +2137,13 @@ impl Engine {
             if self.links.get(name).is_some_and(|l| l.up) || self.refused.contains_key(name) {
                 continue;
             }
+            // Our own kernel refusing our sends is the cause to show, not only its effect.
+            let local = self
+                .links
+                .get(name)
+                .and_then(|l| l.reason.as_deref())
+                .filter(|r| r.starts_with(LOCAL_SEND_ERROR))
+                .map_or_else(String::new, |r| format!(" ({r})"));
             links.retain(|x| &x.peer != name);
             links.push(LinkReport {
                 peer: name.clone(),
@@ -2028,7 +2152,7 @@ impl Engine {
                 since_ms: wall(since),
                 secure: self.cfg.secure,
                 reason: Some(format!(
-                    "one-way: {name} -> {me} gets through, {me} -> {name} does not",
+                    "one-way: {name} -> {me} gets through, {me} -> {name} does not{local}",
                     me = self.cfg.me.name
                 )),
                 key: None,
@@ -2052,18 +2176,7 @@ impl Engine {
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
         links.truncate(crate::table::MAX_LINKS);
         let (reach, view) = if self.cfg.me.role == Role::Gateway {
-            let reach: BTreeSet<SiteName> = self
-                .links
-                .values()
-                .filter(|l| l.up && l.kind == LinkKind::Wan)
-                .filter(|l| {
-                    self.wan_ring
-                        .as_ref()
-                        .and_then(|w| w.liveness(&l.ident.name))
-                        .is_none_or(|lv| lv != Liveness::Dead)
-                })
-                .map(|l| l.ident.site.clone())
-                .collect();
+            let reach: BTreeSet<SiteName> = self.wan_reach().cloned().collect();
             let mut view: Vec<(NodeName, Liveness)> = self
                 .site_ring
                 .members()
@@ -2221,15 +2334,29 @@ impl Engine {
         if *site == self.cfg.me.site {
             return true;
         }
-        if self.cfg.me.role == Role::Gateway
-            && self
-                .links
-                .values()
-                .any(|l| l.up && l.kind == LinkKind::Wan && l.ident.site == *site)
-        {
+        if self.wan_reach().any(|s| s == site) {
             return true;
         }
         self.local_gateways_reaching(site).next().is_some()
+    }
+
+    /// The sites a gateway reaches over its own WAN links: links up whose far gateway the WAN
+    /// ring does not hold dead. A link the ring already declared dead still looks up until its
+    /// transport times out (longer when only our sends are lost: the far end's packets keep it
+    /// alive); the `reach` our record publishes, which our members go by, drops it at once, and so
+    /// must our own view. Empty for a member.
+    fn wan_reach(&self) -> impl Iterator<Item = &SiteName> + '_ {
+        let gateway = self.cfg.me.role == Role::Gateway;
+        self.links
+            .values()
+            .filter(move |l| gateway && l.up && l.kind == LinkKind::Wan)
+            .filter(|l| {
+                self.wan_ring
+                    .as_ref()
+                    .and_then(|w| w.liveness(&l.ident.name))
+                    .is_none_or(|lv| lv != Liveness::Dead)
+            })
+            .map(|l| &l.ident.site)
     }
 
     /// Live gateways of our own site (other than us) that report reaching `site`.
@@ -2426,11 +2553,8 @@ impl Engine {
     /// every site at once).
     fn reachable_sites(&self) -> BTreeSet<SiteName> {
         let me = &self.cfg.me;
-        let mut out = BTreeSet::new();
+        let mut out: BTreeSet<SiteName> = self.wan_reach().cloned().collect();
         for (n, l) in self.links.iter().filter(|(_, l)| l.up) {
-            if me.role == Role::Gateway && l.kind == LinkKind::Wan {
-                out.insert(l.ident.site.clone());
-            }
             if l.kind == LinkKind::Site
                 && l.ident.role == Role::Gateway
                 && self.site_ring.liveness(n) != Some(Liveness::Dead)
@@ -2533,7 +2657,8 @@ impl Engine {
                 NodeStatus::Left => EventKind::NodeLeft,
                 NodeStatus::Unreachable => EventKind::NodeUnreachable,
                 NodeStatus::Forgotten => EventKind::NodeForgotten,
-                NodeStatus::Unknown => continue,
+                // Never computed by `status_of` (only reports show it).
+                NodeStatus::Unknown | NodeStatus::Refused => continue,
             };
             let site = self.table.get(name.as_str()).map(|r| r.site.clone());
             let why = match (s, &site) {
@@ -3856,7 +3981,23 @@ impl Engine {
 
     /// Links the contract expects, between known nodes: `(a, b, kind)` with `a < b`.
     pub fn expected_links(&self) -> Vec<(NodeName, NodeName, LinkKind)> {
+        self.expected_links_with(&BTreeSet::new())
+    }
+
+    /// [`Engine::expected_links`], also with the `refused` nodes that left and came back (see
+    /// [`crate::verdict`]).
+    fn expected_links_with(
+        &self,
+        refused: &BTreeSet<NodeName>,
+    ) -> Vec<(NodeName, NodeName, LinkKind)> {
         let mut nodes: BTreeMap<NodeName, Ident> = BTreeMap::new();
+        for name in refused {
+            if let Some(r) = self.table.get(name.as_str()) {
+                if !r.is_tombstone() && r.clock > 0 {
+                    nodes.insert(r.name.clone(), r.ident());
+                }
+            }
+        }
         for r in self.table.live() {
             if r.state == RecordState::Alive && r.clock > 0 {
                 nodes.insert(r.name.clone(), r.ident());
@@ -3874,7 +4015,9 @@ impl Engine {
                             role: Role::Gateway,
                         },
                     );
-                } else if known.is_some_and(|r| r.state != RecordState::Alive) {
+                } else if known.is_some_and(|r| r.state != RecordState::Alive)
+                    && !refused.contains(g)
+                {
                     nodes.remove(g);
                 }
             }
@@ -3919,6 +4062,8 @@ impl Engine {
     ) -> LinkView {
         let ra = self.report_of(a, b);
         let rb = self.report_of(b, a);
+        // Both ends' reports as published, before an unreachable end's is set aside.
+        let (raw_a, raw_b) = (ra.clone(), rb.clone());
         let sa = self.status_of(a);
         let sb = self.status_of(b);
         let my_hash = self.cfg.contract.hash();
@@ -3996,8 +4141,25 @@ impl Engine {
             } else if up_a || up_b {
                 // Only one end says up: in our own view that is authoritative for our end.
                 let (up_end, down_end) = if up_a { (a, b) } else { (b, a) };
-                reason = Some(format!("{up_end} reports the link up, {down_end} does not"));
-                LinkState::OneWay
+                let (up_rep, down_raw) = if up_a { (&ra, &raw_b) } else { (&rb, &raw_a) };
+                let up_since = up_rep.as_ref().map_or(0, |r| r.since_ms);
+                // Its last word, unless that word is `up` too (set aside only because its end is
+                // unreachable from here at this instant).
+                let down_word = down_raw
+                    .as_ref()
+                    .filter(|r| !matches!(r.state, LinkState::Up | LinkState::Drift))
+                    .map(|r| r.since_ms);
+                if verdict::reported_since(down_word, up_since) {
+                    reason = Some(format!("{up_end} reports the link up, {down_end} does not"));
+                    LinkState::OneWay
+                } else {
+                    // The other end's last word predates the link (a link just up after a
+                    // partition healed): nothing says one direction fails.
+                    reason = Some(format!(
+                        "{down_end} has not reported the link since it came up"
+                    ));
+                    LinkState::Up
+                }
             } else {
                 reason = [&ra, &rb]
                     .into_iter()
@@ -4082,6 +4244,68 @@ impl Engine {
         }
     }
 
+    /// Nodes refused at handshake, each with the first reason found: from this node's own
+    /// refusals and every live record's refused link reports ([`verdict::refused_end`]).
+    fn refused_nodes(&self) -> BTreeMap<NodeName, String> {
+        let me = &self.cfg.me.name;
+        let mut out: BTreeMap<NodeName, String> = BTreeMap::new();
+        for (peer, r) in &self.refused {
+            if !self.links.get(peer).is_some_and(|l| l.up) {
+                let end = verdict::refused_end(me, peer, &r.reason);
+                out.entry(end.clone()).or_insert_with(|| r.reason.clone());
+            }
+        }
+        for r in self.table.live().filter(|r| r.name != *me) {
+            for l in r.links.iter().filter(|l| l.state == LinkState::Refused) {
+                let reason = l.reason.as_deref().unwrap_or("refused");
+                let end = verdict::refused_end(&r.name, &l.peer, reason);
+                out.entry(end.clone()).or_insert_with(|| reason.to_string());
+            }
+        }
+        out
+    }
+
+    /// The status each node is shown with, and why the expected nodes that are at fault make
+    /// the report unhealthy ([`crate::verdict`]).
+    fn node_verdicts(&self, now: Time) -> (BTreeMap<NodeName, NodeStatus>, Vec<String>) {
+        let refused = self.refused_nodes();
+        let duplicates: BTreeMap<&NodeName, &str> = self
+            .duplicates
+            .iter()
+            .filter(|(_, d)| now.saturating_sub(d.last) < DUPLICATE_EVIDENCE)
+            .map(|(n, d)| (n, d.reason.as_str()))
+            .collect();
+        let mut names: BTreeSet<NodeName> = self
+            .table
+            .live()
+            .filter(|r| r.clock > 0 || r.name == self.cfg.me.name)
+            .map(|r| r.name.clone())
+            .collect();
+        let mut listed: BTreeSet<&NodeName> = BTreeSet::new();
+        for s in self.cfg.contract.sites() {
+            listed.extend(s.gateways.iter());
+            listed.extend(s.nodes.iter().flatten());
+        }
+        names.extend(listed.iter().map(|n| (*n).clone()));
+        names.extend(refused.keys().cloned());
+        names.extend(duplicates.keys().map(|n| (*n).clone()));
+        let mut out = BTreeMap::new();
+        let mut problems = Vec::new();
+        for name in &names {
+            let in_contract = listed.contains(name);
+            let f = verdict::NodeFacts {
+                name,
+                status: self.status_of(name),
+                in_contract,
+                refused: refused.get(name).map(String::as_str),
+                duplicate: duplicates.get(name).copied(),
+            };
+            problems.extend(verdict::problem(&f));
+            out.insert(name.clone(), verdict::shown_status(&f));
+        }
+        (out, problems)
+    }
+
     /// The topology as this node sees it.
     pub fn topology(&self, now: Time) -> Topology {
         let my_hash = self.cfg.contract.hash().to_string();
@@ -4096,6 +4320,7 @@ impl Engine {
                 },
             );
         }
+        let (facts, problems) = self.node_verdicts(now);
         for r in self.table.live() {
             if r.clock == 0 && r.name != self.cfg.me.name {
                 continue;
@@ -4104,7 +4329,10 @@ impl Engine {
                 name: r.name.to_string(),
                 site: r.site.to_string(),
                 role: r.role,
-                status: self.status_of(&r.name),
+                status: facts
+                    .get(&r.name)
+                    .copied()
+                    .unwrap_or_else(|| self.status_of(&r.name)),
                 clock: r.clock,
                 addr: r.addr.clone(),
                 contract_hash: r.contract_hash.clone(),
@@ -4120,7 +4348,12 @@ impl Engine {
                 .nodes
                 .push(view);
         }
-        let expected = self.expected_links();
+        let refused_nodes: BTreeSet<NodeName> = facts
+            .iter()
+            .filter(|(_, s)| **s == NodeStatus::Refused)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let expected = self.expected_links_with(&refused_nodes);
         let mut links: Vec<LinkView> = expected
             .iter()
             .map(|(a, b, k)| self.link_view(now, a, b, *k, true))
@@ -4153,10 +4386,25 @@ impl Engine {
             };
             links.push(self.link_view(now, &a, &b, kind, false));
         }
-        let healthy = links
-            .iter()
-            .filter(|l| l.expected)
-            .all(|l| l.state == LinkState::Up);
+        let mut problems: Vec<String> = problems;
+        problems.extend(
+            links
+                .iter()
+                .filter(|l| l.expected && l.state != LinkState::Up)
+                .map(|l| {
+                    format!(
+                        "{} link {} - {} is {}{}",
+                        l.kind.as_str(),
+                        l.from,
+                        l.to,
+                        l.state.as_str(),
+                        l.reason
+                            .as_ref()
+                            .map_or_else(String::new, |r| format!(": {r}"))
+                    )
+                }),
+        );
+        let healthy = problems.is_empty();
         let insecure_nodes: Vec<String> = self
             .table
             .live()
@@ -4194,6 +4442,7 @@ impl Engine {
             secure,
             insecure_reason,
             healthy,
+            problems,
             sites: sites.into_values().collect(),
             links,
             probes: None,
@@ -4544,6 +4793,36 @@ mod tests {
             own.links.iter().map(|l| l.rtt_us).collect::<Vec<_>>(),
             [5_000]
         );
+    }
+
+    /// A refused second instance makes reports unhealthy while it retries, for
+    /// [`DUPLICATE_EVIDENCE`] after its last attempt, without marking the name's link refused.
+    #[test]
+    fn a_second_instance_keeps_reports_unhealthy_while_it_retries_and_no_longer() {
+        let contract = one_site_contract();
+        let mut e = Engine::new(
+            test_config(&contract, member_of_us("edge-1")),
+            vec![],
+            Time::ZERO,
+        )
+        .unwrap();
+        let x = NodeName::new("edge-2").unwrap();
+        let why = "second instance of edge-2: edge-2 answers at A, refused the instance at B";
+        let dup = |t: &Topology| t.problems.iter().any(|p| p.contains("second instance"));
+        let t0 = Time::from_secs(10);
+        e.handle_refused(t0, Some(x.clone()), Some(RefusalCode::Identity), why, true);
+        assert!(dup(&e.topology(t0)));
+        assert!(
+            !e.refused.contains_key(&x),
+            "the incumbent's link is not refused"
+        );
+        assert_eq!(e.counters.refused_in, 1);
+        let retry = t0 + Duration::from_secs(5);
+        e.handle_refused(retry, Some(x), Some(RefusalCode::Identity), why, true);
+        assert!(dup(
+            &e.topology(retry + DUPLICATE_EVIDENCE - Duration::from_secs(1))
+        ));
+        assert!(!dup(&e.topology(retry + DUPLICATE_EVIDENCE)));
     }
 
     /// A busy host's RTT estimate jumps from 1 to 4 ms for one second in three. Either value

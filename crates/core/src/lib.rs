@@ -14,6 +14,8 @@
 //! | [`wire`] | handshake messages, frames, routed envelopes, datagrams |
 //! | [`health`] | local health (Lifeguard-style) that slows down a slow observer's accusations |
 //! | [`swim`] | failure detection rings (foca) with local-health-scaled timers |
+//! | [`instance`] | one live instance per identity: the handshake rule against a copied identity |
+//! | [`verdict`] | what `healthy` means: expected nodes, their problems, the refused end of a link |
 //! | [`engine`] | one node: links wanted, handshake decisions, table sync, routing, status, reports |
 
 #![forbid(unsafe_code)]
@@ -21,11 +23,13 @@
 pub mod contract;
 pub mod engine;
 pub mod health;
+pub mod instance;
 pub mod name;
 pub mod secret;
 pub mod snapshot;
 pub mod swim;
 pub mod table;
+pub mod verdict;
 pub mod wire;
 
 pub use clusterctl_api as api;

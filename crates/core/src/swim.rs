@@ -387,6 +387,29 @@ impl Swim {
         self.drain(now);
     }
 
+    /// Hands the ring a member it has never heard of (at generation 0, `suspect`, not
+    /// gossiped): foca probes it, and it is declared dead unless it answers, when its real
+    /// identity (a higher generation) replaces this one. For a node the table holds alive that
+    /// no member of the ring mentions: a crashed peer the ring forgot while this node was down.
+    pub fn suspect_unheard(&mut self, now: Time, peer: &NodeName) {
+        if self.states.contains_key(peer)
+            || self.states.len() >= MAX_RING_MEMBERS
+            || *peer == self.foca.identity().name
+        {
+            return;
+        }
+        let id = SwimId {
+            name: peer.clone(),
+            gen: 0,
+        };
+        let _ = self.foca.apply_many(
+            std::iter::once(Member::new(id, 0, State::Suspect)),
+            false,
+            &mut self.rt,
+        );
+        self.drain(now);
+    }
+
     /// A packet from a peer: a foca packet or a [`Notice`].
     pub fn handle_data(&mut self, now: Time, data: &[u8]) {
         if self.states.len() >= MAX_RING_MEMBERS {

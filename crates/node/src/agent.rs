@@ -33,6 +33,7 @@ use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
 use bytes::Bytes;
 use clusterctl_api::{EventKind, KeyringReport, ReloadReport, SecretRequest};
 use clusterctl_core::engine::EventOut;
+use clusterctl_core::engine::LOCAL_SEND_ERROR;
 use clusterctl_core::engine::{
     Engine, EngineConfig, EngineError, HelloMaker, LinkInfo, Output, Reply, Timing,
 };
@@ -1477,7 +1478,58 @@ async fn dial(
         }
     }
     .await;
-    let _ = net.send(msg.unwrap_or_else(|m| m)).await;
+    let msg = match msg {
+        Err(Net::DialFailed {
+            peer,
+            reason,
+            kind: DialFail::Unreachable,
+        }) => {
+            // Silence may be our own: a send this node's kernel refuses (a firewall's output
+            // rule, no route) only ever shows as a timeout to QUIC.
+            let local = endpoint.local_addr().ok().map(|a| a.ip());
+            let reason = match resolve(&addr)
+                .await
+                .ok()
+                .and_then(|to| local_send_error(local, to))
+            {
+                Some(e) => format!("{LOCAL_SEND_ERROR}: {e} ({reason})"),
+                None => reason,
+            };
+            Net::DialFailed {
+                peer,
+                reason,
+                kind: DialFail::Unreachable,
+            }
+        }
+        other => other.unwrap_or_else(|m| m),
+    };
+    let _ = net.send(msg).await;
+}
+
+/// Whether this node's own kernel refuses a UDP send from `from` to `to` (a firewall rule on
+/// the output hook: EPERM; no route: ENETUNREACH): one byte to the peer's cluster port (a QUIC
+/// endpoint drops it as too short). The error's name, or None when the send goes out.
+pub(crate) fn local_send_error(from: Option<std::net::IpAddr>, to: SocketAddr) -> Option<String> {
+    let bind_ip = from.unwrap_or(match to {
+        SocketAddr::V4(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    });
+    let sock = std::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0)).ok()?;
+    let _ = sock.set_nonblocking(true);
+    match sock.send_to(&[0u8], to) {
+        Ok(_) => None,
+        Err(e) => {
+            let name = match e.raw_os_error() {
+                Some(1) => "EPERM".to_string(),
+                Some(13) => "EACCES".to_string(),
+                Some(101) => "ENETUNREACH".to_string(),
+                Some(113) => "EHOSTUNREACH".to_string(),
+                Some(11) => return None, // EAGAIN: the send was not refused
+                _ => e.to_string(),
+            };
+            Some(name)
+        }
+    }
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, net: mpsc::Sender<Net>) {
@@ -1513,6 +1565,21 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
             // not reach it. One half of the evidence for a one-way link.
             debug!(%remote, "incoming handshake stalled");
             let _ = net.send(Net::InboundStalled { from: remote }).await;
+            return;
+        }
+        Ok(Err(e)) if tls::refused_for_no_client_certificate(&e) => {
+            // Refused by our TLS layer before any certificate verifier ran: counted and
+            // reported here, with the address (the verifier reports every other refusal).
+            let reason = format!(
+                "peer at {remote} presented no client certificate (this node requires mutual TLS)"
+            );
+            warn!(%remote, "refused: {reason}");
+            let _ = net
+                .send(Net::TlsRejected {
+                    claimed: None,
+                    reason,
+                })
+                .await;
             return;
         }
         Ok(Err(e)) => {
@@ -1604,6 +1671,15 @@ async fn reader(
                 Err(e) => break tls::describe_connection_error(&e),
             },
         }
+    };
+    let reason = match conn.close_reason() {
+        Some(quinn::ConnectionError::TimedOut) => {
+            match local_send_error(conn.local_ip(), conn.remote_address()) {
+                Some(e) => format!("{LOCAL_SEND_ERROR}: {e} ({reason})"),
+                None => reason,
+            }
+        }
+        _ => reason,
     };
     let _ = net
         .send(Net::Closed {

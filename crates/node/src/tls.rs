@@ -789,6 +789,13 @@ const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 
 /// The TLS alert carried by a QUIC `CRYPTO_ERROR` code (0x100 + alert).
+/// Whether this node's own TLS layer ended an incoming handshake because the peer presented no
+/// client certificate (no certificate verifier ran, so no [`RejectSink`] heard of it).
+pub fn refused_for_no_client_certificate(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::TransportError(te)
+        if alert_of(te.code) == Some(ALERT_CERTIFICATE_REQUIRED))
+}
+
 fn alert_of(code: quinn::TransportErrorCode) -> Option<u8> {
     let code = u64::from(code);
     if (0x100..0x200).contains(&code) {

@@ -906,3 +906,61 @@ fn member_paused_for_longer_than_the_longest_suspicion_is_dead_then_back() {
         "live nodes suspected: {others:?} (seed {seed})"
     );
 }
+
+/// Both gateways of a site crash; one comes back once the site's ring stopped gossiping the
+/// other's death. The one still down is `dead` everywhere within the detection bound, never
+/// `alive` (its own last record) nor `unknown` (its twin's ring never heard of it).
+#[test]
+fn of_two_crashed_gateways_the_one_still_down_is_dead_everywhere() {
+    let seed = seed_from_env(31);
+    let mut sim = converged(seed, 2);
+    sim.crash("gw-us-1");
+    sim.crash("gw-us-2");
+    sim.run_for(Duration::from_secs(40));
+    sim.restart("gw-us-1");
+    let observers: Vec<String> = sim.names().into_iter().filter(|n| n != "gw-us-2").collect();
+    let took = sim.run_until(Duration::from_secs(15), |s| {
+        observers
+            .iter()
+            .all(|o| s.status(o, "gw-us-2") == NodeStatus::Dead)
+    });
+    let seen: Vec<(String, NodeStatus)> = observers
+        .iter()
+        .map(|o| (o.clone(), sim.status(o, "gw-us-2")))
+        .collect();
+    assert!(took.is_some(), "{seen:?} (seed {seed})");
+}
+
+/// Right after a two-way WAN cut heals, no observer reports a link `one-way`: the evidence
+/// gathered while both directions were cut says nothing about one direction.
+#[test]
+fn no_one_way_is_reported_after_a_two_way_cut_heals() {
+    let seed = seed_from_env(41);
+    let mut sim = converged(seed, 1);
+    sim.cut_wan("us-east", "eu-west");
+    sim.run_for(Duration::from_secs(30));
+    sim.heal();
+    for _ in 0..200 {
+        sim.run_for(Duration::from_millis(100));
+        for o in sim.names() {
+            let t = sim.topology(&o);
+            let one_way: Vec<_> = t
+                .links
+                .iter()
+                .filter(|l| l.state == clusterctl_api::LinkState::OneWay)
+                .collect();
+            if !one_way.is_empty() {
+                let e = sim.engine(&o);
+                let recs: Vec<String> = ["gw-us-1", "gw-eu-1"]
+                    .iter()
+                    .filter_map(|n| e.table().get(n))
+                    .map(|r| format!("{}: {:?}", r.name, r.links))
+                    .collect();
+                panic!(
+                    "{o} at {:?}: {one_way:#?} {recs:#?} (seed {seed})",
+                    sim.now()
+                );
+            }
+        }
+    }
+}

@@ -124,3 +124,102 @@ pub fn hello_with(
         version: "test".into(),
     }
 }
+
+/// Accepts any server certificate: the raw peer below only needs to reach the acceptor's
+/// client-certificate check.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Dials `to` over QUIC with TLS 1.3 and the cluster's ALPN but without any client certificate,
+/// as a peer that does not know the cluster's CA would, and returns how the handshake ended.
+pub fn dial_without_client_certificate(bind: SocketAddr, to: SocketAddr) -> Outcome {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+                .with_no_client_auth()
+        });
+    let mut config = match config {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("TLS config: {e}")),
+    };
+    config.alpn_protocols = vec![clusterctl_node::tls::ALPN.to_vec()];
+    let client = match quinn::crypto::rustls::QuicClientConfig::try_from(config) {
+        Ok(c) => quinn::ClientConfig::new(Arc::new(c)),
+        Err(e) => return Outcome::Failed(format!("QUIC config: {e}")),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Outcome::Failed(format!("runtime: {e}")),
+    };
+    rt.block_on(async move {
+        let exchange = async {
+            let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("bind: {e}"))?;
+            let conn = endpoint
+                .connect_with(client, to, "peer")
+                .map_err(|e| format!("connect: {e}"))?
+                .await
+                .map_err(|e| format!("QUIC/TLS handshake: {}", describe_connection_error(&e)))?;
+            // The acceptor checks the client certificate after our side completes: the
+            // refusal arrives as the connection closing.
+            let closed = conn.closed().await;
+            endpoint.wait_idle().await;
+            Err::<Handshake, _>(format!("closed: {}", describe_connection_error(&closed)))
+        };
+        match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+            Ok(Ok(answer)) => Outcome::Answer(answer),
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(_) => Outcome::Failed(format!("no end to the handshake with {to} within 30 s")),
+        }
+    })
+}
