@@ -12,7 +12,7 @@ use clusterctl_core::wire::{Handshake, RefusalCode};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, Validity};
 use clusterctl_node::tls::TlsMaterial;
 use clusterctl_testkit::handshake::{hello_with, send_hello, Outcome};
-use clusterctl_testkit::{process_is_running, Lab, LabOptions, DEFAULT_WAIT};
+use clusterctl_testkit::{process_is_running, CliOutput, Lab, LabOptions, DEFAULT_WAIT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -511,6 +511,23 @@ fn forgotten_node_stays_out() {
     let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
     assert_eq!(status.code(), Some(3), "{status}\n{log}");
     assert!(log.contains("forgotten"), "{log}");
+    // A forgotten node that still knocks was forgotten while alive: the nodes that refused it
+    // report it (for 30 s after its last attempt).
+    let reports: Vec<CliOutput> = ["gw-eu-1", "edge-eu-1"]
+        .iter()
+        .map(|a| lab.cli(&["topology", "--agent", a]))
+        .collect();
+    assert!(
+        reports.iter().any(|o| o.code == Some(1)
+            && o.stdout
+                .contains("edge-eu-2 was forgotten by an operator but is still running")),
+        "{}",
+        reports
+            .iter()
+            .map(CliOutput::describe)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     for observer in ["gw-us-1", "edge-eu-1"] {
         assert_eq!(
             status_seen_by(&lab, observer, "edge-eu-2"),

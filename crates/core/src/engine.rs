@@ -347,6 +347,8 @@ struct Duplicate {
 struct Refused {
     reason: String,
     since: Time,
+    /// The latest refusal with this reason.
+    last: Time,
 }
 
 #[derive(Debug, Clone)]
@@ -1513,7 +1515,13 @@ impl Engine {
         } else {
             format!("refused by {peer}: {reason}")
         };
-        let changed = self.refused.get(&peer).is_none_or(|r| r.reason != text);
+        let changed = self
+            .refused
+            .get(&peer)
+            .is_none_or(|r| r.reason != short(&text));
+        if let Some(r) = self.refused.get_mut(&peer) {
+            r.last = now;
+        }
         if self.refused.len() >= MAX_REFUSALS && !self.refused.contains_key(&peer) {
             // Forget the oldest refusal to make room.
             if let Some(oldest) = self
@@ -1531,6 +1539,7 @@ impl Engine {
                 Refused {
                     reason: short(&text),
                     since: now,
+                    last: now,
                 },
             );
             self.event(
@@ -4293,11 +4302,21 @@ impl Engine {
         let mut problems = Vec::new();
         for name in &names {
             let in_contract = listed.contains(name);
+            let status = self.status_of(name);
+            // A forgotten node counts as refused only while it still knocks here.
+            let refused = if status == NodeStatus::Forgotten {
+                self.refused
+                    .get(name)
+                    .filter(|r| now.saturating_sub(r.last) < DUPLICATE_EVIDENCE)
+                    .map(|r| r.reason.as_str())
+            } else {
+                refused.get(name).map(String::as_str)
+            };
             let f = verdict::NodeFacts {
                 name,
-                status: self.status_of(name),
+                status,
                 in_contract,
-                refused: refused.get(name).map(String::as_str),
+                refused,
                 duplicate: duplicates.get(name).copied(),
             };
             problems.extend(verdict::problem(&f));

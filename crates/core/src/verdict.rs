@@ -4,7 +4,8 @@
 //!
 //! An *expected* node is one the contract lists, or one alive in the table; a node that left
 //! gracefully or was forgotten by an operator is not expected — unless it came back and is
-//! being refused (a node that left and restarted with a wrong secret is refused, not `left`).
+//! being refused (a node that left and restarted with a wrong secret is refused, not `left`; a
+//! forgotten node that still knocks was forgotten while alive).
 //! A report is healthy only when every expected node is `alive`, none is refused or has a
 //! second instance trying to join, and every expected link is `up`.
 
@@ -19,7 +20,9 @@ pub struct NodeFacts<'a> {
     pub status: NodeStatus,
     /// The contract lists it (as a gateway, or in its site's `nodes`).
     pub in_contract: bool,
-    /// A live record reports one of its handshakes refused: the reason.
+    /// A live record reports one of its handshakes refused: the reason. For a forgotten node,
+    /// only a refusal of this observer's within the evidence window counts (it is still
+    /// running).
     pub refused: Option<&'a str>,
     /// A second instance of its name was refused at handshake lately: the reason.
     pub duplicate: Option<&'a str>,
@@ -28,7 +31,7 @@ pub struct NodeFacts<'a> {
 /// Whether a report expects `f` (see the module documentation).
 pub fn expected(f: &NodeFacts) -> bool {
     match f.status {
-        NodeStatus::Forgotten => false,
+        NodeStatus::Forgotten => f.refused.is_some(),
         // Refused only while an instance answers: the name is in use.
         _ if f.duplicate.is_some() => true,
         NodeStatus::Left => f.refused.is_some(),
@@ -56,6 +59,12 @@ pub fn problem(f: &NodeFacts) -> Option<String> {
     if let Some(r) = f.duplicate {
         return Some(format!(
             "{} has a second instance trying to join: {r}",
+            f.name
+        ));
+    }
+    if let (NodeStatus::Forgotten, Some(r)) = (f.status, f.refused) {
+        return Some(format!(
+            "{} was forgotten by an operator but is still running: {r}",
             f.name
         ));
     }
@@ -128,12 +137,17 @@ mod tests {
     }
 
     #[test]
-    fn forgotten_nodes_are_never_expected() {
+    fn a_forgotten_node_is_expected_only_while_it_still_knocks() {
         let x = n("edge-1");
         let mut f = facts(&x, NodeStatus::Forgotten);
-        f.refused = Some("refused by gw-1: forgotten");
         assert!(!expected(&f));
         assert_eq!(problem(&f), None);
+        f.refused = Some("refused by gw-1: forgotten");
+        assert!(expected(&f));
+        assert_eq!(
+            problem(&f).as_deref(),
+            Some("edge-1 was forgotten by an operator but is still running: refused by gw-1: forgotten")
+        );
         assert_eq!(shown_status(&f), NodeStatus::Forgotten);
     }
 
