@@ -729,14 +729,7 @@ fn graceful_leave_is_never_reported_as_dead() {
 
 /// The wire counters of `/metrics` on `node`: tx bytes, tx datagrams, rx bytes, rx datagrams.
 fn wire_counters(lab: &Lab, node: &str) -> Result<[u64; 4], String> {
-    let url = format!("http://{}/metrics", lab.node(node).control);
-    let text = ureq::get(&url)
-        .header("Authorization", &format!("Bearer {}", lab.token("read")))
-        .call()
-        .map_err(|e| format!("{url}: {e}"))?
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| format!("{url}: {e}"))?;
+    let text = lab.metrics_text(node)?;
     let names = [
         "clusterctl_wire_tx_bytes",
         "clusterctl_wire_tx_datagrams",

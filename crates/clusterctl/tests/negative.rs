@@ -345,13 +345,7 @@ fn plaintext_and_garbage_on_the_cluster_port_are_dropped() {
 
 /// `handshakes_refused_in` of `node`, from `/metrics`.
 fn refused_in(lab: &Lab, node: &str) -> Result<u64, String> {
-    let url = format!("http://{}/metrics", lab.node(node).control);
-    let text = ureq::get(&url)
-        .call()
-        .map_err(|e| format!("{url}: {e}"))?
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| format!("{url}: {e}"))?;
+    let text = lab.metrics_text(node)?;
     text.lines()
         .find_map(|l| {
             l.strip_prefix("clusterctl_handshakes_refused_in ")?

@@ -295,6 +295,18 @@ impl Lab {
         run_cli_with(Path::new("setpriv"), &self.dir, &full, env, CLI_TIMEOUT)
     }
 
+    /// `GET /metrics` of node `name` on its TCP control address, with the lab's read token.
+    pub fn metrics_text(&self, name: &str) -> Result<String, String> {
+        let url = format!("http://{}/metrics", self.node(name).control);
+        ureq::get(&url)
+            .header("Authorization", &format!("Bearer {}", self.token("read")))
+            .call()
+            .map_err(|e| format!("{url}: {e}"))?
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("{url}: {e}"))
+    }
+
     /// The address prefix, e.g. `127.103`.
     pub fn prefix(&self) -> &str {
         &self.prefix
