@@ -24,6 +24,7 @@
 use crate::contract::Contract;
 use crate::health::{LocalHealth, DEFAULT_MAX_SCORE};
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
+use crate::routing;
 use crate::secret::{KeyId, Keyring, ProofRole, Secret, SecretError};
 use crate::swim::{RingTiming, Swim, SwimId};
 use crate::table::{
@@ -2894,11 +2895,7 @@ impl Engine {
                     node: self.cfg.me.name.clone(),
                     rtt_us: rtt,
                 });
-                self.counters.routed_forwarded += 1;
-                self.push(Output::Send {
-                    to: next,
-                    frame: Frame::Routed(env),
-                });
+                self.send_routed(next, env);
             }
             Err((failure, reason)) => {
                 self.counters.routed_undeliverable += 1;
@@ -2935,26 +2932,34 @@ impl Engine {
         }
     }
 
+    /// Sends a routed envelope on the link to `next` (counted as forwarded).
+    fn send_routed(&mut self, next: NodeName, env: Envelope) {
+        self.counters.routed_forwarded += 1;
+        self.push(Output::Send {
+            to: next,
+            frame: Frame::Routed(env),
+        });
+    }
+
+    /// A routed envelope reached this node: the forwarding rule ([`routing::transit`]) decides.
     fn handle_routed(&mut self, now: Time, _from: &NodeName, mut env: Envelope) {
-        if env.dst == self.cfg.me.name {
-            self.deliver(now, env);
-            return;
+        let me = self.cfg.me.name.clone();
+        let verdict = routing::transit(&me, &env, |dst| {
+            self.next_hop(dst).map(|hop| {
+                let rtt = self.link_rtt(&hop);
+                (hop, rtt)
+            })
+        });
+        match verdict {
+            routing::Verdict::Deliver => self.deliver(now, env),
+            routing::Verdict::Forward { hop, rtt_us } => {
+                routing::spend_hop(&me, &mut env, rtt_us);
+                self.send_routed(hop, env);
+            }
+            routing::Verdict::Undeliverable(failure, reason) => {
+                self.forward_or_bounce(now, env, Err((failure, reason)));
+            }
         }
-        if env.ttl == 0 {
-            let n = env.trace.len();
-            self.forward_or_bounce(
-                now,
-                env,
-                Err((
-                    PingFailure::HopLimit,
-                    format!("hop limit reached after {n} hops"),
-                )),
-            );
-            return;
-        }
-        env.ttl -= 1;
-        let hop = self.next_hop(&env.dst);
-        self.forward_or_bounce(now, env, hop);
     }
 
     fn deliver(&mut self, now: Time, mut env: Envelope) {

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod health;
 pub mod instance;
 pub mod name;
+pub mod routing;
 pub mod secret;
 pub mod snapshot;
 pub mod swim;

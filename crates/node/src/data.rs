@@ -39,9 +39,10 @@
 
 use crate::control::Command;
 use bytes::Bytes;
-use clusterctl_api::{LoadReport, LoadRequest};
+use clusterctl_api::{LoadReport, LoadRequest, PingFailure};
 use clusterctl_core::engine::Reply;
 use clusterctl_core::name::NodeName;
+use clusterctl_core::routing;
 use clusterctl_core::wire::{
     Body, Envelope, Frame, FrameSplitter, Hop, Lane, HOP_LIMIT, MAX_FRAME, MAX_PAYLOAD,
 };
@@ -347,17 +348,15 @@ impl DataPath {
     /// Encodes a data message for another node into the batch of its next hop. Returns the
     /// message when this node cannot route it (the owner then routes or bounces it).
     fn stage(&self, routes: &Routes, out: &mut Vec<Batch>, mut env: Envelope) -> Option<Envelope> {
-        if env.ttl == 0 {
+        // The engine's forwarding rule on the route snapshot; anything but a forward over a
+        // link up is the owner's.
+        if !self.forwards(routes, &env) {
             return Some(env);
         }
         let Some((hop, lane, rtt)) = routes.lane_to(&env.dst) else {
             return Some(env);
         };
-        env.ttl -= 1;
-        env.trace.push(Hop {
-            node: self.me.clone(),
-            rtt_us: rtt,
-        });
+        routing::spend_hop(&self.me, &mut env, rtt);
         let bytes = Frame::Routed(env).encode_prefixed();
         match out.iter_mut().find(|b| b.hop == *hop) {
             Some(b) => {
@@ -372,6 +371,19 @@ impl DataPath {
             }),
         }
         None
+    }
+
+    /// Whether the forwarding rule ([`routing::transit`]) forwards `env` on the route snapshot
+    /// (to the snapshot's next hop toward its destination); anything else is the owner's: an
+    /// envelope for this node, one with no hops left, one the snapshot has no route for.
+    fn forwards(&self, routes: &Routes, env: &Envelope) -> bool {
+        let verdict = routing::transit(&self.me, env, |dst| {
+            routes
+                .lane_to(dst)
+                .map(|(hop, _, rtt)| (hop.clone(), rtt))
+                .ok_or((PingFailure::NoRoute, String::new()))
+        });
+        matches!(verdict, routing::Verdict::Forward { .. })
     }
 
     /// Settles a routed frame read from the control lane of `peer` (connection `conn_id`, `len`
@@ -401,7 +413,10 @@ impl DataPath {
         }
         // A well-formed envelope has trace + ttl <= HOP_LIMIT + 1; one that does not is left
         // to the engine, which forwards it as it always did.
-        if env.ttl == 0 || env.trace.len() > HOP_LIMIT as usize {
+        if env.trace.len() > HOP_LIMIT as usize {
+            return Err(env);
+        }
+        if !self.forwards(routes, &env) {
             return Err(env);
         }
         let Some((hop, link)) = routes.link_to(&env.dst) else {
@@ -410,11 +425,7 @@ impl DataPath {
         if link.control.is_closed() {
             return Err(env);
         }
-        env.ttl -= 1;
-        env.trace.push(Hop {
-            node: self.me.clone(),
-            rtt_us: link.rtt_us,
-        });
+        routing::spend_hop(&self.me, &mut env, link.rtt_us);
         Ok(self.queue_control(
             hop,
             link,
