@@ -112,6 +112,14 @@ impl LabState {
 }
 
 impl LabNode {
+    /// The node's directory (`DIR/nodes/NAME`): where its config file lives.
+    pub fn dir(&self) -> PathBuf {
+        self.config
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     /// Where the CLI reaches this node's agent: its control socket (no token needed by the
     /// lab's owner), else its TCP control address.
     pub fn endpoint(&self) -> Endpoint {
