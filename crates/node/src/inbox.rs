@@ -1,5 +1,5 @@
 //! The owner task's inbox: every message the owner of the engine receives, from connection tasks
-//! ([`Net`]) and from the control API and the load generator ([`Command`]), and its answers.
+//! (`Net`) and from the control API and the load generator ([`Command`]), and its answers.
 
 use crate::meter::WireTotals;
 use crate::pki::CertIdentity;

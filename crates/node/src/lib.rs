@@ -1,4 +1,9 @@
 //! The clusterctl agent runtime.
+//!
+//! [`agent`] runs the owner task that drives the engine; [`inbox`] holds every message it
+//! receives; [`control`] serves the control API and [`data`] the lanes of each link, and both
+//! reach the owner only through [`inbox`]. The rest are leaves: [`auth`], [`config`], [`files`],
+//! [`keyring`], [`meter`], [`persist`], [`pki`], [`tls`]. The map is in docs/DESIGN.md ("Rooms").
 #![forbid(unsafe_code)]
 
 /// Software version reported in records and `status`.
