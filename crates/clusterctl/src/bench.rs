@@ -147,11 +147,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .status();
     let _ = std::fs::remove_dir_all(&tmp);
     let table = result?;
-    crate::out(table.trim_end());
+    crate::output::out(table.trim_end());
     // The second lab runs once the first is down, so the two never share the CPU; its rows
     // continue the same table.
     if let Some(rows) = crate::bench_membership::second_lab(&a.membership, &exe)? {
-        crate::out(rows.iter().map(Stats::row).collect::<Vec<_>>().join("\n"));
+        crate::output::out(rows.iter().map(Stats::row).collect::<Vec<_>>().join("\n"));
     }
     Ok(ExitCode::SUCCESS)
 }

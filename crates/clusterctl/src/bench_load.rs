@@ -103,7 +103,7 @@ fn loaded_pings(
 
 /// The data-path rows. `control(name)` is the control address of a lab node; `pids` are the
 /// agents' process ids.
-pub fn rows(
+pub(crate) fn rows(
     a: &LoadArgs,
     control: &dyn Fn(&str) -> anyhow::Result<String>,
     pids: &[u32],

@@ -6,8 +6,9 @@
 //! is ever overwritten. Fingerprints are shown as [`pki::short_fingerprint`] (the first 16 hex
 //! characters of the SHA-256 of the DER), the same form the agent publishes.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use anyhow::{anyhow, bail, Context};
 use clusterctl_api::{CertsReport, Role};
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};

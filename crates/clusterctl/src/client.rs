@@ -27,6 +27,54 @@ const MAX_LINE: usize = 1 << 20;
 /// Most bytes of a non-JSON error body quoted in a message.
 const MAX_QUOTED: usize = 200;
 
+/// Which agent a command talks to, with which token, and how long it waits.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentArgs {
+    /// The agent to ask: unix:PATH (its control socket), HOST:PORT (its TCP control listener,
+    /// with a token) or the name of a lab node.
+    /// Default: $CLUSTERCTL_AGENT, else the first running node of the lab.
+    #[arg(long, global = true, env = "CLUSTERCTL_AGENT")]
+    pub agent: Option<String>,
+    /// File holding the token for a TCP control listener (mode 0600). Default: $CLUSTERCTL_TOKEN,
+    /// which holds the token itself.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// How long to wait for the agent, e.g. 10s or 500ms. For every request: 10s. For `ping`
+    /// and `topology --probe` it is the wait for each probe (default 2s and 1s); for `load` the
+    /// whole run (default 60s).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "timeout_ms")]
+    pub timeout: Option<std::time::Duration>,
+    /// The same as --timeout, in milliseconds.
+    #[arg(long, global = true, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl AgentArgs {
+    /// `--timeout` (or `--timeout-ms`), when given.
+    pub fn timeout(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        let t = match (self.timeout, self.timeout_ms) {
+            (Some(t), _) => Some(t),
+            (None, Some(ms)) => Some(std::time::Duration::from_millis(ms)),
+            (None, None) => None,
+        };
+        if t.is_some_and(|t| t.is_zero() || t > std::time::Duration::from_secs(24 * 3600)) {
+            anyhow::bail!("--timeout must be between 1ms and 24h");
+        }
+        Ok(t)
+    }
+
+    /// The token for a TCP listener: `--token-file`, else `$CLUSTERCTL_TOKEN`.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = &self.token_file {
+            return read_token_file(path).map(Some);
+        }
+        Ok(std::env::var("CLUSTERCTL_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()))
+    }
+}
+
 /// Where an agent's control API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -96,13 +144,13 @@ impl Client {
     /// Chooses the agent: `--agent`/CLUSTERCTL_AGENT (`unix:PATH`, `HOST:PORT` or the name of a
     /// lab node), else the first running node of the default lab. The token comes from
     /// `--token-file` or `$CLUSTERCTL_TOKEN`; the bound from `--timeout`.
-    pub fn resolve(args: &crate::AgentArgs) -> anyhow::Result<Client> {
+    pub fn resolve(args: &AgentArgs) -> anyhow::Result<Client> {
         let timeout = args.timeout()?.unwrap_or(DEFAULT_TIMEOUT);
         Client::resolve_with(args, timeout)
     }
 
     /// Like [`Client::resolve`], with `timeout` for each whole request.
-    pub fn resolve_with(args: &crate::AgentArgs, timeout: Duration) -> anyhow::Result<Client> {
+    pub fn resolve_with(args: &AgentArgs, timeout: Duration) -> anyhow::Result<Client> {
         let token = args.token()?;
         let dir = crate::lab::default_dir();
         let endpoint = match args.agent.as_deref().map(str::trim) {
@@ -142,7 +190,7 @@ impl Client {
 
     /// The agents a changing command applies to: every node of the default lab with `--all`
     /// (whichever process runs it now), else the one [`Client::resolve`] picks.
-    pub fn targets(all: bool, args: &crate::AgentArgs) -> anyhow::Result<Vec<Client>> {
+    pub fn targets(all: bool, args: &AgentArgs) -> anyhow::Result<Vec<Client>> {
         if !all {
             return Ok(vec![Client::resolve(args)?]);
         }
@@ -607,12 +655,12 @@ mod tests {
 
     #[test]
     fn agent_flag_takes_an_address_or_a_socket_as_is() {
-        let args = crate::AgentArgs {
+        let args = AgentArgs {
             agent: Some("127.0.0.1:9999".into()),
             ..Default::default()
         };
         assert_eq!(Client::resolve(&args).unwrap().addr(), "127.0.0.1:9999");
-        let args = crate::AgentArgs {
+        let args = AgentArgs {
             agent: Some("unix:/run/x.sock".into()),
             ..Default::default()
         };

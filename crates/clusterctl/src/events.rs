@@ -1,7 +1,8 @@
 //! `clusterctl events [--json] [--once]`: node and link events, followed live.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, AgentArgs};
+use crate::output::out;
 use clusterctl_api::Event;
 use std::process::ExitCode;
 

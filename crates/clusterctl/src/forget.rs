@@ -1,7 +1,8 @@
 //! `clusterctl forget NAME`: remove a node that is gone for good.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::{ForgetReport, ForgetRequest};
 use std::process::ExitCode;
 

@@ -1,8 +1,9 @@
 //! `clusterctl load TARGET --count N --size B [--from NODE] [--json]`: data messages to a node's
 //! `sink` process, and the throughput the sink confirmed.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::{LoadReport, LoadRequest};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -7,39 +7,11 @@
 
 #![forbid(unsafe_code)]
 
-mod agent;
-mod bench;
-mod bench_load;
-mod bench_membership;
-mod certs;
-mod client;
-mod events;
-mod forget;
-mod lab;
-mod load;
-mod members;
-mod ping;
-mod preflight;
-mod reload;
-mod secret;
-mod token;
-mod topology;
-
-use std::io::Write;
-
-/// Writes to stdout; a closed pipe (`clusterctl events | head`) ends the program quietly with 0.
-pub fn out(text: impl std::fmt::Display) {
-    let mut o = std::io::stdout().lock();
-    if writeln!(o, "{text}").and_then(|_| o.flush()).is_err() {
-        std::process::exit(0);
-    }
-}
-
-/// Prints a value as pretty JSON (the `--json` output of every read command).
-pub fn out_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    out(serde_json::to_string_pretty(v)?);
-    Ok(())
-}
+use clusterctl::client::AgentArgs;
+use clusterctl::{
+    agent, bench, certs, events, forget, lab, load, members, ping, preflight, reload, secret,
+    token, topology,
+};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -52,54 +24,6 @@ struct Cli {
     agent: AgentArgs,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Which agent a command talks to, with which token, and how long it waits.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct AgentArgs {
-    /// The agent to ask: unix:PATH (its control socket), HOST:PORT (its TCP control listener,
-    /// with a token) or the name of a lab node.
-    /// Default: $CLUSTERCTL_AGENT, else the first running node of the lab.
-    #[arg(long, global = true, env = "CLUSTERCTL_AGENT")]
-    pub agent: Option<String>,
-    /// File holding the token for a TCP control listener (mode 0600). Default: $CLUSTERCTL_TOKEN,
-    /// which holds the token itself.
-    #[arg(long, global = true, value_name = "FILE")]
-    pub token_file: Option<std::path::PathBuf>,
-    /// How long to wait for the agent, e.g. 10s or 500ms. For every request: 10s. For `ping`
-    /// and `topology --probe` it is the wait for each probe (default 2s and 1s); for `load` the
-    /// whole run (default 60s).
-    #[arg(long, global = true, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "timeout_ms")]
-    pub timeout: Option<std::time::Duration>,
-    /// The same as --timeout, in milliseconds.
-    #[arg(long, global = true, value_name = "MS")]
-    pub timeout_ms: Option<u64>,
-}
-
-impl AgentArgs {
-    /// `--timeout` (or `--timeout-ms`), when given.
-    pub fn timeout(&self) -> anyhow::Result<Option<std::time::Duration>> {
-        let t = match (self.timeout, self.timeout_ms) {
-            (Some(t), _) => Some(t),
-            (None, Some(ms)) => Some(std::time::Duration::from_millis(ms)),
-            (None, None) => None,
-        };
-        if t.is_some_and(|t| t.is_zero() || t > std::time::Duration::from_secs(24 * 3600)) {
-            anyhow::bail!("--timeout must be between 1ms and 24h");
-        }
-        Ok(t)
-    }
-
-    /// The token for a TCP listener: `--token-file`, else `$CLUSTERCTL_TOKEN`.
-    pub fn token(&self) -> anyhow::Result<Option<String>> {
-        if let Some(path) = &self.token_file {
-            return client::read_token_file(path).map(Some);
-        }
-        Ok(std::env::var("CLUSTERCTL_TOKEN")
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()))
-    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,7 +1,8 @@
 //! `clusterctl members [--json]`: every node of the table with its status.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::Members;
 use std::process::ExitCode;
 

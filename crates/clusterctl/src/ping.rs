@@ -1,7 +1,8 @@
 //! `clusterctl ping NODE [--from NODE] [--count N] [--json]`: probes to a node's `echo` process.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::{PingAttempt, PingReport, PingRequest};
 use std::process::ExitCode;
 use std::time::Duration;

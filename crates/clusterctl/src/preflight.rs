@@ -30,7 +30,7 @@
 //!
 //! A preflight handshake shows up at the seed as a short link from this node.
 
-use crate::{out, out_json};
+use crate::output::{out, out_json};
 use clusterctl_api::Role;
 use clusterctl_core::contract::Contract;
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};

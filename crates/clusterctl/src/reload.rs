@@ -1,8 +1,9 @@
 //! `clusterctl reload [--all]`: re-read a node's certificate, key and CA bundle without a
 //! restart (the same as SIGHUP, or changing the files: the agent checks them every 2 s).
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::ReloadReport;
 use std::process::ExitCode;
 

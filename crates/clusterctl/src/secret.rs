@@ -4,8 +4,9 @@
 //! `remove OLD --all` (see docs/security.md). A secret never travels: `install` names a file
 //! that the agent reads on its own machine, and reports show only fingerprints.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::{KeyringReport, SecretRequest, Secrets};
 use clusterctl_core::secret::Secret;
 use std::io::Write;

@@ -1,6 +1,6 @@
 //! `clusterctl token init DIR`: the tokens of an agent's TCP control listener.
 
-use crate::out;
+use crate::output::out;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -1,7 +1,8 @@
 //! `clusterctl topology [--probe] [--json]`: sites, nodes and every expected link.
 
+use crate::client::AgentArgs;
 use crate::client::Client;
-use crate::{out, out_json, AgentArgs};
+use crate::output::{out, out_json};
 use clusterctl_api::{LinkKind, LinkState, NodeStatus, Role, Topology};
 use std::fmt::Write;
 use std::process::ExitCode;

@@ -22,13 +22,13 @@
 
 use crate::config::TlsFiles;
 use crate::config::{AgentConfig, ConfigError};
-use crate::control::{self, Command, EventLog};
+use crate::control::{self, EventLog};
 use crate::data::{
     self, BulkLane, DataPath, DataStats, LinkLanes, Queued, Routes, SharedRoutes, ToOwner,
 };
 use crate::files::DataDirLock;
+use crate::inbox::{Command, DialFail, MetricsSnapshot, Net};
 use crate::persist::{self, PersistError};
-use crate::pki::CertIdentity;
 use crate::tls::{self, RejectSide, RejectSink, Security, TlsError, TlsMaterial};
 use bytes::Bytes;
 use clusterctl_api::{EventKind, KeyringReport, ReloadReport, SecretRequest};
@@ -41,9 +41,7 @@ use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{
-    Frame, Handshake, Hello, HelloAck, Lane, LoadSpec, Refusal, MAX_HANDSHAKE,
-};
+use clusterctl_core::wire::{Handshake, Lane, LoadSpec, MAX_HANDSHAKE};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,9 +50,6 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, error, info, warn};
-
-/// Software version reported in records and `status`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Time allowed for QUIC + TLS and for the hello/ack.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -125,72 +120,6 @@ impl AgentError {
             _ => 1,
         }
     }
-}
-
-/// Messages from connection tasks to the owner.
-pub(crate) enum Net {
-    /// Dialer side: the acceptor answered with an ack; the owner checks it.
-    Ack {
-        conn: quinn::Connection,
-        expected: NodeName,
-        ack: HelloAck,
-        cert: Option<CertIdentity>,
-        binding: Vec<u8>,
-    },
-    /// Acceptor side: a hello to check; the answer goes back on `reply`.
-    Hello {
-        conn: quinn::Connection,
-        hello: Hello,
-        cert: Option<CertIdentity>,
-        binding: Vec<u8>,
-        reply: oneshot::Sender<Result<HelloAck, Refusal>>,
-    },
-    /// Dialer side: the acceptor refused us.
-    PeerRefused { peer: NodeName, refusal: Refusal },
-    /// Dialer side: the dial failed before any hello was answered.
-    DialFailed {
-        peer: NodeName,
-        reason: String,
-        kind: DialFail,
-    },
-    /// A handshake from this address reached us and stalled.
-    InboundStalled { from: SocketAddr },
-    /// The TLS layer rejected a certificate.
-    TlsRejected {
-        claimed: Option<String>,
-        reason: String,
-    },
-    /// A control frame, decoded by the lane reader.
-    Frame {
-        peer: NodeName,
-        conn_id: u64,
-        frame: Frame,
-    },
-    /// A frame that did not decode: the engine counts and reports it.
-    BadFrame {
-        peer: NodeName,
-        conn_id: u64,
-        bytes: Vec<u8>,
-    },
-    Datagram {
-        peer: NodeName,
-        conn_id: u64,
-        bytes: Bytes,
-    },
-    Closed {
-        peer: NodeName,
-        conn_id: u64,
-        reason: String,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DialFail {
-    /// The peer kept another connection to us (both ends dialed at once).
-    Duplicate,
-    Unreachable,
-    RefusedByPeer,
-    RefusedByUs,
 }
 
 #[derive(Debug)]
@@ -408,7 +337,7 @@ async fn run_locked(
         wan_addr: cfg.advertise_wan.map(|a| a.to_string()),
         contract: cfg.contract.clone(),
         secure: matches!(security, Security::Mutual(_)),
-        version: VERSION.to_string(),
+        version: crate::VERSION.to_string(),
         seeds: cfg
             .seeds
             .iter()
@@ -1127,7 +1056,7 @@ impl Owner {
             }
             Command::LoadDone { handle, result } => engine.load_done(now, handle, result),
             Command::Metrics { reply } => {
-                let _ = reply.send(control::MetricsSnapshot {
+                let _ = reply.send(MetricsSnapshot {
                     data_forwarded: DataStats::get(&self.data.stats.forwarded),
                     data_dropped: DataStats::get(&self.data.stats.dropped),
                     load_sent: DataStats::get(&self.data.stats.load_sent),

@@ -26,6 +26,7 @@
 //! a client can tell a quiet agent from a frozen one.
 
 use crate::auth::{Caller, Scope, SocketAccess, Tokens};
+use crate::inbox::Command;
 use axum::body::Body;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Query, Request, State};
@@ -40,7 +41,7 @@ use clusterctl_api::{
     LoadReport, LoadRequest, Members, NodeInfo, PingRequest, ReloadReport, Role, SecretRequest,
     Secrets, SinkReport, Topology, API_VERSION,
 };
-use clusterctl_core::engine::{format_rfc3339_ms, Counters, EventOut, Reply};
+use clusterctl_core::engine::{format_rfc3339_ms, EventOut, Reply};
 use clusterctl_core::name::NodeName;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -55,93 +56,6 @@ pub const EVENT_HISTORY: usize = 4096;
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// Largest body of a non-JSON error answer that is wrapped into `{"error": ...}`.
 const MAX_ERROR_BODY: usize = 64 << 10;
-
-/// Requests from the control API to the owner task.
-#[derive(Debug)]
-pub enum Command {
-    Topology {
-        reply: oneshot::Sender<Topology>,
-    },
-    Members {
-        reply: oneshot::Sender<Members>,
-    },
-    Clock {
-        reply: oneshot::Sender<u64>,
-    },
-    Ping {
-        req: PingRequest,
-        reply: oneshot::Sender<Reply>,
-    },
-    Probe {
-        timeout_ms: u64,
-        reply: oneshot::Sender<Reply>,
-    },
-    Forget {
-        name: String,
-        force: bool,
-        reply: oneshot::Sender<Result<u64, String>>,
-    },
-    Metrics {
-        reply: oneshot::Sender<MetricsSnapshot>,
-    },
-    Secret {
-        req: SecretRequest,
-        reply: oneshot::Sender<Result<KeyringReport, String>>,
-    },
-    Secrets {
-        reply: oneshot::Sender<Secrets>,
-    },
-    Certs {
-        reply: oneshot::Sender<CertsReport>,
-    },
-    Reload {
-        reply: oneshot::Sender<ReloadReport>,
-    },
-    /// Read (and with `reset`, zero) the `sink` counters of `target`; answered with
-    /// [`Reply::Sink`].
-    Sink {
-        target: NodeName,
-        reset: bool,
-        timeout: Duration,
-        reply: oneshot::Sender<Reply>,
-    },
-    /// Ask `from` to run a load (answered with [`Reply::Load`]).
-    LoadFrom {
-        from: NodeName,
-        target: NodeName,
-        req: LoadRequest,
-        reply: oneshot::Sender<Reply>,
-    },
-    /// A load another node asked for finished.
-    LoadDone {
-        handle: u64,
-        result: Result<LoadReport, String>,
-    },
-}
-
-/// Numbers for `/metrics`.
-#[derive(Debug, Clone)]
-pub struct MetricsSnapshot {
-    pub counters: Counters,
-    pub links_up: u64,
-    pub table_records: u64,
-    pub clock: u64,
-    pub health_score: u64,
-    /// UDP traffic of this node's connections (see [`crate::meter`]).
-    pub wire: crate::meter::WireTotals,
-    /// Data messages forwarded by the data path without the owner task.
-    pub data_forwarded: u64,
-    /// Data messages dropped because a bulk lane stayed full.
-    pub data_dropped: u64,
-    /// Data messages sent by the load generator.
-    pub load_sent: u64,
-    /// Routed control frames forwarded by the data path without the owner task.
-    pub control_forwarded: u64,
-    /// Echo requests answered by the data path without the owner task.
-    pub echo_answered: u64,
-    /// Routed control frames the data path dropped on a full control lane.
-    pub control_dropped: u64,
-}
 
 /// What never changes while the agent runs.
 #[derive(Debug, Clone)]
@@ -578,7 +492,7 @@ async fn status(State(ctx): State<Ctx>) -> ApiResult<Json<NodeInfo>> {
         site: i.site.clone(),
         role: i.role,
         addr: i.addr.clone(),
-        version: crate::agent::VERSION.to_string(),
+        version: crate::VERSION.to_string(),
         secure: i.secure,
         clock,
         contract_hash: i.contract_hash.clone(),

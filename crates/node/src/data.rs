@@ -37,7 +37,7 @@
 //!   does not hold up, data messages, frames over [`FAST_FRAME`] (a frame that does not decode
 //!   goes as bytes; the engine counts it).
 
-use crate::control::Command;
+use crate::inbox::{Command, Net};
 use bytes::Bytes;
 use clusterctl_api::{LoadReport, LoadRequest, PingFailure};
 use clusterctl_core::engine::Reply;
@@ -521,7 +521,7 @@ impl DataPath {
         mut recv: quinn::RecvStream,
         peer: NodeName,
         conn_id: u64,
-        control: mpsc::Sender<crate::agent::Net>,
+        control: mpsc::Sender<Net>,
         bulk: mpsc::Sender<ToOwner>,
     ) {
         let lane = match recv.read_chunk(1, true).await {
@@ -559,20 +559,20 @@ impl DataPath {
                             let r = routes.get_or_insert_with(|| self.routes.get());
                             match self.route_control(r, &peer, conn_id, frame.len(), env) {
                                 Ok(_) => continue,
-                                Err(env) => crate::agent::Net::Frame {
+                                Err(env) => Net::Frame {
                                     peer: peer.clone(),
                                     conn_id,
                                     frame: Frame::Routed(env),
                                 },
                             }
                         }
-                        Ok(frame) => crate::agent::Net::Frame {
+                        Ok(frame) => Net::Frame {
                             peer: peer.clone(),
                             conn_id,
                             frame,
                         },
                         // The owner counts and reports it.
-                        Err(_) => crate::agent::Net::BadFrame {
+                        Err(_) => Net::BadFrame {
                             peer: peer.clone(),
                             conn_id,
                             bytes: frame.to_vec(),
@@ -595,7 +595,7 @@ impl DataPath {
                     Ok(f) => to_owner.push(f),
                     // The owner counts and reports it.
                     Err(_) => {
-                        let msg = crate::agent::Net::BadFrame {
+                        let msg = Net::BadFrame {
                             peer: peer.clone(),
                             conn_id,
                             bytes: frame.to_vec(),

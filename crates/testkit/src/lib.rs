@@ -21,9 +21,9 @@
 pub mod handshake;
 pub mod netns;
 
-use clusterctl_api::{Event, Members, NodeStatus, Role, Topology};
+pub use clusterctl::lab::state::{LabNode, LabState};
+use clusterctl_api::{Event, Members, NodeStatus, Topology};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -58,41 +58,6 @@ pub struct LabOptions {
     pub sites: Option<String>,
     /// `--gateways` per site.
     pub gateways: Option<u32>,
-}
-
-/// One node of a lab as recorded in `DIR/lab.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct LabNode {
-    pub name: String,
-    pub site: String,
-    pub role: Role,
-    /// Cluster address (QUIC, UDP).
-    pub addr: String,
-    /// Control API address (HTTP, TCP; needs a token of `DIR/tokens`).
-    pub control: String,
-    /// The node's control socket.
-    pub socket: PathBuf,
-    /// The node's config file.
-    pub config: PathBuf,
-    /// The agent `lab up` started.
-    pub pid: u32,
-    /// Start time of that process (field 22 of /proc/PID/stat).
-    pub pid_start: u64,
-}
-
-impl LabNode {
-    /// The node's directory (`DIR/nodes/NAME`).
-    pub fn dir(&self) -> PathBuf {
-        self.config
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct LabFile {
-    nodes: Vec<LabNode>,
 }
 
 /// A finished CLI run.
@@ -639,11 +604,10 @@ impl Lab {
 
     fn read_lab_file(&self) -> Vec<LabNode> {
         let path = self.dir.join("lab.json");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        let file: LabFile = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{} does not parse: {e}\n{text}", path.display()));
-        file.nodes
+        LabState::load(&self.dir)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .unwrap_or_else(|| panic!("cannot read {}: no such file", path.display()))
+            .nodes
     }
 }
 

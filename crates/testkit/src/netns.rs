@@ -4,7 +4,7 @@
 //! commands. Outside CI a test without them is skipped with a printed note; in CI (`CI` set)
 //! it fails with the reason, so a missing tool is never a silent pass.
 
-use crate::{run_cli, CliOutput, LabFile, LabNode, CLI_TIMEOUT};
+use crate::{run_cli, CliOutput, LabNode, LabState, CLI_TIMEOUT};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -121,9 +121,10 @@ impl NetnsLab {
     }
 
     fn read_nodes(&self) -> Vec<LabNode> {
-        let text = std::fs::read_to_string(self.dir.join("lab.json")).unwrap_or_default();
-        serde_json::from_str::<LabFile>(&text)
-            .map(|f| f.nodes)
+        LabState::load(&self.dir)
+            .ok()
+            .flatten()
+            .map(|s| s.nodes)
             .unwrap_or_default()
     }
 }

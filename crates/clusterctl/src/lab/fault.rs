@@ -157,12 +157,12 @@ pub fn run(cmd: FaultCmd) -> anyhow::Result<ExitCode> {
             let (state, ns) = load(&dir.resolve()?)?;
             let _ = state;
             if json {
-                crate::out_json(&ns.faults)?;
+                crate::output::out_json(&ns.faults)?;
             } else if ns.faults.is_empty() {
-                crate::out(format!("no faults active in lab {}", ns.prefix));
+                crate::output::out(format!("no faults active in lab {}", ns.prefix));
             } else {
                 for f in &ns.faults {
-                    crate::out(format!("{:<40}  since {}", f.fault.to_string(), f.since));
+                    crate::output::out(format!("{:<40}  since {}", f.fault.to_string(), f.since));
                 }
             }
             return Ok(ExitCode::SUCCESS);

@@ -20,9 +20,10 @@
 //! Everything is recorded in `lab.json` before it is created, so `lab down` removes exactly what
 //! was created, also after a crash, and deleting what is already gone is not an error.
 
+use super::state::STATE_FORMAT_NETNS;
 use super::{
     generate, refuse_running_lab, start_agents, LabPlan, LabState, UpArgs, CONTROL_PORT,
-    MAX_WAIT_SECS, QUIC_PORT, STATE_FORMAT_NETNS,
+    MAX_WAIT_SECS, QUIC_PORT,
 };
 use anyhow::{anyhow, bail, Context};
 use clusterctl_api::Role;
