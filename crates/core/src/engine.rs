@@ -1241,6 +1241,18 @@ impl Engine {
         }
     }
 
+    /// Checks the protocol version of a dialer's hello (or of an acceptor's answer), read
+    /// before the rest of it ([`crate::wire::Handshake::version_of`]): another version is refused with
+    /// [`RefusalCode::Version`], naming both. The caller reports a refusal with
+    /// [`Engine::handle_refused`], as for [`Engine::check_hello`].
+    pub fn check_hello_version(&self, version: u8) -> Result<(), Refusal> {
+        if version == crate::wire::PROTOCOL_VERSION {
+            Ok(())
+        } else {
+            Err(Refusal::version(version))
+        }
+    }
+
     /// Checks a dialer's hello on the accepting side. `cert` is the identity and cluster proven
     /// by the peer's certificate (None when running insecure).
     pub fn check_hello(
@@ -2913,7 +2925,7 @@ impl Engine {
                 let bounce = Body::Undeliverable {
                     id: env.id,
                     at: self.cfg.me.name.clone(),
-                    failure,
+                    failure: failure.into(),
                     reason,
                     trace,
                 };
@@ -2985,6 +2997,7 @@ impl Engine {
                 reason,
                 trace,
             } => {
+                let failure = failure.into();
                 if self.echoes.contains_key(&id) {
                     let seq = self.echoes.get(&id).map_or(0, |e| e.seq);
                     self.echo_answered(now, id, seq, Err((failure, at, reason, trace)));
@@ -3056,7 +3069,7 @@ impl Engine {
     pub fn load_done(&mut self, now: Time, handle: u64, result: Result<LoadReport, String>) {
         if let Some(from) = self.loads.remove(&handle) {
             let result = result.map_err(|e| short(&e));
-            self.finish(now, from, CallReply::Load(result));
+            self.finish(now, from, CallReply::Load(result.map(Into::into)));
         }
     }
 
@@ -3187,7 +3200,7 @@ impl Engine {
                 me.to_string(),
                 "too many pings in progress on this node".into(),
             );
-            self.finish(now, from, CallReply::Ping(report));
+            self.finish(now, from, CallReply::Ping(report.into()));
             return;
         }
         let id = self.fresh_id();
@@ -3213,7 +3226,7 @@ impl Engine {
         if s.next_seq >= s.count {
             let s = self.sessions.remove(&session).expect("present");
             let report = self.ping_report(&s);
-            self.finish(now, s.from, CallReply::Ping(report));
+            self.finish(now, s.from, CallReply::Ping(report.into()));
             return;
         }
         let seq = s.next_seq;
@@ -3368,7 +3381,7 @@ impl Engine {
                     rtt_ms: attempt.ok.then_some(attempt.total_ms),
                     error: attempt.reason,
                 };
-                self.finish(now, call, CallReply::Probe(result));
+                self.finish(now, call, CallReply::Probe(result.into()));
             }
         }
     }
@@ -3594,7 +3607,7 @@ impl Engine {
             ),
             Call::Sink { reset } => {
                 let r = self.sink_report(reset);
-                self.finish(now, from, CallReply::Sink(r));
+                self.finish(now, from, CallReply::Sink(r.into()));
             }
             Call::Load(spec) => {
                 if self.loads.len() >= MAX_PENDING_CALLS {
@@ -3613,10 +3626,10 @@ impl Engine {
         match to {
             CallFrom::Local { token } => {
                 let reply = match reply {
-                    CallReply::Ping(p) => Reply::Ping(p),
-                    CallReply::Probe(p) => Reply::Probes(vec![p]),
-                    CallReply::Sink(r) => Reply::Sink(Ok(r)),
-                    CallReply::Load(r) => Reply::Load(r),
+                    CallReply::Ping(p) => Reply::Ping(p.into()),
+                    CallReply::Probe(p) => Reply::Probes(vec![p.into()]),
+                    CallReply::Sink(r) => Reply::Sink(Ok(r.into())),
+                    CallReply::Load(r) => Reply::Load(r.map(Into::into)),
                 };
                 self.push(Output::Reply { token, reply });
             }
@@ -3625,7 +3638,7 @@ impl Engine {
             }
             CallFrom::ProbeSet { set } => {
                 if let (Some(p), CallReply::Probe(r)) = (self.probe_sets.get_mut(&set), reply) {
-                    p.results.push(r);
+                    p.results.push(r.into());
                 }
                 self.maybe_finish_probe_set(now, set);
             }
@@ -3650,23 +3663,29 @@ impl Engine {
             return;
         };
         let reply = match c.what {
-            PendingWhat::Ping { from, target } => CallReply::Ping(self.failed_ping(
-                &from,
-                &target,
-                failure,
-                at,
-                format!("could not reach {from} to start the ping: {reason}"),
-            )),
-            PendingWhat::Probe { from, to, kind } => CallReply::Probe(ProbeResult {
-                from: from.to_string(),
-                to: to.to_string(),
-                kind,
-                ok: false,
-                rtt_ms: None,
-                error: Some(format!(
-                    "could not reach {from} to run the probe ({at}: {reason})"
-                )),
-            }),
+            PendingWhat::Ping { from, target } => CallReply::Ping(
+                self.failed_ping(
+                    &from,
+                    &target,
+                    failure,
+                    at,
+                    format!("could not reach {from} to start the ping: {reason}"),
+                )
+                .into(),
+            ),
+            PendingWhat::Probe { from, to, kind } => CallReply::Probe(
+                ProbeResult {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    kind,
+                    ok: false,
+                    rtt_ms: None,
+                    error: Some(format!(
+                        "could not reach {from} to run the probe ({at}: {reason})"
+                    )),
+                }
+                .into(),
+            ),
             PendingWhat::Sink { target } => {
                 if let CallFrom::Local { token } = c.from {
                     self.push(Output::Reply {
