@@ -7,11 +7,11 @@ use clusterctl_api::{EventKind, Members, Role};
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
 use clusterctl_core::secret::{Keyring, Secret};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Frame, Handshake, RefusalCode};
+use clusterctl_core::wire::{Frame, Handshake, RefusalCode, PROTOCOL_VERSION};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, CertPair, Validity};
 use clusterctl_node::tls::TlsMaterial;
 use clusterctl_testkit::handshake::{
-    dial_without_client_certificate, hello_with, send_hello, Outcome,
+    dial_without_client_certificate, hello_with, send_hello, send_hello_bytes, Outcome,
 };
 use clusterctl_testkit::{Lab, LabOptions, DEFAULT_WAIT};
 use std::net::{SocketAddr, UdpSocket};
@@ -375,6 +375,72 @@ fn a_dial_without_a_client_certificate_is_counted_and_reported_with_its_address(
                 e.kind == EventKind::LinkRefused
                     && e.reason.contains(&from)
                     && e.reason.contains("no client certificate")
+            });
+            if after > before && event.is_some() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "refused_in {before} -> {after}; events: {events:?}"
+                ))
+            }
+        },
+    );
+}
+
+/// A hello of another protocol version is refused with the `version` code, read from its first
+/// byte before the rest (it would not decode), under the dialer's version byte so that the
+/// dialer reads why; the acceptor counts it and reports `link-refused`, and the dialer's frame
+/// is never processed.
+#[test]
+fn a_hello_of_another_protocol_version_is_refused_with_the_version_reason() {
+    let f = Fixture::new();
+    let before = refused_in(&f.lab, "gw-us-1").expect("metrics");
+    // Valid credentials of a name the contract does not list: the version is checked first.
+    let who = ident("edge-us-9", "us-east", Role::Member);
+    let theirs = PROTOCOL_VERSION + 1;
+    let hello = hello_with(
+        f.keyring.clone(),
+        who.clone(),
+        f.hash.clone(),
+        "127.0.0.1:9".into(),
+    );
+    let mut fake = NodeRecord::new(
+        &ident("intruder-v", "us-east", Role::Member),
+        99,
+        "127.0.0.1:9".into(),
+        f.hash.clone(),
+        "x".into(),
+        true,
+    );
+    fake.clock = 99;
+    let o = send_hello_bytes(
+        f.bind,
+        f.target,
+        "gw-us-1",
+        f.material(&f.ca, &who, Validity::days_from_now(10)),
+        move |binding: &[u8]| {
+            let mut bytes = Handshake::Hello(hello(binding)).encode();
+            bytes[0] = theirs;
+            bytes
+        },
+        Some(Frame::Records(vec![std::sync::Arc::new(fake)])),
+    );
+    f.assert_refused(
+        &o,
+        RefusalCode::Version,
+        &format!("peer speaks protocol version {theirs}, this node speaks protocol version {PROTOCOL_VERSION}"),
+    );
+    f.assert_no_intruder(&["intruder-v", "edge-us-9"]);
+    f.lab.wait_for(
+        "gw-us-1 to count the version refusal and report it",
+        DEFAULT_WAIT,
+        || {
+            let after = refused_in(&f.lab, "gw-us-1")?;
+            let events = f.lab.events("gw-us-1");
+            let event = events.iter().find(|e| {
+                e.kind == EventKind::LinkRefused
+                    && e.peer.as_deref() == Some("edge-us-9")
+                    && e.reason.contains(&format!("protocol version {theirs}"))
             });
             if after > before && event.is_some() {
                 Ok(())

@@ -4833,6 +4833,58 @@ mod tests {
         );
     }
 
+    /// A hello of another protocol version is refused with the `Version` code and a reason
+    /// naming both versions; reported, it counts and raises `link-refused` like any refusal.
+    #[test]
+    fn a_hello_of_another_protocol_version_is_refused_with_the_version_reason() {
+        let contract = one_site_contract();
+        let mut e = Engine::new(
+            test_config(&contract, member_of_us("edge-1")),
+            vec![],
+            Time::ZERO,
+        )
+        .unwrap();
+        let ours = crate::wire::PROTOCOL_VERSION;
+        assert_eq!(e.check_hello_version(ours), Ok(()));
+        for theirs in [0, 1, ours + 1, u8::MAX] {
+            let r = e.check_hello_version(theirs).unwrap_err();
+            assert_eq!(r.code, RefusalCode::Version);
+            assert!(
+                r.reason.contains(&format!("protocol version {theirs},"))
+                    && r.reason.contains(&format!("protocol version {ours};")),
+                "{r}"
+            );
+        }
+        // The bytes of a hello of another version: refused from the version byte alone.
+        let mut hello = crate::wire::Handshake::Refuse(Refusal::version(0)).encode();
+        hello[0] = ours + 1;
+        let theirs = crate::wire::Handshake::version_of(&hello).unwrap();
+        let refusal = e.check_hello_version(theirs).unwrap_err();
+        let peer = NodeName::new("edge-2").unwrap();
+        let t = Time::from_secs(1);
+        while e.poll_output().is_some() {}
+        e.handle_refused(
+            t,
+            Some(peer.clone()),
+            Some(refusal.code),
+            &refusal.reason,
+            true,
+        );
+        assert_eq!(e.counters.refused_in, 1);
+        let mut events = Vec::new();
+        while let Some(o) = e.poll_output() {
+            if let Output::Event(ev) = o {
+                events.push(ev);
+            }
+        }
+        assert!(
+            events.iter().any(|ev| ev.kind == EventKind::LinkRefused
+                && ev.peer.as_ref() == Some(&peer)
+                && ev.reason.contains("protocol version")),
+            "{events:?}"
+        );
+    }
+
     /// A refused second instance makes reports unhealthy while it retries, for
     /// [`DUPLICATE_EVIDENCE`] after its last attempt, without marking the name's link refused.
     #[test]

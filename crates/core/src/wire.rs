@@ -1152,6 +1152,54 @@ mod tests {
         });
     }
 
+    /// A refusal is sent under the dialer's version byte and read by a dialer of any version;
+    /// any other answer of another version is a version mismatch, never a misread.
+    #[test]
+    fn refusals_are_read_across_versions_and_other_answers_are_not() {
+        let ours = PROTOCOL_VERSION;
+        let refusal = Refusal::version(ours + 1);
+        for v in [ours, ours + 1, 1] {
+            let bytes = Handshake::encode_refusal(&refusal, v);
+            assert_eq!(Handshake::version_of(&bytes), Ok(v));
+            assert_eq!(
+                Handshake::decode_answer(&bytes),
+                Ok(Handshake::Refuse(refusal.clone()))
+            );
+        }
+        assert_eq!(
+            Handshake::encode_refusal(&refusal, ours),
+            Handshake::Refuse(refusal.clone()).encode()
+        );
+        let mut other = Handshake::Hello(Hello {
+            cluster: ClusterName::new("c").unwrap(),
+            ident: crate::name::Ident {
+                name: NodeName::new("a").unwrap(),
+                site: SiteName::new("s").unwrap(),
+                role: api::Role::Member,
+            },
+            contract_hash: "h".into(),
+            clock: 1,
+            addr: "x".into(),
+            rejoin: false,
+            version: "v".into(),
+            secret: crate::secret::Keyring::new(
+                crate::secret::Secret::from_bytes(&[1; 32]).unwrap(),
+            )
+            .prove_primary(
+                crate::secret::ProofRole::Hello,
+                &NodeName::new("a").unwrap(),
+                &[0; 32],
+            ),
+        })
+        .encode();
+        other[0] = ours + 1;
+        assert_eq!(
+            Handshake::decode_answer(&other),
+            Err(WireError::Version(ours + 1))
+        );
+        assert_eq!(Handshake::version_of(&[]), Err(WireError::Empty));
+    }
+
     #[test]
     fn a_lane_splits_back_into_its_frames_whatever_the_read_sizes() {
         let frames = [

@@ -38,6 +38,27 @@ pub fn send_hello(
     make: impl FnOnce(&[u8]) -> Hello + Send + 'static,
     frame: Option<Frame>,
 ) -> Outcome {
+    send_hello_bytes(
+        bind,
+        to,
+        server_name,
+        material,
+        move |binding: &[u8]| Handshake::Hello(make(binding)).encode(),
+        frame,
+    )
+}
+
+/// [`send_hello`] with the hello's bytes made by `encode` (for this TLS session's binding):
+/// tamper with them, e.g. another protocol version byte. The answer is read as a dialer reads
+/// it ([`Handshake::decode_answer`]: a refusal in any version).
+pub fn send_hello_bytes(
+    bind: SocketAddr,
+    to: SocketAddr,
+    server_name: &str,
+    material: TlsMaterial,
+    encode: impl FnOnce(&[u8]) -> Vec<u8> + Send + 'static,
+    frame: Option<Frame>,
+) -> Outcome {
     let cluster = material.identity.cluster.clone();
     let security = Security::Mutual(Arc::new(material));
     let (_server, client) = match endpoint_configs(&security, &cluster, Arc::new(IgnoreRejects)) {
@@ -69,12 +90,12 @@ pub fn send_hello(
             let mut binding = [0u8; BINDING_LEN];
             conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
                 .map_err(|e| format!("exporter: {e:?}"))?;
-            let hello = make(&binding);
+            let hello = encode(&binding);
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
                 .map_err(|e| why("open", e.to_string()))?;
-            send.write_all(&Handshake::Hello(hello).encode())
+            send.write_all(&hello)
                 .await
                 .map_err(|e| why("write", e.to_string()))?;
             send.finish().map_err(|e| why("finish", e.to_string()))?;
@@ -82,7 +103,7 @@ pub fn send_hello(
                 .read_to_end(MAX_HANDSHAKE)
                 .await
                 .map_err(|e| why("read", e.to_string()))?;
-            let answer = Handshake::decode(&bytes).map_err(|e| format!("decode: {e}"))?;
+            let answer = Handshake::decode_answer(&bytes).map_err(|e| format!("decode: {e}"))?;
             if let Some(f) = frame {
                 // Best effort: the agent may already have closed the connection.
                 if let Ok(mut s) = conn.open_uni().await {
