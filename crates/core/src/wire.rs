@@ -283,6 +283,54 @@ pub struct LoadReport {
     pub error: Option<String>,
 }
 
+/// A node's role as records and hellos carry it (the wire form of [`api::Role`]; the
+/// in-memory [`crate::name::Ident`] and [`NodeRecord`] keep the API type and encode through
+/// [`role_on_wire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Member,
+    Gateway,
+}
+
+/// A link's state as a record's link report carries it (the wire form of [`api::LinkState`],
+/// encoded through [`link_state_on_wire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    Up,
+    Down,
+    OneWay,
+    Refused,
+    Missing,
+    Drift,
+}
+
+/// Serde `with` modules that encode an API type through its wire form: a field keeps the API
+/// type in memory and the wire's on the wire.
+macro_rules! on_wire {
+    ($module:ident, $wire:ty, $api:ty) => {
+        #[doc = concat!("`#[serde(with = \"crate::wire::", stringify!($module), "\")]`: [`", stringify!($api), "`] encoded as [`", stringify!($wire), "`].")]
+        pub mod $module {
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+            pub fn serialize<S: Serializer>(v: &$api, s: S) -> Result<S::Ok, S::Error> {
+                <$wire>::from(*v).serialize(s)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<$api, D::Error> {
+                <$wire>::deserialize(d).map(Into::into)
+            }
+        }
+    };
+}
+on_wire!(role_on_wire, super::Role, clusterctl_api::Role);
+on_wire!(
+    link_state_on_wire,
+    super::LinkState,
+    clusterctl_api::LinkState
+);
+
 /// `From` both ways between a wire enum and its API twin, variant by variant.
 macro_rules! same_variants {
     ($wire:ident, $api:ty, $($v:ident),+) => {
@@ -369,6 +417,17 @@ same_variants!(
     UnknownNode
 );
 same_variants!(LinkKind, api::LinkKind, Site, Wan);
+same_variants!(Role, api::Role, Member, Gateway);
+same_variants!(
+    LinkState,
+    api::LinkState,
+    Up,
+    Down,
+    OneWay,
+    Refused,
+    Missing,
+    Drift
+);
 same_fields!(
     PingAttempt,
     api::PingAttempt,
@@ -1150,6 +1209,27 @@ mod tests {
             mb_per_s: 0.6,
             error: Some("timeout".into()),
         });
+        for role in [api::Role::Member, api::Role::Gateway] {
+            check::<Role, _>(role);
+            assert_eq!(
+                serde_json::to_string(&Role::from(role)).unwrap(),
+                serde_json::to_string(&role).unwrap()
+            );
+        }
+        for state in [
+            api::LinkState::Up,
+            api::LinkState::Down,
+            api::LinkState::OneWay,
+            api::LinkState::Refused,
+            api::LinkState::Missing,
+            api::LinkState::Drift,
+        ] {
+            check::<LinkState, _>(state);
+            assert_eq!(
+                serde_json::to_string(&LinkState::from(state)).unwrap(),
+                serde_json::to_string(&state).unwrap()
+            );
+        }
     }
 
     /// A refusal is sent under the dialer's version byte and read by a dialer of any version;
