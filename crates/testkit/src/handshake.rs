@@ -244,3 +244,55 @@ pub fn dial_without_client_certificate(bind: SocketAddr, to: SocketAddr) -> Outc
         }
     })
 }
+
+/// A raw acceptor for negative tests of the dialing side: listens at `bind` with `material`
+/// (a node's certificate, so that a real agent dialing that node completes TLS), answers
+/// every hello with the bytes `answer` makes of it, until `stop` is set (checked every 100 ms)
+/// or 60 s pass. Returns how many hellos it answered.
+pub fn answer_hellos(
+    bind: SocketAddr,
+    material: TlsMaterial,
+    answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<usize, String> {
+    let cluster = material.identity.cluster.clone();
+    let security = Security::Mutual(Arc::new(material));
+    let (server, _client) = endpoint_configs(&security, &cluster, Arc::new(IgnoreRejects))
+        .map_err(|e| format!("TLS configs: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let answer = Arc::new(answer);
+    rt.block_on(async move {
+        let endpoint = quinn::Endpoint::server(server, bind).map_err(|e| format!("bind: {e}"))?;
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst)
+            && tokio::time::Instant::now() < deadline
+        {
+            let incoming =
+                match tokio::time::timeout(Duration::from_millis(100), endpoint.accept()).await {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(_) => continue,
+                };
+            let (answer, answered) = (answer.clone(), answered.clone());
+            tokio::spawn(async move {
+                let exchange = async {
+                    let conn = incoming.await.ok()?;
+                    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+                    let hello = recv.read_to_end(MAX_HANDSHAKE).await.ok()?;
+                    send.write_all(&answer(&hello)).await.ok()?;
+                    send.finish().ok()?;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    Some(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), exchange).await;
+            });
+        }
+        endpoint.close(0u32.into(), b"done");
+        Ok(answered.load(std::sync::atomic::Ordering::SeqCst))
+    })
+}
