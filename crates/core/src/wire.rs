@@ -1332,6 +1332,12 @@ mod tests {
         }
 
         #[test]
+        fn answers_of_any_version_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Handshake::version_of(&bytes);
+            let _ = Handshake::decode_answer(&bytes);
+        }
+
+        #[test]
         fn truncated_frames_never_panic(cut in 0usize..200) {
             let f = Frame::Records(vec![Arc::new(rec("node-a", "site-a", 42)), Arc::new(rec("node-b", "site-a", 43))]);
             let b = f.encode();
