@@ -1503,7 +1503,7 @@ async fn exchange(
             }
             other => format!("reading the answer: {other}"),
         })?;
-        Handshake::decode(&bytes).map_err(|e| format!("the answer does not decode: {e}"))
+        Handshake::decode_answer(&bytes).map_err(|e| format!("the answer does not decode: {e}"))
     };
     let answer = match tokio::time::timeout(SEED_TIMEOUT, answer).await {
         Err(_) => return Outcome::Failed("no answer to the hello in time".into()),

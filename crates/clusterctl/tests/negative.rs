@@ -7,11 +7,12 @@ use clusterctl_api::{EventKind, Members, Role};
 use clusterctl_core::name::{ClusterName, Ident, NodeName, SiteName};
 use clusterctl_core::secret::{Keyring, Secret};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Frame, Handshake, RefusalCode};
+use clusterctl_core::wire::{Frame, Handshake, RefusalCode, PROTOCOL_VERSION};
 use clusterctl_node::pki::{generate_ca, issue_node_cert, CertPair, Validity};
 use clusterctl_node::tls::TlsMaterial;
 use clusterctl_testkit::handshake::{
-    dial_without_client_certificate, hello_with, send_hello, Outcome,
+    answer_hellos, dial_without_client_certificate, hello_with, send_hello, send_hello_bytes,
+    Outcome,
 };
 use clusterctl_testkit::{Lab, LabOptions, DEFAULT_WAIT};
 use std::net::{SocketAddr, UdpSocket};
@@ -385,4 +386,123 @@ fn a_dial_without_a_client_certificate_is_counted_and_reported_with_its_address(
             }
         },
     );
+}
+
+/// A hello of another protocol version is refused with the `version` code, read from its first
+/// byte before the rest (it would not decode), under the dialer's version byte so that the
+/// dialer reads why; the acceptor counts it and reports `link-refused`, and the dialer's frame
+/// is never processed.
+#[test]
+fn a_hello_of_another_protocol_version_is_refused_with_the_version_reason() {
+    let f = Fixture::new();
+    let before = refused_in(&f.lab, "gw-us-1").expect("metrics");
+    // Valid credentials of a name the contract does not list: the version is checked first.
+    let who = ident("edge-us-9", "us-east", Role::Member);
+    let theirs = PROTOCOL_VERSION + 1;
+    let hello = hello_with(
+        f.keyring.clone(),
+        who.clone(),
+        f.hash.clone(),
+        "127.0.0.1:9".into(),
+    );
+    let mut fake = NodeRecord::new(
+        &ident("intruder-v", "us-east", Role::Member),
+        99,
+        "127.0.0.1:9".into(),
+        f.hash.clone(),
+        "x".into(),
+        true,
+    );
+    fake.clock = 99;
+    let o = send_hello_bytes(
+        f.bind,
+        f.target,
+        "gw-us-1",
+        f.material(&f.ca, &who, Validity::days_from_now(10)),
+        move |binding: &[u8]| {
+            let mut bytes = Handshake::Hello(hello(binding)).encode();
+            bytes[0] = theirs;
+            bytes
+        },
+        Some(Frame::Records(vec![std::sync::Arc::new(fake)])),
+    );
+    f.assert_refused(
+        &o,
+        RefusalCode::Version,
+        &format!("peer speaks protocol version {theirs}, this node speaks protocol version {PROTOCOL_VERSION}"),
+    );
+    f.assert_no_intruder(&["intruder-v", "edge-us-9"]);
+    f.lab.wait_for(
+        "gw-us-1 to count the version refusal and report it",
+        DEFAULT_WAIT,
+        || {
+            let after = refused_in(&f.lab, "gw-us-1")?;
+            let events = f.lab.events("gw-us-1");
+            let event = events.iter().find(|e| {
+                e.kind == EventKind::LinkRefused
+                    && e.peer.as_deref() == Some("edge-us-9")
+                    && e.reason.contains(&format!("protocol version {theirs}"))
+            });
+            if after > before && event.is_some() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "refused_in {before} -> {after}; events: {events:?}"
+                ))
+            }
+        },
+    );
+}
+
+/// The dialing side: a peer whose answer to our hello is of another protocol version (and not
+/// a refusal we can read) is refused by the dialer with the `version` code, counted and
+/// reported as `link-refused` with the dialed node's name.
+#[test]
+fn an_answer_of_another_protocol_version_is_refused_by_the_dialer_with_the_version_reason() {
+    let mut f = Fixture::new();
+    let who = ident("edge-us-2", "us-east", Role::Member);
+    let addr: SocketAddr = f.lab.node("edge-us-2").addr.parse().expect("addr");
+    let material = f.material(&f.ca, &who, Validity::days_from_now(10));
+    let observers = ["gw-us-1", "edge-us-1"];
+    let before: Vec<u64> = observers
+        .iter()
+        .map(|o| refused_in(&f.lab, o).expect("metrics"))
+        .collect();
+    // edge-us-2 is replaced by a peer of the next protocol version at its address.
+    f.lab.kill9("edge-us-2");
+    let theirs = PROTOCOL_VERSION + 1;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = std::thread::spawn({
+        let stop = stop.clone();
+        move || answer_hellos(addr, material, move |_hello| vec![theirs, 1, 0, 0], stop)
+    });
+    let needle = format!(
+        "peer speaks protocol version {theirs}, this node speaks protocol version {PROTOCOL_VERSION}"
+    );
+    let seen = f.lab.wait_for(
+        "a node of site us-east to refuse the answer of another version",
+        DEFAULT_WAIT,
+        || {
+            for (o, before) in observers.iter().zip(&before) {
+                let after = refused_in(&f.lab, o)?;
+                let events = f.lab.events(o);
+                let refused = events.iter().any(|e| {
+                    e.kind == EventKind::LinkRefused
+                        && e.peer.as_deref() == Some("edge-us-2")
+                        && e.reason.contains(&needle)
+                });
+                if refused && after > *before {
+                    return Ok(o.to_string());
+                }
+            }
+            Err(format!(
+                "no version refusal yet; events of {}: {:?}",
+                observers[0],
+                f.lab.events(observers[0])
+            ))
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answered = server.join().expect("raw acceptor").expect("raw acceptor");
+    assert!(answered >= 1, "{seen} refused without a hello answered");
 }

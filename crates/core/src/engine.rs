@@ -1242,6 +1242,18 @@ impl Engine {
         }
     }
 
+    /// Checks the protocol version of a dialer's hello (or of an acceptor's answer), read
+    /// before the rest of it ([`crate::wire::Handshake::version_of`]): another version is refused with
+    /// [`RefusalCode::Version`], naming both. The caller reports a refusal with
+    /// [`Engine::handle_refused`], as for [`Engine::check_hello`].
+    pub fn check_hello_version(&self, version: u8) -> Result<(), Refusal> {
+        if version == crate::wire::PROTOCOL_VERSION {
+            Ok(())
+        } else {
+            Err(Refusal::version(version))
+        }
+    }
+
     /// Checks a dialer's hello on the accepting side. `cert` is the identity and cluster proven
     /// by the peer's certificate (None when running insecure).
     pub fn check_hello(
@@ -2910,7 +2922,7 @@ impl Engine {
                 let bounce = Body::Undeliverable {
                     id: env.id,
                     at: self.cfg.me.name.clone(),
-                    failure,
+                    failure: failure.into(),
                     reason,
                     trace,
                 };
@@ -2990,6 +3002,7 @@ impl Engine {
                 reason,
                 trace,
             } => {
+                let failure = failure.into();
                 if self.echoes.contains_key(&id) {
                     let seq = self.echoes.get(&id).map_or(0, |e| e.seq);
                     self.echo_answered(now, id, seq, Err((failure, at, reason, trace)));
@@ -3061,7 +3074,7 @@ impl Engine {
     pub fn load_done(&mut self, now: Time, handle: u64, result: Result<LoadReport, String>) {
         if let Some(from) = self.loads.remove(&handle) {
             let result = result.map_err(|e| short(&e));
-            self.finish(now, from, CallReply::Load(result));
+            self.finish(now, from, CallReply::Load(result.map(Into::into)));
         }
     }
 
@@ -3192,7 +3205,7 @@ impl Engine {
                 me.to_string(),
                 "too many pings in progress on this node".into(),
             );
-            self.finish(now, from, CallReply::Ping(report));
+            self.finish(now, from, CallReply::Ping(report.into()));
             return;
         }
         let id = self.fresh_id();
@@ -3218,7 +3231,7 @@ impl Engine {
         if s.next_seq >= s.count {
             let s = self.sessions.remove(&session).expect("present");
             let report = self.ping_report(&s);
-            self.finish(now, s.from, CallReply::Ping(report));
+            self.finish(now, s.from, CallReply::Ping(report.into()));
             return;
         }
         let seq = s.next_seq;
@@ -3373,7 +3386,7 @@ impl Engine {
                     rtt_ms: attempt.ok.then_some(attempt.total_ms),
                     error: attempt.reason,
                 };
-                self.finish(now, call, CallReply::Probe(result));
+                self.finish(now, call, CallReply::Probe(result.into()));
             }
         }
     }
@@ -3599,7 +3612,7 @@ impl Engine {
             ),
             Call::Sink { reset } => {
                 let r = self.sink_report(reset);
-                self.finish(now, from, CallReply::Sink(r));
+                self.finish(now, from, CallReply::Sink(r.into()));
             }
             Call::Load(spec) => {
                 if self.loads.len() >= MAX_PENDING_CALLS {
@@ -3618,10 +3631,10 @@ impl Engine {
         match to {
             CallFrom::Local { token } => {
                 let reply = match reply {
-                    CallReply::Ping(p) => Reply::Ping(p),
-                    CallReply::Probe(p) => Reply::Probes(vec![p]),
-                    CallReply::Sink(r) => Reply::Sink(Ok(r)),
-                    CallReply::Load(r) => Reply::Load(r),
+                    CallReply::Ping(p) => Reply::Ping(p.into()),
+                    CallReply::Probe(p) => Reply::Probes(vec![p.into()]),
+                    CallReply::Sink(r) => Reply::Sink(Ok(r.into())),
+                    CallReply::Load(r) => Reply::Load(r.map(Into::into)),
                 };
                 self.push(Output::Reply { token, reply });
             }
@@ -3630,7 +3643,7 @@ impl Engine {
             }
             CallFrom::ProbeSet { set } => {
                 if let (Some(p), CallReply::Probe(r)) = (self.probe_sets.get_mut(&set), reply) {
-                    p.results.push(r);
+                    p.results.push(r.into());
                 }
                 self.maybe_finish_probe_set(now, set);
             }
@@ -3655,23 +3668,29 @@ impl Engine {
             return;
         };
         let reply = match c.what {
-            PendingWhat::Ping { from, target } => CallReply::Ping(self.failed_ping(
-                &from,
-                &target,
-                failure,
-                at,
-                format!("could not reach {from} to start the ping: {reason}"),
-            )),
-            PendingWhat::Probe { from, to, kind } => CallReply::Probe(ProbeResult {
-                from: from.to_string(),
-                to: to.to_string(),
-                kind,
-                ok: false,
-                rtt_ms: None,
-                error: Some(format!(
-                    "could not reach {from} to run the probe ({at}: {reason})"
-                )),
-            }),
+            PendingWhat::Ping { from, target } => CallReply::Ping(
+                self.failed_ping(
+                    &from,
+                    &target,
+                    failure,
+                    at,
+                    format!("could not reach {from} to start the ping: {reason}"),
+                )
+                .into(),
+            ),
+            PendingWhat::Probe { from, to, kind } => CallReply::Probe(
+                ProbeResult {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    kind,
+                    ok: false,
+                    rtt_ms: None,
+                    error: Some(format!(
+                        "could not reach {from} to run the probe ({at}: {reason})"
+                    )),
+                }
+                .into(),
+            ),
             PendingWhat::Sink { target } => {
                 if let CallFrom::Local { token } = c.from {
                     self.push(Output::Reply {
@@ -4816,6 +4835,58 @@ mod tests {
         assert_eq!(
             own.links.iter().map(|l| l.rtt_us).collect::<Vec<_>>(),
             [5_000]
+        );
+    }
+
+    /// A hello of another protocol version is refused with the `Version` code and a reason
+    /// naming both versions; reported, it counts and raises `link-refused` like any refusal.
+    #[test]
+    fn a_hello_of_another_protocol_version_is_refused_with_the_version_reason() {
+        let contract = one_site_contract();
+        let mut e = Engine::new(
+            test_config(&contract, member_of_us("edge-1")),
+            vec![],
+            Time::ZERO,
+        )
+        .unwrap();
+        let ours = crate::wire::PROTOCOL_VERSION;
+        assert_eq!(e.check_hello_version(ours), Ok(()));
+        for theirs in [0, 1, ours + 1, u8::MAX] {
+            let r = e.check_hello_version(theirs).unwrap_err();
+            assert_eq!(r.code, RefusalCode::Version);
+            assert!(
+                r.reason.contains(&format!("protocol version {theirs},"))
+                    && r.reason.contains(&format!("protocol version {ours};")),
+                "{r}"
+            );
+        }
+        // The bytes of a hello of another version: refused from the version byte alone.
+        let mut hello = crate::wire::Handshake::Refuse(Refusal::version(0)).encode();
+        hello[0] = ours + 1;
+        let theirs = crate::wire::Handshake::version_of(&hello).unwrap();
+        let refusal = e.check_hello_version(theirs).unwrap_err();
+        let peer = NodeName::new("edge-2").unwrap();
+        let t = Time::from_secs(1);
+        while e.poll_output().is_some() {}
+        e.handle_refused(
+            t,
+            Some(peer.clone()),
+            Some(refusal.code),
+            &refusal.reason,
+            true,
+        );
+        assert_eq!(e.counters.refused_in, 1);
+        let mut events = Vec::new();
+        while let Some(o) = e.poll_output() {
+            if let Output::Event(ev) = o {
+                events.push(ev);
+            }
+        }
+        assert!(
+            events.iter().any(|ev| ev.kind == EventKind::LinkRefused
+                && ev.peer.as_ref() == Some(&peer)
+                && ev.reason.contains("protocol version")),
+            "{events:?}"
         );
     }
 

@@ -136,6 +136,7 @@ label_type!(
 pub struct Ident {
     pub name: NodeName,
     pub site: SiteName,
+    #[serde(with = "crate::wire::role_on_wire")]
     pub role: clusterctl_api::Role,
 }
 

@@ -72,6 +72,7 @@ pub const MAX_TRUSTS: usize = 16;
 pub struct LinkReport {
     pub peer: NodeName,
     /// `Up`, `Down`, `Refused` or `Drift` (the other states are derived when reports are combined).
+    #[serde(with = "crate::wire::link_state_on_wire")]
     pub state: LinkState,
     /// Smoothed transport RTT in microseconds when the report was written.
     pub rtt_us: u32,
@@ -90,6 +91,7 @@ pub struct LinkReport {
 pub struct NodeRecord {
     pub name: NodeName,
     pub site: SiteName,
+    #[serde(with = "crate::wire::role_on_wire")]
     pub role: Role,
     /// Only rises. Higher wins.
     pub clock: u64,

@@ -15,7 +15,7 @@
 use crate::name::{ClusterName, Ident, NodeName, SiteName};
 use crate::secret::SecretProof;
 use crate::table::{NodeRecord, RecordError, Summary};
-use clusterctl_api::{LoadReport, PingFailure, PingReport, ProbeResult, SinkReport};
+use clusterctl_api as api;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -189,6 +189,298 @@ pub enum CallReply {
     /// The load's report, or why it could not run.
     Load(Result<LoadReport, String>),
 }
+
+// Reports that travel inside frames. Each is the wire's own type, converted to and from its
+// `clusterctl_api` twin at the edge: the API types may grow (JSON is self-describing), these
+// change only with the protocol version (postcard is not). Field order is the encoding: never
+// reorder, and add a field only with a protocol version bump.
+
+/// Why a probe failed (the wire form of [`api::PingFailure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PingFailure {
+    NoRoute,
+    Refused,
+    Timeout,
+    HopLimit,
+    UnknownNode,
+}
+
+/// Whether a probed link stays inside a site (the wire form of [`api::LinkKind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LinkKind {
+    Site,
+    Wan,
+}
+
+/// One probe of a ping (the wire form of [`api::PingAttempt`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingAttempt {
+    pub seq: u32,
+    pub ok: bool,
+    pub path: Vec<String>,
+    pub hops_ms: Vec<f64>,
+    pub total_ms: f64,
+    pub failure: Option<PingFailure>,
+    pub broke_at: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// A ping's result (the wire form of [`api::PingReport`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingReport {
+    pub from: String,
+    pub target: String,
+    pub ok: bool,
+    pub secure: bool,
+    pub sent: u32,
+    pub received: u32,
+    pub attempts: Vec<PingAttempt>,
+    pub min_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+/// The result of probing one link (the wire form of [`api::ProbeResult`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub from: String,
+    pub to: String,
+    pub kind: LinkKind,
+    pub ok: bool,
+    pub rtt_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// A sink's count for one sender (the wire form of [`api::SinkCount`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkCount {
+    pub from: String,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// A node's `sink` counters (the wire form of [`api::SinkReport`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkReport {
+    pub node: String,
+    pub senders: Vec<SinkCount>,
+    pub unattributed: u64,
+}
+
+/// A load's result (the wire form of [`api::LoadReport`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub from: String,
+    pub target: String,
+    pub size: u32,
+    pub sent: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub unsent: u64,
+    pub elapsed_ms: f64,
+    pub msgs_per_s: f64,
+    pub mb_per_s: f64,
+    pub error: Option<String>,
+}
+
+/// A node's role as records and hellos carry it (the wire form of [`api::Role`]; the
+/// in-memory [`crate::name::Ident`] and [`NodeRecord`] keep the API type and encode through
+/// [`role_on_wire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Member,
+    Gateway,
+}
+
+/// A link's state as a record's link report carries it (the wire form of [`api::LinkState`],
+/// encoded through [`link_state_on_wire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    Up,
+    Down,
+    OneWay,
+    Refused,
+    Missing,
+    Drift,
+}
+
+/// Serde `with` modules that encode an API type through its wire form: a field keeps the API
+/// type in memory and the wire's on the wire.
+macro_rules! on_wire {
+    ($module:ident, $wire:ty, $api:ty) => {
+        #[doc = concat!("`#[serde(with = \"crate::wire::", stringify!($module), "\")]`: [`", stringify!($api), "`] encoded as [`", stringify!($wire), "`].")]
+        pub mod $module {
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+            pub fn serialize<S: Serializer>(v: &$api, s: S) -> Result<S::Ok, S::Error> {
+                <$wire>::from(*v).serialize(s)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<$api, D::Error> {
+                <$wire>::deserialize(d).map(Into::into)
+            }
+        }
+    };
+}
+on_wire!(role_on_wire, super::Role, clusterctl_api::Role);
+on_wire!(
+    link_state_on_wire,
+    super::LinkState,
+    clusterctl_api::LinkState
+);
+
+/// `From` both ways between a wire enum and its API twin, variant by variant.
+macro_rules! same_variants {
+    ($wire:ident, $api:ty, $($v:ident),+) => {
+        impl From<$api> for $wire {
+            fn from(v: $api) -> $wire {
+                match v {
+                    $(<$api>::$v => $wire::$v,)+
+                }
+            }
+        }
+        impl From<$wire> for $api {
+            fn from(v: $wire) -> $api {
+                match v {
+                    $($wire::$v => <$api>::$v,)+
+                }
+            }
+        }
+    };
+}
+
+/// `From` both ways between a wire struct and its API twin, field by field. A field added to
+/// the API type stops this compiling until its conversion is written by hand, saying what the
+/// wire carries for it.
+macro_rules! same_fields {
+    ($wire:ident, $api:path, $($f:ident),+) => {
+        impl From<$api> for $wire {
+            fn from(v: $api) -> $wire {
+                $wire { $($f: Convert::convert(v.$f),)+ }
+            }
+        }
+        impl From<$wire> for $api {
+            fn from(v: $wire) -> $api {
+                $api { $($f: Convert::convert(v.$f),)+ }
+            }
+        }
+    };
+}
+
+/// Field conversion for [`same_fields`]: plain values as they are, nested wire types through
+/// their `From`.
+trait Convert<T> {
+    fn convert(self) -> T;
+}
+
+macro_rules! convert_as_is {
+    ($($t:ty),+) => { $(impl Convert<$t> for $t { fn convert(self) -> $t { self } })+ };
+}
+convert_as_is!(String, bool, u32, u64, f64);
+
+impl<A: Convert<B>, B> Convert<Option<B>> for Option<A> {
+    fn convert(self) -> Option<B> {
+        self.map(Convert::convert)
+    }
+}
+
+impl<A: Convert<B>, B> Convert<Vec<B>> for Vec<A> {
+    fn convert(self) -> Vec<B> {
+        self.into_iter().map(Convert::convert).collect()
+    }
+}
+
+macro_rules! convert_nested {
+    ($(($wire:ty, $api:ty)),+) => {
+        $(
+            impl Convert<$api> for $wire { fn convert(self) -> $api { self.into() } }
+            impl Convert<$wire> for $api { fn convert(self) -> $wire { self.into() } }
+        )+
+    };
+}
+convert_nested!(
+    (PingFailure, api::PingFailure),
+    (LinkKind, api::LinkKind),
+    (PingAttempt, api::PingAttempt),
+    (SinkCount, api::SinkCount)
+);
+
+same_variants!(
+    PingFailure,
+    api::PingFailure,
+    NoRoute,
+    Refused,
+    Timeout,
+    HopLimit,
+    UnknownNode
+);
+same_variants!(LinkKind, api::LinkKind, Site, Wan);
+same_variants!(Role, api::Role, Member, Gateway);
+same_variants!(
+    LinkState,
+    api::LinkState,
+    Up,
+    Down,
+    OneWay,
+    Refused,
+    Missing,
+    Drift
+);
+same_fields!(
+    PingAttempt,
+    api::PingAttempt,
+    seq,
+    ok,
+    path,
+    hops_ms,
+    total_ms,
+    failure,
+    broke_at,
+    reason
+);
+same_fields!(
+    PingReport,
+    api::PingReport,
+    from,
+    target,
+    ok,
+    secure,
+    sent,
+    received,
+    attempts,
+    min_ms,
+    p50_ms,
+    max_ms
+);
+same_fields!(
+    ProbeResult,
+    api::ProbeResult,
+    from,
+    to,
+    kind,
+    ok,
+    rtt_ms,
+    error
+);
+same_fields!(SinkCount, api::SinkCount, from, messages, bytes);
+same_fields!(SinkReport, api::SinkReport, node, senders, unattributed);
+same_fields!(
+    LoadReport,
+    api::LoadReport,
+    from,
+    target,
+    size,
+    sent,
+    delivered,
+    dropped,
+    unsent,
+    elapsed_ms,
+    msgs_per_s,
+    mb_per_s,
+    error
+);
 
 /// What a routed message carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -376,6 +668,52 @@ impl Handshake {
     /// Decodes a handshake message (at most [`MAX_HANDSHAKE`] bytes).
     pub fn decode(bytes: &[u8]) -> Result<Handshake, WireError> {
         decode_versioned(bytes, MAX_HANDSHAKE)
+    }
+
+    /// The protocol version of a handshake message: its first byte, read alone before the
+    /// rest, so a hello of another version is refused with [`RefusalCode::Version`] rather
+    /// than failing to decode.
+    pub fn version_of(bytes: &[u8]) -> Result<u8, WireError> {
+        if bytes.len() > MAX_HANDSHAKE {
+            return Err(WireError::TooLarge(bytes.len(), MAX_HANDSHAKE));
+        }
+        bytes.first().copied().ok_or(WireError::Empty)
+    }
+
+    /// Encodes a refusal under the version byte `version` (the dialer's). The layout of
+    /// [`Handshake::Refuse`] (variant 2, then the code's index and the reason) is the same in
+    /// every protocol version from 2 on, so a dialer of another version reads why it was
+    /// refused.
+    pub fn encode_refusal(refusal: &Refusal, version: u8) -> Vec<u8> {
+        let mut out = vec![version];
+        // Serializing our own in-memory values into a Vec cannot fail.
+        out.extend(postcard::to_allocvec(&Handshake::Refuse(refusal.clone())).unwrap_or_default());
+        out
+    }
+
+    /// Decodes the acceptor's answer to our hello: a refusal in any protocol version (see
+    /// [`Handshake::encode_refusal`]), anything else only in ours ([`WireError::Version`]
+    /// otherwise).
+    pub fn decode_answer(bytes: &[u8]) -> Result<Handshake, WireError> {
+        match Handshake::decode(bytes) {
+            Err(WireError::Version(v)) => match postcard::from_bytes(&bytes[1..]) {
+                Ok(Handshake::Refuse(r)) => Ok(Handshake::Refuse(r)),
+                _ => Err(WireError::Version(v)),
+            },
+            other => other,
+        }
+    }
+}
+
+impl Refusal {
+    /// The refusal of a peer that speaks protocol version `theirs`.
+    pub fn version(theirs: u8) -> Refusal {
+        Refusal {
+            code: RefusalCode::Version,
+            reason: format!(
+                "peer speaks protocol version {theirs}, this node speaks protocol version {PROTOCOL_VERSION}; upgrade every node of a cluster together"
+            ),
+        }
     }
 }
 
@@ -785,6 +1123,163 @@ mod tests {
         ));
     }
 
+    /// Every report that rides a frame converts to its API twin and back unchanged, and encodes
+    /// to the same bytes as the API type did when it rode the wire itself (so the protocol
+    /// version did not change).
+    #[test]
+    fn wire_reports_convert_both_ways_and_keep_the_bytes_of_their_api_twins() {
+        fn check<W, A>(api: A)
+        where
+            A: Clone + PartialEq + std::fmt::Debug + Serialize + From<W>,
+            W: Clone + PartialEq + std::fmt::Debug + Serialize + From<A>,
+        {
+            let wire = W::from(api.clone());
+            assert_eq!(
+                postcard::to_allocvec(&wire).unwrap(),
+                postcard::to_allocvec(&api).unwrap(),
+                "{api:?}"
+            );
+            assert_eq!(A::from(wire.clone()), api);
+            assert_eq!(W::from(A::from(wire.clone())), wire);
+        }
+        let attempt = |failure: Option<api::PingFailure>| api::PingAttempt {
+            seq: 7,
+            ok: failure.is_none(),
+            path: vec!["a".into(), "b".into()],
+            hops_ms: vec![0.25, 1.5],
+            total_ms: 1.75,
+            failure,
+            broke_at: failure.map(|_| "b".into()),
+            reason: failure.map(|_| "why".into()),
+        };
+        check::<PingReport, _>(api::PingReport {
+            from: "a".into(),
+            target: "c".into(),
+            ok: false,
+            secure: true,
+            sent: 2,
+            received: 1,
+            attempts: [
+                None,
+                Some(api::PingFailure::NoRoute),
+                Some(api::PingFailure::Refused),
+                Some(api::PingFailure::Timeout),
+                Some(api::PingFailure::HopLimit),
+                Some(api::PingFailure::UnknownNode),
+            ]
+            .into_iter()
+            .map(attempt)
+            .collect(),
+            min_ms: Some(1.0),
+            p50_ms: None,
+            max_ms: Some(3.0),
+        });
+        for (kind, rtt_ms, error) in [
+            (api::LinkKind::Site, Some(0.5), None),
+            (api::LinkKind::Wan, None, Some("down".to_string())),
+        ] {
+            check::<ProbeResult, _>(api::ProbeResult {
+                from: "a".into(),
+                to: "b".into(),
+                kind,
+                ok: error.is_none(),
+                rtt_ms,
+                error,
+            });
+        }
+        check::<SinkReport, _>(api::SinkReport {
+            node: "b".into(),
+            senders: vec![api::SinkCount {
+                from: "a".into(),
+                messages: 3,
+                bytes: 300,
+            }],
+            unattributed: 9,
+        });
+        check::<LoadReport, _>(api::LoadReport {
+            from: "a".into(),
+            target: "b".into(),
+            size: 100,
+            sent: 10,
+            delivered: 9,
+            dropped: 1,
+            unsent: 2,
+            elapsed_ms: 1.5,
+            msgs_per_s: 6000.0,
+            mb_per_s: 0.6,
+            error: Some("timeout".into()),
+        });
+        for role in [api::Role::Member, api::Role::Gateway] {
+            check::<Role, _>(role);
+            assert_eq!(
+                serde_json::to_string(&Role::from(role)).unwrap(),
+                serde_json::to_string(&role).unwrap()
+            );
+        }
+        for state in [
+            api::LinkState::Up,
+            api::LinkState::Down,
+            api::LinkState::OneWay,
+            api::LinkState::Refused,
+            api::LinkState::Missing,
+            api::LinkState::Drift,
+        ] {
+            check::<LinkState, _>(state);
+            assert_eq!(
+                serde_json::to_string(&LinkState::from(state)).unwrap(),
+                serde_json::to_string(&state).unwrap()
+            );
+        }
+    }
+
+    /// A refusal is sent under the dialer's version byte and read by a dialer of any version;
+    /// any other answer of another version is a version mismatch, never a misread.
+    #[test]
+    fn refusals_are_read_across_versions_and_other_answers_are_not() {
+        let ours = PROTOCOL_VERSION;
+        let refusal = Refusal::version(ours + 1);
+        for v in [ours, ours + 1, 1] {
+            let bytes = Handshake::encode_refusal(&refusal, v);
+            assert_eq!(Handshake::version_of(&bytes), Ok(v));
+            assert_eq!(
+                Handshake::decode_answer(&bytes),
+                Ok(Handshake::Refuse(refusal.clone()))
+            );
+        }
+        assert_eq!(
+            Handshake::encode_refusal(&refusal, ours),
+            Handshake::Refuse(refusal.clone()).encode()
+        );
+        let mut other = Handshake::Hello(Hello {
+            cluster: ClusterName::new("c").unwrap(),
+            ident: crate::name::Ident {
+                name: NodeName::new("a").unwrap(),
+                site: SiteName::new("s").unwrap(),
+                role: api::Role::Member,
+            },
+            contract_hash: "h".into(),
+            clock: 1,
+            addr: "x".into(),
+            rejoin: false,
+            version: "v".into(),
+            secret: crate::secret::Keyring::new(
+                crate::secret::Secret::from_bytes(&[1; 32]).unwrap(),
+            )
+            .prove_primary(
+                crate::secret::ProofRole::Hello,
+                &NodeName::new("a").unwrap(),
+                &[0; 32],
+            ),
+        })
+        .encode();
+        other[0] = ours + 1;
+        assert_eq!(
+            Handshake::decode_answer(&other),
+            Err(WireError::Version(ours + 1))
+        );
+        assert_eq!(Handshake::version_of(&[]), Err(WireError::Empty));
+    }
+
     #[test]
     fn a_lane_splits_back_into_its_frames_whatever_the_read_sizes() {
         let frames = [
@@ -834,6 +1329,12 @@ mod tests {
             v.extend_from_slice(&bytes);
             let _ = Frame::decode(&v);
             let _ = Handshake::decode(&v);
+        }
+
+        #[test]
+        fn answers_of_any_version_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Handshake::version_of(&bytes);
+            let _ = Handshake::decode_answer(&bytes);
         }
 
         #[test]

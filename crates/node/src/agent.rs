@@ -41,7 +41,9 @@ use clusterctl_core::name::ClusterName;
 use clusterctl_core::name::{Ident, NodeName};
 use clusterctl_core::secret::{KeyId, SecretError, BINDING_LEN, EXPORTER_LABEL};
 use clusterctl_core::table::NodeRecord;
-use clusterctl_core::wire::{Handshake, Lane, LoadSpec, MAX_HANDSHAKE};
+use clusterctl_core::wire::{
+    Handshake, Lane, LoadSpec, WireError, MAX_HANDSHAKE, PROTOCOL_VERSION,
+};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -899,6 +901,30 @@ impl Owner {
                     }
                 }
             }
+            Net::OtherVersion {
+                peer,
+                cert,
+                from,
+                version,
+                reply,
+            } => {
+                let Err(refusal) = engine.check_hello_version(version) else {
+                    return; // not sent for our own version; dropping `reply` closes it
+                };
+                let peer = peer.or_else(|| match self.security {
+                    Security::Mutual(_) => cert.map(|c| c.ident.name),
+                    Security::Insecure { .. } => None,
+                });
+                warn!(peer = ?peer, %from, "refused: {}", refusal.reason);
+                let reason = match peer {
+                    Some(_) => refusal.reason.clone(),
+                    None => format!("{} (from {from})", refusal.reason),
+                };
+                engine.handle_refused(now, peer, Some(refusal.code), &reason, true);
+                if let Some(reply) = reply {
+                    let _ = reply.send(refusal);
+                }
+            }
             Net::PeerRefused { peer, refusal } => {
                 warn!(peer = %peer, "refused by peer: {}", refusal.reason);
                 engine.handle_refused(now, Some(peer), Some(refusal.code), &refusal.reason, false);
@@ -1365,8 +1391,7 @@ async fn dial(
                 }
                 other => (format!("reading ack: {other}"), DialFail::Unreachable),
             })?;
-            Handshake::decode(&bytes)
-                .map_err(|e| (format!("bad answer to hello: {e}"), DialFail::Unreachable))
+            Ok(Handshake::decode_answer(&bytes))
         };
         match timeout(HANDSHAKE_TIMEOUT, exchange).await {
             Err(_) => {
@@ -1380,7 +1405,24 @@ async fn dial(
                 conn.close(1u32.into(), b"hello failed");
                 Err(fail(reason, kind))
             }
-            Ok(Ok(Handshake::Ack(ack))) => {
+            Ok(Ok(Err(WireError::Version(version)))) => {
+                conn.close(1u32.into(), b"refused");
+                Ok(Net::OtherVersion {
+                    peer: Some(peer.clone()),
+                    cert: None,
+                    from: conn.remote_address(),
+                    version,
+                    reply: None,
+                })
+            }
+            Ok(Ok(Err(e))) => {
+                conn.close(1u32.into(), b"hello failed");
+                Err(fail(
+                    format!("bad answer to hello: {e}"),
+                    DialFail::Unreachable,
+                ))
+            }
+            Ok(Ok(Ok(Handshake::Ack(ack)))) => {
                 let cert = tls::peer_identity(&conn);
                 Ok(Net::Ack {
                     conn,
@@ -1390,14 +1432,14 @@ async fn dial(
                     binding,
                 })
             }
-            Ok(Ok(Handshake::Refuse(refusal))) => {
+            Ok(Ok(Ok(Handshake::Refuse(refusal)))) => {
                 conn.close(1u32.into(), b"refused");
                 Ok(Net::PeerRefused {
                     peer: peer.clone(),
                     refusal,
                 })
             }
-            Ok(Ok(Handshake::Hello(_))) => {
+            Ok(Ok(Ok(Handshake::Hello(_)))) => {
                 conn.close(1u32.into(), b"protocol error");
                 Err(fail(
                     "peer answered a hello with a hello".into(),
@@ -1519,9 +1561,20 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
     let hello = async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
         let bytes = recv.read_to_end(MAX_HANDSHAKE).await.ok()?;
-        Some((send, Handshake::decode(&bytes)))
+        Some((send, bytes))
     };
-    let (mut send, hello) = match timeout(HANDSHAKE_TIMEOUT, hello).await {
+    let hello = match timeout(HANDSHAKE_TIMEOUT, hello).await {
+        Ok(Some((send, bytes))) => match Handshake::version_of(&bytes) {
+            Ok(version) if version != PROTOCOL_VERSION => {
+                refuse_other_version(conn, send, remote, version, net).await;
+                return;
+            }
+            _ => Ok(Some((send, Handshake::decode(&bytes)))),
+        },
+        Ok(None) => Ok(None),
+        Err(elapsed) => Err(elapsed),
+    };
+    let (mut send, hello) = match hello {
         Ok(Some((send, Ok(Handshake::Hello(h))))) => (send, h),
         Ok(Some((_, Ok(_)))) | Ok(Some((_, Err(_)))) => {
             warn!(%remote, "dropped a connection whose first message is not a hello");
@@ -1562,6 +1615,39 @@ async fn accept_one(incoming: quinn::Incoming, net: mpsc::Sender<Net>) {
             conn.close(1u32.into(), b"refused");
         }
         Err(_) => conn.close(1u32.into(), b"shutting down"),
+    }
+}
+
+/// Acceptor side: the dialer's hello is of protocol `version`, not ours. The owner reports the
+/// refusal; it goes back under the dialer's version byte, which the dialer can read.
+async fn refuse_other_version(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    from: SocketAddr,
+    version: u8,
+    net: mpsc::Sender<Net>,
+) {
+    let (tx, rx) = oneshot::channel();
+    let sent = net
+        .send(Net::OtherVersion {
+            peer: None,
+            cert: tls::peer_identity(&conn),
+            from,
+            version,
+            reply: Some(tx),
+        })
+        .await;
+    match (sent, rx.await) {
+        (Ok(()), Ok(refusal)) => {
+            let _ = send
+                .write_all(&Handshake::encode_refusal(&refusal, version))
+                .await;
+            let _ = send.finish();
+            // Let the refusal reach the dialer before the connection goes.
+            let _ = timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(1u32.into(), b"refused");
+        }
+        _ => conn.close(1u32.into(), b"shutting down"),
     }
 }
 

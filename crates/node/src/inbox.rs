@@ -35,6 +35,18 @@ pub(crate) enum Net {
     },
     /// Dialer side: the acceptor refused us.
     PeerRefused { peer: NodeName, refusal: Refusal },
+    /// Either side: the first handshake message of the other end is of another protocol
+    /// version (read before the rest, see `Handshake::version_of`). The owner checks it with
+    /// `Engine::check_hello_version`, reports the refusal and, on the accepting side, sends
+    /// it back on `reply` for the dialer to read.
+    OtherVersion {
+        /// The dialed node (dialer side), else the certificate's identity if any.
+        peer: Option<NodeName>,
+        cert: Option<CertIdentity>,
+        from: SocketAddr,
+        version: u8,
+        reply: Option<oneshot::Sender<Refusal>>,
+    },
     /// Dialer side: the dial failed before any hello was answered.
     DialFailed {
         peer: NodeName,

@@ -38,6 +38,27 @@ pub fn send_hello(
     make: impl FnOnce(&[u8]) -> Hello + Send + 'static,
     frame: Option<Frame>,
 ) -> Outcome {
+    send_hello_bytes(
+        bind,
+        to,
+        server_name,
+        material,
+        move |binding: &[u8]| Handshake::Hello(make(binding)).encode(),
+        frame,
+    )
+}
+
+/// [`send_hello`] with the hello's bytes made by `encode` (for this TLS session's binding):
+/// tamper with them, e.g. another protocol version byte. The answer is read as a dialer reads
+/// it ([`Handshake::decode_answer`]: a refusal in any version).
+pub fn send_hello_bytes(
+    bind: SocketAddr,
+    to: SocketAddr,
+    server_name: &str,
+    material: TlsMaterial,
+    encode: impl FnOnce(&[u8]) -> Vec<u8> + Send + 'static,
+    frame: Option<Frame>,
+) -> Outcome {
     let cluster = material.identity.cluster.clone();
     let security = Security::Mutual(Arc::new(material));
     let (_server, client) = match endpoint_configs(&security, &cluster, Arc::new(IgnoreRejects)) {
@@ -69,12 +90,12 @@ pub fn send_hello(
             let mut binding = [0u8; BINDING_LEN];
             conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
                 .map_err(|e| format!("exporter: {e:?}"))?;
-            let hello = make(&binding);
+            let hello = encode(&binding);
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
                 .map_err(|e| why("open", e.to_string()))?;
-            send.write_all(&Handshake::Hello(hello).encode())
+            send.write_all(&hello)
                 .await
                 .map_err(|e| why("write", e.to_string()))?;
             send.finish().map_err(|e| why("finish", e.to_string()))?;
@@ -82,7 +103,7 @@ pub fn send_hello(
                 .read_to_end(MAX_HANDSHAKE)
                 .await
                 .map_err(|e| why("read", e.to_string()))?;
-            let answer = Handshake::decode(&bytes).map_err(|e| format!("decode: {e}"))?;
+            let answer = Handshake::decode_answer(&bytes).map_err(|e| format!("decode: {e}"))?;
             if let Some(f) = frame {
                 // Best effort: the agent may already have closed the connection.
                 if let Ok(mut s) = conn.open_uni().await {
@@ -221,5 +242,57 @@ pub fn dial_without_client_certificate(bind: SocketAddr, to: SocketAddr) -> Outc
             Ok(Err(e)) => Outcome::Failed(e),
             Err(_) => Outcome::Failed(format!("no end to the handshake with {to} within 30 s")),
         }
+    })
+}
+
+/// A raw acceptor for negative tests of the dialing side: listens at `bind` with `material`
+/// (a node's certificate, so that a real agent dialing that node completes TLS), answers
+/// every hello with the bytes `answer` makes of it, until `stop` is set (checked every 100 ms)
+/// or 60 s pass. Returns how many hellos it answered.
+pub fn answer_hellos(
+    bind: SocketAddr,
+    material: TlsMaterial,
+    answer: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<usize, String> {
+    let cluster = material.identity.cluster.clone();
+    let security = Security::Mutual(Arc::new(material));
+    let (server, _client) = endpoint_configs(&security, &cluster, Arc::new(IgnoreRejects))
+        .map_err(|e| format!("TLS configs: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let answer = Arc::new(answer);
+    rt.block_on(async move {
+        let endpoint = quinn::Endpoint::server(server, bind).map_err(|e| format!("bind: {e}"))?;
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst)
+            && tokio::time::Instant::now() < deadline
+        {
+            let incoming =
+                match tokio::time::timeout(Duration::from_millis(100), endpoint.accept()).await {
+                    Ok(Some(i)) => i,
+                    Ok(None) => break,
+                    Err(_) => continue,
+                };
+            let (answer, answered) = (answer.clone(), answered.clone());
+            tokio::spawn(async move {
+                let exchange = async {
+                    let conn = incoming.await.ok()?;
+                    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+                    let hello = recv.read_to_end(MAX_HANDSHAKE).await.ok()?;
+                    send.write_all(&answer(&hello)).await.ok()?;
+                    send.finish().ok()?;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    Some(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), exchange).await;
+            });
+        }
+        endpoint.close(0u32.into(), b"done");
+        Ok(answered.load(std::sync::atomic::Ordering::SeqCst))
     })
 }
