@@ -180,8 +180,40 @@ fn second_instance_with_a_copied_identity_is_refused_and_the_incumbent_is_untouc
         .iter()
         .map(|o| lab.events(o).iter().map(|e| e.seq).max().unwrap_or(0))
         .collect();
-    let clock_before = clock_seen_by(&lab.members("gw-us-1"), "edge-us-2").expect("listed");
-    let own_clock_before = clock_seen_by(&lab.members("edge-us-2"), "edge-us-2").expect("listed");
+    // After convergence a record still changes once its links settle (they are published a
+    // settle time after they come up): wait until edge-us-2's record holds both its links and
+    // its clock stays put for 5 s, as seen by gw-us-1 and by itself.
+    let settled = |lab: &Lab| -> Result<(u64, u64), String> {
+        let row = |observer: &str| -> Result<(u64, u32), String> {
+            lab.members(observer)
+                .members
+                .iter()
+                .find(|r| r.name == "edge-us-2")
+                .map(|r| (r.clock, r.links_up))
+                .ok_or_else(|| format!("{observer} does not list edge-us-2"))
+        };
+        let (a, links_a) = row("gw-us-1")?;
+        let (b, links_b) = row("edge-us-2")?;
+        if links_a < 2 || links_b < 2 {
+            return Err(format!(
+                "edge-us-2's record shows {links_a}/{links_b} links up"
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        let (a2, _) = row("gw-us-1")?;
+        let (b2, _) = row("edge-us-2")?;
+        if (a, b) == (a2, b2) {
+            Ok((a, b))
+        } else {
+            Err(format!(
+                "edge-us-2's clock moved: {a}->{a2} at gw-us-1, {b}->{b2} at itself"
+            ))
+        }
+    };
+    let (clock_before, own_clock_before) =
+        lab.wait_for("edge-us-2's record to settle", DEFAULT_WAIT, || {
+            settled(&lab)
+        });
 
     // Preflight of the copy fails: the name answers elsewhere.
     let pre = lab.cli(&["preflight", "--config", &config.to_string_lossy(), "--json"]);
