@@ -11,13 +11,14 @@ use crate::name::NodeName;
 use crate::wire::{Envelope, Hop};
 use clusterctl_api::PingFailure;
 
-/// What to do with a routed envelope.
+/// What to do with a routed envelope. `H` is how the caller's next-hop choice names the hop
+/// (the engine: its name; the runtime's fast path: the link itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Verdict<H = NodeName> {
     /// It is addressed to this node.
     Deliver,
     /// Send it to `hop` (after [`spend_hop`]); `rtt_us` is the RTT of the link to `hop`.
-    Forward { hop: NodeName, rtt_us: u32 },
+    Forward { hop: H, rtt_us: u32 },
     /// It cannot go on: bounce it to its source with this failure and reason.
     Undeliverable(PingFailure, String),
 }
@@ -25,11 +26,11 @@ pub enum Verdict {
 /// The verdict for `env` arriving at `me`, whose next hop toward a destination is
 /// `next_hop(dst)` (the hop and the RTT of the link to it, or why there is none). Pure: the
 /// envelope is not changed; apply a `Forward` with [`spend_hop`].
-pub fn transit(
+pub fn transit<H>(
     me: &NodeName,
     env: &Envelope,
-    next_hop: impl FnOnce(&NodeName) -> Result<(NodeName, u32), (PingFailure, String)>,
-) -> Verdict {
+    next_hop: impl FnOnce(&NodeName) -> Result<(H, u32), (PingFailure, String)>,
+) -> Verdict<H> {
     if env.dst == *me {
         return Verdict::Deliver;
     }
@@ -82,7 +83,7 @@ mod tests {
     #[test]
     fn an_envelope_for_this_node_is_delivered_whatever_its_hops() {
         assert_eq!(
-            transit(&n("b"), &env("b", 0), |_| unreachable!()),
+            transit::<NodeName>(&n("b"), &env("b", 0), |_| unreachable!()),
             Verdict::Deliver
         );
     }
@@ -120,7 +121,7 @@ mod tests {
 
     #[test]
     fn no_route_is_undeliverable_with_routing_s_reason() {
-        let v = transit(&n("b"), &env("c", 3), |_| {
+        let v = transit::<NodeName>(&n("b"), &env("c", 3), |_| {
             Err((PingFailure::NoRoute, "no link".into()))
         });
         assert_eq!(

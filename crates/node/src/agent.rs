@@ -391,7 +391,7 @@ async fn run_locked(
     };
     let access = control::Access {
         socket: crate::auth::SocketAccess {
-            owner: crate::auth::my_uid(),
+            owner: crate::files::current_uid(),
             group: cfg.control_group.as_ref().map(|g| g.1),
         },
         tokens: cfg.control_tokens.as_ref().map(|t| t.1.clone()),

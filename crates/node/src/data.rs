@@ -350,13 +350,10 @@ impl DataPath {
     fn stage(&self, routes: &Routes, out: &mut Vec<Batch>, mut env: Envelope) -> Option<Envelope> {
         // The engine's forwarding rule on the route snapshot; anything but a forward over a
         // link up is the owner's.
-        if !self.forwards(routes, &env) {
-            return Some(env);
-        }
-        let Some((hop, lane, rtt)) = routes.lane_to(&env.dst) else {
+        let Some((hop, link)) = self.forward_link(routes, &env) else {
             return Some(env);
         };
-        routing::spend_hop(&self.me, &mut env, rtt);
+        routing::spend_hop(&self.me, &mut env, link.rtt_us);
         let bytes = Frame::Routed(env).encode_prefixed();
         match out.iter_mut().find(|b| b.hop == *hop) {
             Some(b) => {
@@ -365,7 +362,7 @@ impl DataPath {
             }
             None => out.push(Batch {
                 hop: hop.clone(),
-                lane: lane.clone(),
+                lane: link.bulk.clone(),
                 bytes,
                 messages: 1,
             }),
@@ -373,17 +370,24 @@ impl DataPath {
         None
     }
 
-    /// Whether the forwarding rule ([`routing::transit`]) forwards `env` on the route snapshot
-    /// (to the snapshot's next hop toward its destination); anything else is the owner's: an
-    /// envelope for this node, one with no hops left, one the snapshot has no route for.
-    fn forwards(&self, routes: &Routes, env: &Envelope) -> bool {
+    /// The next hop and its link when the forwarding rule ([`routing::transit`]) forwards
+    /// `env` on the route snapshot; `None` leaves it to the owner: an envelope for this node, one
+    /// with no hops left, one the snapshot has no route for.
+    fn forward_link<'r>(
+        &self,
+        routes: &'r Routes,
+        env: &Envelope,
+    ) -> Option<(&'r NodeName, &'r LinkLanes)> {
         let verdict = routing::transit(&self.me, env, |dst| {
             routes
-                .lane_to(dst)
-                .map(|(hop, _, rtt)| (hop.clone(), rtt))
+                .link_to(dst)
+                .map(|link| (link, link.1.rtt_us))
                 .ok_or((PingFailure::NoRoute, String::new()))
         });
-        matches!(verdict, routing::Verdict::Forward { .. })
+        match verdict {
+            routing::Verdict::Forward { hop, .. } => Some(hop),
+            routing::Verdict::Deliver | routing::Verdict::Undeliverable(..) => None,
+        }
     }
 
     /// Settles a routed frame read from the control lane of `peer` (connection `conn_id`, `len`
@@ -416,10 +420,7 @@ impl DataPath {
         if env.trace.len() > HOP_LIMIT as usize {
             return Err(env);
         }
-        if !self.forwards(routes, &env) {
-            return Err(env);
-        }
-        let Some((hop, link)) = routes.link_to(&env.dst) else {
+        let Some((hop, link)) = self.forward_link(routes, &env) else {
             return Err(env);
         };
         if link.control.is_closed() {
